@@ -1,0 +1,33 @@
+"""ttq: activation-aware test-time quantization of LLM weights (Koike-Akino et al.).
+
+Quick use::
+
+    import ttq
+    model, tok = ttq.load_model("path/or/hub-id")
+    ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=3, group_size=32), rank=16))
+"""
+
+from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
+from ttq.formats.affine import QuantSpec
+from ttq.methods.scaling import ScaleSpec
+from ttq.nn import handlers as _handlers  # noqa: F401  (registers the method handlers)
+from ttq.patch.walker import block_linears, find_blocks, name_filter, quantize_, restore_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "AWQConfig",
+    "CalibSpec",
+    "QuantSpec",
+    "RTNConfig",
+    "ScaleSpec",
+    "TTQConfig",
+    "block_linears",
+    "config_from_dict",
+    "config_to_dict",
+    "find_blocks",
+    "name_filter",
+    "quantize_",
+    "restore_",
+]

@@ -1,0 +1,171 @@
+"""Groupwise affine integer quantization (TTQ paper, Appendix B and D).
+
+Granularity vocabulary, used everywhere in ttq:
+
+==============  ==============================================================
+``group_size``  meaning (weight ``W`` of shape ``(d_out, d_in)``)
+==============  ==============================================================
+``g > 0``       groups of ``g`` consecutive input columns per output row; when
+                ``g`` does not divide ``d_in`` the last group is shorter.  A
+                group at least as wide as the row is per-channel.
+``-1``          one group per output row (per output channel).
+==============  ==============================================================
+
+Formats (``QuantSpec``):
+
+* asymmetric (eqs. 8-9 / 25-26): ``S = (max - min) / (2^q - 1)``, ``Z = min``;
+* symmetric (eqs. 29-30): ``S = 2 |W|max / (2^q - 1)``, ``Z = -|W|max``;
+* range expansion ``nu`` (eqs. 27-28) applied to (max, min) before either;
+  ``nu = 1`` is the plain range, ``nu < 1`` clips, ``nu > 1`` widens.
+
+Quantization is ``W_int = clamp(round((W - Z) / S), 0, 2^q - 1)`` and
+dequantization ``W_hat = W_int * S + Z`` (eqs. 6-7).  Codes, scales and zeros
+are returned as plain tensors so that kernels can pack them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """An integer format: bits, group size, symmetric or not, range expansion.
+
+    Args:
+        bits: code width q, 2..8.
+        group_size: see the module table; -1 per output channel.
+        symmetric: use eqs. 29-30 instead of the asymmetric eqs. 8-9.
+        nu: range-expansion factor of eqs. 27-28 (1.0 = plain min/max).
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = False
+    nu: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if not (isinstance(self.nu, (int, float)) and 0.0 < float(self.nu) <= 4.0):
+            raise ValueError(f"nu (range expansion) must be in (0, 4], got {self.nu!r}")
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+
+def check_bits(bits: int, lo: int = MIN_BITS, hi: int = MAX_BITS) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise ValueError(f"bits must be an integer in {lo}..{hi}, got {bits!r}")
+
+
+def check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size == 0 or group_size < -1:
+        raise ValueError(
+            f"group_size must be a positive integer or -1 (per output channel), got {group_size!r}"
+        )
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(t.shape)})")
+    if not torch.isfinite(t).all():
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{what} contains {n_bad} NaN/Inf value(s); refusing to quantize")
+
+
+def effective_group_size(d_in: int, group_size: int) -> int:
+    """The group width actually used for a row of ``d_in`` columns."""
+    check_group_size(group_size)
+    return d_in if group_size == -1 or group_size >= d_in else group_size
+
+
+def num_groups(d_in: int, group_size: int) -> int:
+    g = effective_group_size(d_in, group_size)
+    return -(-d_in // g)
+
+
+def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
+    """(d_out, d_in) -> (d_out, n_groups, g); a short last group is padded by
+    repeating the row's last value, which changes neither its min nor its max."""
+    d_out, d_in = w.shape
+    pad = (-d_in) % g
+    if pad:
+        w = F.pad(w.unsqueeze(0), (0, pad), mode="replicate").squeeze(0)
+    return w.reshape(d_out, -1, g)
+
+
+def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point per group.
+
+    Args:
+        w: weights (d_out, d_in), any float dtype (math in float32).
+        spec: the format.
+    Returns:
+        (scale, zero), each float32 of shape (d_out, n_groups).  A constant
+        group gets scale 0 and zero = its value (dequantizes exactly).
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
+    check_finite(w, "weight")
+    g = effective_group_size(w.shape[1], spec.group_size)
+    wg = _grouped(w.float(), g)  # (d_out, n_groups, g)
+    wmax, wmin = wg.amax(dim=-1), wg.amin(dim=-1)  # (d_out, n_groups)
+    if spec.symmetric:
+        wmax = torch.maximum(wmax.abs(), wmin.abs())
+        wmin = -wmax
+    if spec.nu != 1.0:
+        a, b = (1 + spec.nu) / 2, (1 - spec.nu) / 2
+        wmax, wmin = a * wmax + b * wmin, b * wmax + a * wmin
+    scale = (wmax - wmin) / spec.qmax
+    return scale, wmin
+
+
+def expand_groups(p: torch.Tensor, d_in: int, group_size: int) -> torch.Tensor:
+    """(d_out, n_groups) -> (d_out, d_in), each group's value on its columns."""
+    g = effective_group_size(d_in, group_size)
+    return p.repeat_interleave(g, dim=1)[:, :d_in]
+
+
+def quantize(
+    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes of ``w`` (eq. 6).
+
+    Args:
+        w: (d_out, d_in) weights.
+        spec: the format.
+        scale, zero: optional precomputed (d_out, n_groups) parameters.
+    Returns:
+        codes uint8 (d_out, d_in) in [0, 2^q - 1], scale and zero float32 (d_out, n_groups).
+    """
+    if scale is None or zero is None:
+        scale, zero = group_params(w, spec)
+    d_in = w.shape[1]
+    s = expand_groups(scale, d_in, spec.group_size)
+    z = expand_groups(zero, d_in, spec.group_size)
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # zero range: code 0 -> W_hat = Z exactly
+    codes = torch.round((w.float() - z) / safe).clamp_(0, spec.qmax).to(torch.uint8)
+    return codes, scale, zero
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``W_hat = W_int * S + Z`` (eq. 7); (d_out, d_in) in ``dtype``."""
+    d_in = codes.shape[1]
+    s = expand_groups(scale, d_in, group_size)
+    z = expand_groups(zero, d_in, group_size)
+    return (codes.float() * s + z).to(dtype)
+
+
+def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``Q[W]`` (eq. 5), returned in ``w``'s dtype."""
+    codes, scale, zero = quantize(w, spec)
+    return dequantize(codes, scale, zero, spec.group_size, w.dtype)

@@ -1,0 +1,79 @@
+"""Activation capture by forward pre-hooks, always removed (GPTQ's ``add_batch``
+pattern, without stopping the forward by an exception).
+
+:func:`collect_layer_stats` runs calibration windows through the
+unquantized model and accumulates, per linear layer, the l_p channel
+statistic and the Gram matrix ``X X^T`` used by AWQ's line search (and by
+GPTQ-like methods).  Layers that read the same input tensor (q/k/v,
+gate/up) share one computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ttq.methods.scaling import ChannelStats
+
+
+@dataclass
+class LayerCalib:
+    """Calibration statistics of one layer's input."""
+
+    stats: ChannelStats  # l_p statistic (d_in,)
+    gram: torch.Tensor  # X X^T (d_in, d_in), float32
+
+    @property
+    def n_tokens(self) -> int:
+        return self.stats.n_tokens
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module], fn) -> Iterator[None]:
+    """Call ``fn(name, x)`` with each module's input on every forward; hooks are removed on exit."""
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, _n=name: fn(_n, args[0])) for name, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_layer_stats(
+    model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, p: float, progress: bool = False
+) -> dict[str, LayerCalib]:
+    """Run ``windows`` (n, seqlen) token ids through ``model``; per-layer ``LayerCalib``."""
+    if windows.numel() == 0:
+        raise ValueError("calibration needs at least one window of tokens")
+    acc: dict[str, LayerCalib] = {}
+    seen: dict[tuple, tuple[ChannelStats, torch.Tensor]] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in seen:
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (B, T, d) -> (B*T, d)
+            seen[key] = (ChannelStats.from_activations(x2, p), x2.T @ x2)
+        st, gram = seen[key]
+        if name in acc:
+            acc[name] = LayerCalib(acc[name].stats.merge(st), acc[name].gram + gram)
+        else:
+            acc[name] = LayerCalib(st, gram.clone())
+
+    device = next(model.parameters()).device
+    rows = range(windows.shape[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, desc="calibrating", unit="window")
+    with capture_inputs(modules, add):
+        for i in rows:
+            seen.clear()
+            model(windows[i : i + 1].to(device), use_cache=False, logits_to_keep=1)
+    return acc

@@ -1,0 +1,45 @@
+"""Argument helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def int_list(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def str_list(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from ttq.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF dir, .gguf file, hub id, or {DEFAULT_MODEL!r} (default)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cpu")
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    from ttq.methods.scaling import FORMS, ScaleSpec
+
+    d = ScaleSpec()
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"exponent of the diagonal statistic (default {d.alpha})")
+    p.add_argument("--lam", type=float, default=d.lam, help=f"damping lambda (default {d.lam})")
+    p.add_argument("--p", type=float, default=d.p, help=f"l_p norm over tokens (default {d.p})")
+    p.add_argument("--form", default=d.form, choices=FORMS, help=f"form of the diagonal (default {d.form})")
+
+
+def scale_from_args(args):
+    from ttq.methods.scaling import ScaleSpec
+
+    return ScaleSpec(alpha=args.alpha, lam=args.lam, p=args.p, form=args.form)

@@ -1,0 +1,90 @@
+"""``ttq ppl``: the paper-style perplexity table (Tables 2-3)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+
+from ttq.commands.common import DTYPES, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+
+logger = logging.getLogger(__name__)
+
+
+def _calib_list(s: str) -> list[tuple[str, int]]:
+    """``"wikitext2,ptb,c4"`` or ``"c4:2048"`` entries -> [(dataset, tokens)]; default 2^17 tokens."""
+    out = []
+    for item in str_list(s):
+        ds, _, n = item.partition(":")
+        try:
+            out.append((ds, int(n) if n else 2**17))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"calibration entry {item!r} is not DATASET or DATASET:TOKENS") from None
+    return out
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ppl", help="perplexity table: FP / RTN / AWQ / TTQ over bits and group sizes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq", help="subset of fp,rtn,awq,ttq")
+    p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
+    p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
+    p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
+    p.add_argument("--datasets", type=str_list, default="wikitext2,ptb,c4")
+    p.add_argument("--calib", type=_calib_list, default="c4", help="AWQ calibration sets, DATASET[:TOKENS] (2^17 default)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric integer format (eqs. 29-30)")
+    add_scale_args(p)
+    p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
+    p.add_argument("--max-windows", type=int, default=16, help="windows per dataset (0 = all)")
+    p.add_argument("--data-dir", default=None, help="folder with wikitext2/, ptb/, c4/ (default: ../shared/data or $TTQ_DATA_DIR)")
+    p.add_argument("--data-source", default="local", choices=("local", "hf"))
+    p.add_argument("--out", default="results/ppl", help="prefix of the .md/.csv/.json outputs")
+    p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")
+    p.add_argument("--overhead", action="store_true", help="also time one TTQ forward vs the unquantized forward")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ttq.data import check_dataset
+    from ttq.eval.table import build_cells, dataset_windows, forward_overhead, markdown_tables, run_cells
+    from ttq.models import load_model, max_context, model_id
+
+    for ds in args.datasets + [c[0] for c in args.calib]:
+        check_dataset(ds)
+    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    seqlen = min(args.seqlen, max_context(model))
+    scale = scale_from_args(args)
+    cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric)
+    if not cells:
+        raise ValueError("nothing to evaluate: --methods selected no rows")
+    windows = dataset_windows(tok, args.datasets, seqlen, args.max_windows or None, args.data_dir, args.data_source)
+    key = model_id(args.model, args.gguf_file)
+    results = run_cells(model, tok, key, cells, windows, Path(args.cache) if args.cache else None,
+                        args.data_dir, args.data_source)
+    table = f"Model {key}, seqlen {seqlen}, scale {scale}\n\n" + markdown_tables(results, args.datasets)
+    if args.overhead:
+        from ttq.config import TTQConfig
+        from ttq.formats.affine import QuantSpec
+
+        first = next(iter(windows.values()))[:1]
+        for r in sorted(set(args.rank)):
+            cfg = TTQConfig(quant=QuantSpec(bits=args.bits[0], group_size=args.group_size[0]), scale=scale, rank=r)
+            o = forward_overhead(model, first, cfg)
+            table += (f"\n\nCost: one TTQ (q={args.bits[0]}, g={args.group_size[0]}, r={r}) forward of a {o['seqlen']}-token "
+                      f"window takes {o['quantized_seconds']:.2f} s vs {o['fp_seconds']:.2f} s unquantized "
+                      f"(ratio {o['ratio']:.2f}, reference PyTorch path, median of 3)")
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "bits", "group_size", "dataset", "ppl", "nll", "n_windows", "n_tokens", "seconds"],
+                           extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+    logger.info("wrote %s.{md,json,csv}", out)
+    return 0

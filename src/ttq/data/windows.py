@@ -1,0 +1,74 @@
+"""Tokenized windows: non-overlapping evaluation windows and random calibration windows."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+C4_EVAL_WINDOWS = 256  # GPTQ cuts the joined C4 validation text to 256 x seqlen tokens
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TTQ_CACHE_DIR", Path.home() / ".cache" / "ttq"))
+
+
+def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
+    """Token ids (1-D int64) of ``text``, cached on disk by tokenizer and text hash."""
+    key = hashlib.sha256((getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)) + text).encode()).hexdigest()[:24]
+    path = cache_dir() / "tokens" / f"{key}.pt"
+    if cache and path.is_file():
+        return torch.load(path)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ids, path)
+    return ids
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows (n, seqlen) from the start of ``ids``.
+
+    Args:
+        ids: 1-D token ids.
+        seqlen: window length.
+        max_windows: keep only the first windows (quick runs).
+        max_tokens: cut ``ids`` first (C4: 256 x seqlen).
+    """
+    if seqlen <= 1:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows <= 0:
+        raise ValueError(f"max_windows must be positive, got {max_windows}")
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].reshape(n, seqlen)  # (n*seqlen,) -> (n, seqlen)
+
+
+def calibration_windows(ids: torch.Tensor, n_tokens: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``ceil(n_tokens / seqlen)`` distinct windows drawn at random from the non-overlapping
+    window grid of ``ids`` (C4 train documents are mostly shorter than 2048 tokens, so
+    GPTQ's one-document-per-window rule is replaced by windows of the joined text).
+    When ``n_tokens < seqlen`` one window of ``n_tokens`` tokens is returned."""
+    if n_tokens <= 0:
+        raise ValueError(f"calibration length must be positive, got {n_tokens} tokens")
+    width = min(seqlen, n_tokens)
+    grid = ids.numel() // width
+    need = -(-n_tokens // width)
+    if need > grid:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens = {grid} windows of {width}; "
+            f"{n_tokens} calibration tokens need {need}. Use fewer tokens or another calibration set"
+        )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(grid, generator=g)[:need]
+    return ids[: grid * width].reshape(grid, width)[pick]  # (need, width)

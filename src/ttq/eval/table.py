@@ -1,0 +1,216 @@
+"""Paper-style perplexity tables (TTQ paper, Tables 2-3), resumable.
+
+A table is a list of :class:`Cell` (row label, bits, group size, method config);
+every (cell, dataset) result is cached as JSON, so a long table can be
+completed across several runs with the same arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ttq.calibrate import calibrate
+from ttq.config import AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_to_dict
+from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
+from ttq.eval.ppl import perplexity
+from ttq.formats.affine import QuantSpec
+from ttq.methods.scaling import ScaleSpec
+from ttq.patch.walker import quantize_, restore_
+
+logger = logging.getLogger(__name__)
+
+SHORT = {"wikitext2": "WT2", "ptb": "PTB", "c4": "C4"}
+METHOD_CHOICES = ("fp", "rtn", "awq", "ttq")
+
+
+@dataclass(frozen=True)
+class Cell:
+    label: str  # row label, e.g. "TTQ (r=16)"
+    bits: int | None  # None for the unquantized model
+    group_size: int | None
+    config: Any = None  # method config; None = full precision
+
+
+def pow2_label(n: int) -> str:
+    k = int(math.log2(n)) if n > 0 else 0
+    return f"2^{k}" if 2**k == n else str(n)
+
+
+def build_cells(
+    methods: list[str],
+    bits: list[int],
+    group_sizes: list[int],
+    ranks: list[int],
+    calib: list[tuple[str, int]],
+    scale: ScaleSpec,
+    seqlen: int,
+    symmetric: bool = False,
+) -> list[Cell]:
+    """Cells in the paper's row order: FP, RTN, AWQ per calibration set, TTQ per rank."""
+    for m in methods:
+        if m not in METHOD_CHOICES:
+            raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHOD_CHOICES)}")
+    cells = [Cell("FP", None, None)] if "fp" in methods else []
+    for g in group_sizes:
+        for q in bits:
+            spec = QuantSpec(bits=q, group_size=g, symmetric=symmetric)
+            if "rtn" in methods:
+                cells.append(Cell("RTN", q, g, RTNConfig(quant=spec)))
+            if "awq" in methods:
+                for ds, n in calib:
+                    cs = CalibSpec(dataset=ds, n_tokens=n, seqlen=seqlen)
+                    cells.append(Cell(f"AWQ ({SHORT[ds]} Calib, {pow2_label(n)})", q, g, AWQConfig(quant=spec, scale=scale, calib=cs)))
+            if "ttq" in methods:
+                for r in ranks:
+                    cells.append(Cell(f"TTQ (r={r})", q, g, TTQConfig(quant=spec, scale=scale, rank=r)))
+    return cells
+
+
+def _key(model_key: str, cell: Cell, dataset: str, seqlen: int, n_windows: int, source: str) -> str:
+    cfg = config_to_dict(cell.config) if cell.config is not None else {"method": "fp"}
+    blob = json.dumps([model_key, cfg, dataset, seqlen, n_windows, source], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def dataset_windows(tokenizer, datasets, seqlen, max_windows, data_dir=None, source="local") -> dict[str, torch.Tensor]:
+    out = {}
+    for ds in datasets:
+        ids = tokenize(tokenizer, load_text(ds, data_dir=data_dir, source=source))
+        cut = C4_EVAL_WINDOWS * seqlen if ds == "c4" else None
+        out[ds] = eval_windows(ids, seqlen, max_windows=max_windows, max_tokens=cut)
+    return out
+
+
+def run_cells(
+    model,
+    tokenizer,
+    model_key: str,
+    cells: list[Cell],
+    windows: dict[str, torch.Tensor],
+    cache: Path | None = None,
+    data_dir=None,
+    source: str = "local",
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every cell on every dataset; one result dict per (cell, dataset)."""
+    results = []
+    calib_cache: dict[CalibSpec, dict] = {}
+    for cell in cells:
+        todo, done = [], {}
+        for ds, win in windows.items():
+            key = _key(model_key, cell, ds, win.shape[1], win.shape[0], source)
+            path = cache / f"{key}.json" if cache else None
+            if path is not None and path.is_file():
+                done[ds] = json.loads(path.read_text())
+            else:
+                todo.append((ds, win, path))
+        if todo:
+            _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress)
+        for ds in windows:
+            results.append(done[ds])
+        logger.info("%s q=%s g=%s: %s", cell.label, cell.bits, cell.group_size, {d: round(done[d]["ppl"], 2) for d in windows})
+    return results
+
+
+def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress):
+    calibration = None
+    cfg = cell.config
+    if cfg is not None and getattr(cfg, "needs_calibration", False):
+        if cfg.calib not in calib_cache:
+            calib_cache.clear()  # keep one set in memory
+            calib_cache[cfg.calib] = calibrate(
+                model, tokenizer, cfg.calib, p=cfg.scale.p, eval_datasets=tuple(windows), data_dir=data_dir,
+                source=source, model_key=model_key, progress=progress,
+            )
+        calibration = calib_cache[cfg.calib]
+    t0 = time.perf_counter()
+    if cfg is not None:
+        quantize_(model, cfg, calibration=calibration)
+    t_quant = time.perf_counter() - t0
+    try:
+        for ds, win, path in todo:
+            res = perplexity(model, win, progress=progress, desc=f"{cell.label} q={cell.bits} {ds}")
+            row = {
+                "method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "dataset": ds,
+                **res.to_dict(), "quantize_seconds": t_quant,
+                "config": config_to_dict(cfg) if cfg is not None else {"method": "fp"},
+            }
+            done[ds] = row
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(row, indent=1))
+    finally:
+        restore_(model)
+
+
+def fmt_ppl(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.3g}" if x >= 1e4 else f"{x:.2f}"
+
+
+def markdown_tables(results: list[dict], datasets: list[str]) -> str:
+    """Summary (average over datasets per bits/group) and per-dataset detail, in markdown."""
+    cols = sorted({(r["group_size"], r["bits"]) for r in results if r["bits"] is not None})
+    labels = list(dict.fromkeys(r["method"] for r in results))
+    by = {(r["method"], r["bits"], r["group_size"], r["dataset"]): r for r in results}
+
+    def avg(label, q, g):
+        vals = [by[(label, q, g, d)]["ppl"] for d in datasets if (label, q, g, d) in by]
+        return sum(vals) / len(vals) if len(vals) == len(datasets) else None
+
+    nwin = ", ".join(f"{SHORT[d]} {next(r['n_windows'] for r in results if r['dataset'] == d)}" for d in datasets)
+    lines = [f"Average perplexity over {'/'.join(SHORT[d] for d in datasets)} (windows: {nwin})", ""]
+    head = ["Method"] + [f"q={q} g={g}" for g, q in cols]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in labels:
+        if label == "FP":
+            fp = avg("FP", None, None)
+            detail = ", ".join(f"{SHORT[d]}: {fmt_ppl(by[('FP', None, None, d)]['ppl'])}" for d in datasets)
+            lines.insert(0, f"FP ({detail}, Avg: {fmt_ppl(fp)})")
+            continue
+        cells = [avg(label, q, g) for g, q in cols]
+        lines.append("| " + " | ".join([label] + ["" if c is None else fmt_ppl(c) for c in cells]) + " |")
+    lines += ["", "Per dataset", ""]
+    head = ["Method", "q", "g"] + [SHORT[d] for d in datasets] + ["Avg"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g, q in [(None, None)] + cols:
+        for label in labels:
+            rowv = [by.get((label, q, g, d)) for d in datasets]
+            if any(v is None for v in rowv):
+                continue
+            a = avg(label, q, g)
+            lines.append("| " + " | ".join([label, str(q or "-"), str(g or "-")] + [fmt_ppl(v["ppl"]) for v in rowv] + [fmt_ppl(a)]) + " |")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def forward_overhead(model, window: torch.Tensor, config, repeats: int = 3) -> dict:
+    """Median wall time of one forward of ``window`` (1, seqlen): unquantized vs quantized with ``config``."""
+
+    def timed() -> float:
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(window, use_cache=False)
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    model(window, use_cache=False)  # warm-up
+    fp = timed()
+    quantize_(model, config)
+    try:
+        model(window, use_cache=False)
+        q = timed()
+    finally:
+        restore_(model)
+    return {"fp_seconds": fp, "quantized_seconds": q, "ratio": q / fp, "seqlen": window.shape[1]}

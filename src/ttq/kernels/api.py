@@ -1,0 +1,340 @@
+"""Packed low-bit weights and the one dispatch point for TTQ kernels.
+
+TTQ paper, Section 2 (eq. 3) and Appendix H: the prompt's statistic ``s`` (the
+diagonal ``D^{1/2}``) quantizes ``(W - B A) diag(s)`` once, and every decode step
+computes ``y = deq(Wq) (x / s) + B (A x) + bias`` from packed low-bit codes.
+
+Two functions are the whole public surface; every kernel sits behind them:
+
+* :func:`pack_ttq` -- codes of ``(W - B A) diag(s)`` (groupwise affine, see
+  :mod:`ttq.formats.affine`), packed into a named layout in one pass;
+* :func:`packed_linear` -- ``y = deq(packed) @ (x / s) + B (A x) + bias``.
+
+Layouts (one vocabulary; ``d_out, d_in = shape``, ``n_groups = ceil(d_in / g)``
+with ``g`` the effective group size, ``group_size = -1`` meaning per output row):
+
+==============  =========================================================================
+layout          tensors (all row-major, contiguous)
+==============  =========================================================================
+``u8``          reference, any bits 2..8, any group size, any device.
+                qweight uint8 (d_out, d_in), one code per byte;
+                scale, zero float32 (d_out, n_groups).
+``cpu_q8``      qweight uint8 (d_out, 16 * ceil(d_in / 16)), one code per byte, columns
+                past d_in hold 0.
+``cpu_q4``      qweight uint8 (d_out, 16 * ceil(d_in / 32)); per block of 32 columns,
+                byte j holds column 32 i + j (low nibble) and 32 i + 16 + j (high nibble).
+``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per block of 64 columns,
+                byte j holds column 64 i + 16 k + j in bits 2k..2k+1, k = 0..3.
+``cpu_q3``      qweight uint8 (d_out, 24 * ceil(d_in / 64)); per block of 64 columns,
+                16 bytes holding the low 2 bits exactly as ``cpu_q2``, then 4 little-endian
+                uint16 masks, bit j of mask k = bit 2 of column 64 i + 16 k + j
+                (3 bits per weight, no wasted nibble).
+``aten_int4``   PyTorch's CPU int4 format: qweight = the output of
+                ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` (d_out, d_in / 2)
+                uint8; scale = ``scales_and_zeros`` float (n_groups, d_out, 2) with
+                ``w = (c - 8) * S + (Z + 8 S)``; zero = None.  Needs g in {32, 64, 128, 256}
+                dividing d_in.
+==============  =========================================================================
+
+For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float16 when
+every value fits float16 (bits <= 4), else float32; padded columns carry
+code 0 and never reach the output.  The codes are exactly those of
+:func:`ttq.formats.affine.quantize` of ``(W - B A) * s`` computed in float32;
+only the stored scale/zero may be rounded to float16, and the reference oracle
+dequantizes with the stored values, so kernel and oracle see the same weights.
+
+Kernels register with :func:`register_kernel` (a CUDA/Triton module can add its
+own layouts for ``device_type="cuda"``).  Selection: an explicit ``layout``
+must be supported or a ``ValueError`` is raised; ``layout=None`` takes the
+highest-priority registered kernel of the weight's device that supports the
+combination, else the ``u8`` reference path with one logged line (or a
+``ValueError`` with ``strict=True``).  ``TTQ_DISABLE_KERNELS=1`` in the
+environment forces the reference path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ttq.formats.affine import QuantSpec, num_groups
+
+log = logging.getLogger(__name__)
+
+REFERENCE_LAYOUT = "u8"
+DISABLE_ENV = "TTQ_DISABLE_KERNELS"
+# modules of ttq.kernels imported on first use; each registers its kernels with @register_kernel
+KERNEL_MODULE_PREFIXES = ("cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """Packed quantized weight of a linear layer (see the module table for each layout).
+
+    Args:
+        layout: a registered layout name (``u8`` is the reference).
+        bits: code width 2..8.
+        group_size: the quantization group size as in :class:`QuantSpec` (-1 per row).
+        shape: (d_out, d_in) of the unpacked weight.
+        qweight: packed codes.
+        scale: per-group scale (layout-specific dtype/shape).
+        zero: per-group zero point, or None for layouts that fold it into ``scale``.
+    """
+
+    layout: str
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    qweight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.shape[1], self.group_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        """Bytes of codes + scales + zeros (what a decode step reads)."""
+        ts = [self.qweight, self.scale] + ([self.zero] if self.zero is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+class Kernel(Protocol):
+    """What a registered kernel provides (methods are pure functions of tensors)."""
+
+    def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+        """None when (spec, weight shape, weight dtype) is served, else the reason it is not."""
+
+    def pack(
+        self, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b: torch.Tensor | None, a: torch.Tensor | None
+    ) -> PackedWeight:
+        """Codes of ``(W - B A) diag(s)`` in this layout (s is float32 (d_in,), never None)."""
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: PackedWeight,
+        s: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        b: torch.Tensor | None,
+        a: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``deq(packed) @ (x / s) + B (A x) + bias`` for x (..., d_in) -> (..., d_out) in x's dtype."""
+
+    def unpack(self, packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes uint8 (d_out, d_in), scale f32 (d_out, n_groups), zero f32 (d_out, n_groups))."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    layout: str
+    device_type: str
+    kernel: Kernel
+    priority: int
+
+
+_REGISTRY: dict[tuple[str, str], _Entry] = {}
+_LOGGED: set[str] = set()
+
+
+def register_kernel(layout: str, device_type: str, priority: int = 0) -> Callable:
+    """Decorator registering a kernel class (instantiated without arguments) or instance.
+
+    Args:
+        layout: the layout name it packs to / reads from.
+        device_type: ``"cpu"``, ``"cuda"``, ...
+        priority: larger wins when ``layout=None`` and several kernels support a combination.
+    Returns:
+        the decorator (returns its argument unchanged).
+    """
+
+    def deco(obj):
+        kernel = obj() if isinstance(obj, type) else obj
+        _REGISTRY[(layout, device_type)] = _Entry(layout, device_type, kernel, priority)
+        return obj
+
+    return deco
+
+
+def registered_layouts(device_type: str | None = None) -> list[str]:
+    """Registered layout names (for one device type, or all), reference included."""
+    _load_builtin_kernels()
+    names = {e.layout for e in _REGISTRY.values() if device_type is None or e.device_type == device_type}
+    return [REFERENCE_LAYOUT] + sorted(names - {REFERENCE_LAYOUT})
+
+
+def kernels_disabled() -> bool:
+    """True when ``TTQ_DISABLE_KERNELS`` is set to a true value (1/true/yes)."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def log_once(msg: str) -> None:
+    """Log ``msg`` at INFO the first time it is seen in this process."""
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.info(msg)
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtin_kernels() -> None:
+    """Import the modules that register built-in kernels (lazily, never raising)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    import importlib
+    import pkgutil
+
+    import ttq.kernels as pkg
+
+    found = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith(KERNEL_MODULE_PREFIXES))
+    for mod in ["ttq.kernels.reference"] + [f"ttq.kernels.{m}" for m in found]:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # an optional dependency (triton, ...) is not installed
+            log.info("kernel module %s not loaded: %s", mod, e)
+        except Exception as e:  # a broken optional kernel module must not break ttq
+            log.warning("kernel module %s failed to load (%s: %s); using the reference path", mod, type(e).__name__, e)
+
+
+def get_kernel(layout: str, device_type: str) -> Kernel:
+    """The kernel registered for (layout, device_type); the reference serves ``u8`` everywhere."""
+    _load_builtin_kernels()
+    entry = _REGISTRY.get((layout, device_type)) or (
+        _REGISTRY.get((REFERENCE_LAYOUT, "any")) if layout == REFERENCE_LAYOUT else None
+    )
+    if entry is None:
+        known = ", ".join(f"{lay}@{dev}" for lay, dev in sorted(_REGISTRY))
+        raise ValueError(f"no kernel registered for layout {layout!r} on device {device_type!r}; registered: {known}")
+    return entry.kernel
+
+
+def select_layout(
+    spec: QuantSpec, shape: tuple[int, int], device_type: str, dtype: torch.dtype, layout: str | None = None,
+    strict: bool = False,
+) -> str:
+    """The layout :func:`pack_ttq` will use (see the module docstring for the rules)."""
+    _load_builtin_kernels()
+    if layout is not None:
+        if layout == REFERENCE_LAYOUT:
+            return layout
+        if kernels_disabled():
+            raise ValueError(f"layout {layout!r} was requested but {DISABLE_ENV} is set; unset it or use layout=None")
+        why = get_kernel(layout, device_type).supports(spec, shape, dtype)
+        if why is not None:
+            raise ValueError(f"layout {layout!r} cannot pack bits={spec.bits}, group_size={spec.group_size}, "
+                             f"shape={tuple(shape)}, dtype={dtype}: {why}")
+        return layout
+    if kernels_disabled():
+        if strict:
+            raise ValueError(f"strict kernel selection but {DISABLE_ENV} is set")
+        log_once(f"{DISABLE_ENV} is set: packed weights use the reference layout 'u8'")
+        return REFERENCE_LAYOUT
+    reasons = []
+    for e in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
+        if e.device_type != device_type or e.layout == REFERENCE_LAYOUT:
+            continue
+        why = e.kernel.supports(spec, shape, dtype)
+        if why is None:
+            return e.layout
+        reasons.append(f"{e.layout}: {why}")
+    msg = (f"no compiled kernel for bits={spec.bits}, group_size={spec.group_size}, shape={tuple(shape)}, "
+           f"dtype={dtype} on {device_type} ({'; '.join(reasons) or 'none registered'}); using the reference path")
+    if strict:
+        raise ValueError(msg)
+    log_once(msg)
+    return REFERENCE_LAYOUT
+
+
+def _check_ttq_args(
+    w: torch.Tensor, s: torch.Tensor | None, b: torch.Tensor | None, a: torch.Tensor | None
+) -> torch.Tensor:
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {w.dtype}")
+    d_out, d_in = w.shape
+    if s is None:
+        s = torch.ones(d_in, dtype=torch.float32, device=w.device)
+    if s.shape != (d_in,):
+        raise ValueError(f"scale s has shape {tuple(s.shape)}, expected ({d_in},) for weight {tuple(w.shape)}")
+    if (b is None) != (a is None):
+        raise ValueError("low-rank factors come in pairs: give both b (d_out, r) and a (r, d_in) or neither")
+    if b is not None and (b.dim() != 2 or a.dim() != 2 or b.shape[0] != d_out or a.shape[1] != d_in
+                          or b.shape[1] != a.shape[0]):
+        raise ValueError(f"low-rank factors must be b (d_out={d_out}, r) and a (r, d_in={d_in}), "
+                         f"got {tuple(b.shape)} and {tuple(a.shape)}")
+    return s.float()
+
+
+def pack_ttq(
+    w: torch.Tensor,
+    s: torch.Tensor | None,
+    spec: QuantSpec,
+    b: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    layout: str | None = None,
+    strict: bool = False,
+) -> PackedWeight:
+    """Quantize ``(W - B A) diag(s)`` groupwise and pack it.
+
+    Args:
+        w: weight (d_out, d_in), float32 / bfloat16 / float16.  Pass the residual
+            ``W - B A`` itself (and no b, a) when it is cached: it skips one GEMM.
+        s: per-input-channel scale (d_in,) (None = ones, plain RTN).
+        spec: the affine format (bits, group_size, symmetric, nu).
+        b, a: optional low-rank factors (d_out, r), (r, d_in) subtracted before quantizing.
+        layout: a registered layout name, or None to pick the best for w's device.
+        strict: with layout=None, raise instead of falling back to the reference.
+    Returns:
+        a :class:`PackedWeight`.
+    """
+    s = _check_ttq_args(w, s, b, a)
+    name = select_layout(spec, tuple(w.shape), w.device.type, w.dtype, layout, strict)
+    return get_kernel(name, w.device.type).pack(w, s, spec, b, a)
+
+
+def packed_linear(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    s: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = deq(packed) @ (x / s) + B (A x) + bias``.
+
+    Args:
+        x: (..., d_in) activations (float32 / bfloat16 / float16).
+        packed: from :func:`pack_ttq`.
+        s: the scale used when packing (d_in,), or None (ones).
+        bias: (d_out,) or None.
+        b, a: low-rank factors (d_out, r), (r, d_in) or None.
+    Returns:
+        (..., d_out) in x's dtype.
+    """
+    d_out, d_in = packed.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape {packed.shape})")
+    if s is not None and s.shape != (d_in,):
+        raise ValueError(f"scale s has shape {tuple(s.shape)}, expected ({d_in},)")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+    if (b is None) != (a is None) or (b is not None and (b.shape[0] != d_out or a.shape[1] != d_in)):
+        raise ValueError(f"low-rank factors must be b (d_out={d_out}, r) and a (r, d_in={d_in}) or both None")
+    return get_kernel(packed.layout, x.device.type).linear(x, packed, s, bias, b, a)
+
+
+def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (d_out, d_in), scale f32 (d_out, n_groups), zero f32 (d_out, n_groups)) of any layout."""
+    return get_kernel(packed.layout, packed.device.type).unpack(packed)

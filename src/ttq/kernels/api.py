@@ -83,6 +83,8 @@ class PackedWeight:
         qweight: packed codes.
         scale: per-group scale (layout-specific dtype/shape).
         zero: per-group zero point, or None for layouts that fold it into ``scale``.
+        fmt: the code format of :class:`QuantSpec` (``"int"`` affine; codebook formats
+            such as ``"nf4"`` exist only in the ``u8`` reference layout).
     """
 
     layout: str
@@ -92,6 +94,7 @@ class PackedWeight:
     qweight: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
+    fmt: str = "int"
 
     @property
     def n_groups(self) -> int:

@@ -23,12 +23,15 @@ def reference_pack(
     """``u8`` codes of ``(W - B A) diag(s)`` via :func:`ttq.methods.scaling.scaled_quantize`."""
     w_res = residual(w, b.float(), a.float()) if b is not None else w
     codes, scale, zero = scaled_quantize(w_res, s.float(), spec)  # (d_out, d_in) u8, (d_out, n_groups) x2
-    return PackedWeight(REFERENCE_LAYOUT, spec.bits, spec.group_size, tuple(w.shape), codes, scale, zero)
+    fmt = getattr(spec, "fmt", "int")
+    return PackedWeight(REFERENCE_LAYOUT, spec.bits, spec.group_size, tuple(w.shape), codes, scale, zero, fmt)
 
 
 def dequantize_packed(packed: PackedWeight) -> torch.Tensor:
     """``deq(codes)`` (d_out, d_in) float32 of any layout (the weights in the scaled domain ``W s``)."""
     codes, scale, zero = unpack(packed)
+    if packed.fmt != "int":  # codebook formats (nf4, fp4, ...) decode through their own table
+        return dequantize(codes, scale, zero, packed.group_size, fmt=packed.fmt)
     return dequantize(codes, scale, zero, packed.group_size)
 
 

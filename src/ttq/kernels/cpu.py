@@ -1,0 +1,141 @@
+"""CPU kernels for the ``cpu_q2`` / ``cpu_q3`` / ``cpu_q4`` / ``cpu_q8`` layouts.
+
+The layouts are documented in :mod:`ttq.kernels.api`; this module registers one
+kernel per layout.  Packing and the bs <= ``SMALL_BATCH`` products run in the
+compiled extension (:mod:`ttq.kernels.cpu_build`): one pass over ``W`` computes
+``W s``, the group min/max, the codes and the packed bytes; the product
+prescales ``x / s`` once and reads the packed codes row by row.  Larger batches
+(prefill) dequantize once into a dense float32 matrix and call ``F.linear``.
+:func:`unpack` is pure PyTorch bit arithmetic, so tests check the C++ packer
+against the layout definition rather than against itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ttq.formats.affine import QuantSpec, effective_group_size, num_groups
+from ttq.kernels import cpu_build
+from ttq.kernels.api import PackedWeight, register_kernel
+from ttq.methods.lowrank import residual
+
+SMALL_BATCH = 8  # rows of x up to which the packed GEMM beats dequantize + F.linear (measured)
+CHUNK = 16  # group sizes must be multiples of this (or cover the whole row)
+HALF_PARAMS_MAX_BITS = 4  # scale/zero stored in float16 up to this width (when they fit), float32 above
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LAYOUT_BITS = {"cpu_q2": (2,), "cpu_q3": (3,), "cpu_q4": (4,), "cpu_q8": (5, 6, 7, 8)}
+
+
+def _ops():
+    return torch.ops.ttq_cpu
+
+
+def check_supported(layout: str, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+    """None when ``layout`` can pack ``spec`` for a weight of ``shape``/``dtype``, else why not."""
+    if getattr(spec, "fmt", "int") != "int":
+        return f"format {spec.fmt!r} is a codebook format (reference layout only)"
+    if spec.bits not in LAYOUT_BITS[layout]:
+        return f"{layout} holds {'/'.join(map(str, LAYOUT_BITS[layout]))}-bit codes, not {spec.bits}"
+    if dtype not in DTYPES:
+        return f"weight dtype {dtype} (supported: float32, bfloat16, float16)"
+    d_in = shape[1]
+    g = effective_group_size(d_in, spec.group_size)
+    if g % CHUNK and g < d_in:
+        return f"group size {spec.group_size} is not a multiple of {CHUNK}"
+    if not cpu_build.load():
+        return f"C++ extension unavailable ({cpu_build.error()})"
+    return None
+
+
+def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None) -> PackedWeight:
+    """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`)."""
+    w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
+    g = effective_group_size(w.shape[1], spec.group_size)
+    half = spec.bits <= HALF_PARAMS_MAX_BITS
+    q, scale, zero, status = _ops().quant_pack(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), half)
+    if status & 1:
+        n_bad = int((~torch.isfinite(w_res.float() * s)).sum())
+        raise ValueError(f"weight * scale contains {n_bad} NaN/Inf value(s); refusing to quantize")
+    if status & 2:  # a scale or zero outside float16's normal range: keep them in float32
+        q, scale, zero, _ = _ops().quant_pack(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), False)
+    return PackedWeight(layout, spec.bits, spec.group_size, tuple(w.shape), q, scale, zero)
+
+
+def dequantize(packed: PackedWeight) -> torch.Tensor:
+    """``deq(codes)`` (d_out, d_in) float32 through the compiled kernel."""
+    d_out, d_in = packed.shape
+    g = effective_group_size(d_in, packed.group_size)
+    return _ops().dequant(packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, False)
+
+
+def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
+    """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
+    d_out, d_in = packed.shape
+    x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
+    has_lr = b is not None and b.shape[1] > 0
+    if x2.shape[0] <= SMALL_BATCH:
+        g = effective_group_size(d_in, packed.group_size)
+        y = _ops().packed_mm(x2, s, packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, bias,
+                             b if has_lr else None, a if has_lr else None)
+    else:
+        xf = x2.float()
+        y = F.linear(xf / s.float() if s is not None else xf, dequantize(packed))  # (n, d_out)
+        if has_lr:
+            y = y + F.linear(F.linear(xf, a.float()), b.float())
+        if bias is not None:
+            y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], d_out)
+
+
+def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch decoding of a ``cpu_q*`` layout: (codes u8 (d_out, d_in), scale f32, zero f32)."""
+    d_out, d_in = packed.shape
+    qw = packed.qweight
+    if packed.layout == "cpu_q8":
+        codes = qw[:, :d_in]
+    elif packed.layout == "cpu_q4":
+        blocks = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_blocks, 1, 16)
+        codes = torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(d_out, -1)[:, :d_in]
+    else:
+        bb = 24 if packed.layout == "cpu_q3" else 16
+        blocks = qw.reshape(d_out, -1, 1, bb)  # (d_out, n_blocks, 1, bb)
+        low = blocks[..., :16]
+        codes = torch.cat([(low >> (2 * k)) & 3 for k in range(4)], dim=2)  # (d_out, n_blocks, 4, 16)
+        if packed.layout == "cpu_q3":
+            masks = blocks[..., 16:24].reshape(d_out, -1, 4, 2, 1)  # uint16 little-endian as 2 bytes
+            shifts = torch.arange(8, dtype=torch.uint8, device=qw.device)
+            hi = ((masks >> shifts) & 1).reshape(d_out, -1, 4, 16)  # bit j of mask k
+            codes = codes | (hi << 2)
+        codes = codes.reshape(d_out, -1)[:, :d_in]
+    n = num_groups(d_in, packed.group_size)
+    return codes.contiguous(), packed.scale.float().reshape(d_out, n), packed.zero.float().reshape(d_out, n)
+
+
+class CpuPackedKernel:
+    """One ``cpu_q*`` layout: compiled packing and products, pure-PyTorch unpacking."""
+
+    def __init__(self, layout: str) -> None:
+        self.layout = layout
+
+    def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+        return check_supported(self.layout, spec, shape, dtype)
+
+    def pack(self, w, s, spec, b, a) -> PackedWeight:
+        why = check_supported(self.layout, spec, tuple(w.shape), w.dtype)
+        if why is not None:
+            raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
+        return pack(self.layout, w, s, spec, b, a)
+
+    def linear(self, x, packed, s, bias, b, a) -> torch.Tensor:
+        if not cpu_build.load():
+            raise RuntimeError(f"packed weight in layout {packed.layout!r} needs the ttq C++ extension: "
+                               f"{cpu_build.error()}")
+        return linear(x, packed, s, bias, b, a)
+
+    def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return unpack(packed)
+
+
+for _layout in LAYOUT_BITS:
+    register_kernel(_layout, "cpu", priority=10)(CpuPackedKernel(_layout))

@@ -1,0 +1,104 @@
+"""Build (once, cached) and load the C++ CPU kernels of ``csrc/ttq_cpu.cpp``.
+
+The extension is compiled at first use with :func:`torch.utils.cpp_extension.load`
+(``-O3 -march=native``; AVX-512 intrinsics when the CPU has them, a portable C++
+path otherwise) into ``$TTQ_CACHE_DIR`` (default ``~/.cache/ttq/kernels``), one
+build per (source, flags, torch, CPU) so a cache shared between machines never
+loads a binary built for another CPU.  Its ops live under ``torch.ops.ttq_cpu``.
+A failed build is logged once and remembered; callers fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "ttq_cpu.cpp"
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")
+CACHE_ENV = "TTQ_CACHE_DIR"
+
+_lock = threading.Lock()
+_state: dict = {"loaded": False, "error": None}
+
+
+def cache_dir() -> Path:
+    """Root of the build cache (``$TTQ_CACHE_DIR`` or ``~/.cache/ttq/kernels``)."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ttq", "kernels")
+    return Path(root)
+
+
+def _cpu_fingerprint() -> str:
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def build_name() -> str:
+    """``ttq_cpu_<digest>`` of the source, flags, torch version and CPU."""
+    h = hashlib.sha1()
+    h.update(SOURCE.read_bytes())
+    h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint())).encode())
+    return f"ttq_cpu_{h.hexdigest()[:12]}"
+
+
+def load(strict: bool = False, verbose: bool = False) -> bool:
+    """Build if needed and load the extension.
+
+    Args:
+        strict: raise ``RuntimeError`` when it cannot be built instead of returning False.
+        verbose: show the compiler output.
+    Returns:
+        True when ``torch.ops.ttq_cpu`` is usable.
+    """
+    with _lock:
+        if not _state["loaded"] and _state["error"] is None:
+            try:
+                _build(verbose)
+                _state["loaded"] = True
+            except Exception as e:  # compiler missing, headers missing, bad flags: fall back, never crash
+                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                log.warning("ttq CPU kernels unavailable (%s); using the reference path", _state["error"])
+    if strict and not _state["loaded"]:
+        raise RuntimeError(f"ttq CPU kernels could not be built: {_state['error']}")
+    return _state["loaded"]
+
+
+def error() -> str | None:
+    """Why the extension is unavailable (None when loaded or not tried yet)."""
+    return _state["error"]
+
+
+def _build(verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    name = build_name()
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    so = build_dir / f"{name}.so"
+    if so.exists():
+        torch.ops.load_library(str(so))
+        return
+    log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
+    cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=list(CFLAGS),
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=verbose,
+    )

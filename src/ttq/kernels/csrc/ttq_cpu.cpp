@@ -1,0 +1,657 @@
+// TTQ CPU kernels: fused scale+quantize+pack, and GEMV / small-batch GEMM on packed codes.
+//
+// Layouts (documented once in ttq/kernels/api.py): per row, blocks of CPB chunks of 16 columns;
+//   bits 4 (cpu_q4): 16 bytes / 32 columns, byte j = col j (low nibble) | col 16 + j (high nibble);
+//   bits 2 (cpu_q2): 16 bytes / 64 columns, byte j bits 2k..2k+1 = col 16 k + j;
+//   bits 3 (cpu_q3): 24 bytes / 64 columns, the low 2 bits as cpu_q2, then 4 uint16 masks of bit 2;
+//   bits 5..8 (cpu_q8): 16 bytes / 16 columns, one code per byte.
+// Codes are clamp(round((w * s - Z) / S), 0, 2^q - 1) with S = (max - min) / (2^q - 1), Z = min per
+// group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
+// computes them in float32.  Group sizes must be multiples of 16 or cover the whole row.
+//
+// Built by ttq/kernels/cpu.py through torch.utils.cpp_extension.load (ops under torch.ops.ttq_cpu).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define TTQ_AVX512 1
+#include <immintrin.h>
+#else
+#define TTQ_AVX512 0
+#endif
+
+namespace {
+
+constexpr int CH = 16;  // chunk width (columns)
+
+inline int chunks_per_block(int bits) { return bits == 4 ? 2 : (bits == 2 || bits == 3) ? 4 : 1; }
+inline int block_bytes(int bits) { return bits == 3 ? 24 : 16; }
+inline int64_t row_bytes(int bits, int64_t d_in) {
+  const int64_t cols = (int64_t)CH * chunks_per_block(bits);
+  return (d_in + cols - 1) / cols * block_bytes(bits);
+}
+inline int code_bits(int bits) { return bits > 4 ? 8 : bits; }  // 5..8 share the byte layout
+
+// ---------------------------------------------------------------- scalar helpers (all builds)
+template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
+#if defined(__F16C__)
+inline float half_to_f(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t f_to_half(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#else
+inline float half_to_f(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
+inline uint16_t f_to_half(float f) { return c10::Half(f).x; }
+#endif
+
+struct GroupParams { float scale, zero; };
+
+// (min, max) -> (scale, zero) exactly as ttq.formats.affine.group_params (float32 ops, no FMA).
+inline GroupParams params_from_range(float mn, float mx, int qmax, bool symmetric, float nu) {
+  if (symmetric) {
+    float m = std::fmax(std::fabs(mx), std::fabs(mn));
+    mx = m;
+    mn = -m;
+  }
+  if (nu != 1.0f) {
+    volatile float mid = (mx + mn) / 2.0f;
+    volatile float prod = nu * (mx - mn);
+    volatile float half = prod / 2.0f;
+    mx = mid + half;
+    mn = mid - half;
+  }
+  volatile float diff = mx - mn;
+  return {diff / (float)qmax, mn};
+}
+
+inline bool half_ok(float v) {
+  float a = std::fabs(v);
+  return a == 0.0f || (a >= 6.103515625e-05f && a <= 65504.0f);
+}
+
+// ---------------------------------------------------------------- packing of one chunk's codes
+// Generic (scalar) packer used by the portable path; the AVX-512 path packs 16 codes at once.
+inline void put_code(uint8_t* row, int bits, int64_t col, int code) {
+  const int cb = code_bits(bits);
+  const int cpb = chunks_per_block(bits);
+  const int64_t t = col / CH, j = col % CH, blk = t / cpb, slot = t % cpb;
+  uint8_t* p = row + blk * block_bytes(bits);
+  if (cb == 8) { p[j] = (uint8_t)code; return; }
+  if (cb == 4) { p[j] |= (uint8_t)(code << (4 * slot)); return; }
+  p[j] |= (uint8_t)((code & 3) << (2 * slot));
+  if (cb == 3 && (code & 4)) p[16 + 2 * slot + (j >> 3)] |= (uint8_t)(1 << (j & 7));
+}
+
+inline int get_code(const uint8_t* row, int bits, int64_t col) {
+  const int cb = code_bits(bits);
+  const int cpb = chunks_per_block(bits);
+  const int64_t t = col / CH, j = col % CH, blk = t / cpb, slot = t % cpb;
+  const uint8_t* p = row + blk * block_bytes(bits);
+  if (cb == 8) return p[j];
+  if (cb == 4) return (p[j] >> (4 * slot)) & 15;
+  int c = (p[j] >> (2 * slot)) & 3;
+  if (cb == 3 && ((p[16 + 2 * slot + (j >> 3)] >> (j & 7)) & 1)) c |= 4;
+  return c;
+}
+
+// ---------------------------------------------------------------- quantize + pack (portable)
+template <typename T, typename ST>
+void quant_rows_scalar(const T* w, const float* s, int64_t r0, int64_t r1, int64_t d_in, int bits, int64_t g,
+                       int64_t n_groups, bool symmetric, float nu, uint8_t* q, ST* sc, ST* zr, int* status) {
+  const int qmax = (1 << bits) - 1;
+  const int64_t rb = row_bytes(bits, d_in);
+  std::vector<float> buf(d_in);
+  for (int64_t r = r0; r < r1; ++r) {
+    uint8_t* qrow = q + r * rb;
+    std::memset(qrow, 0, rb);
+    for (int64_t i = 0; i < d_in; ++i) buf[i] = to_f(w[r * d_in + i]) * s[i];
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      const int64_t c0 = gi * g, c1 = std::min(d_in, c0 + g);
+      float mn = buf[c0], mx = buf[c0];
+      for (int64_t i = c0; i < c1; ++i) {
+        if (!std::isfinite(buf[i])) *status |= 1;
+        mn = std::fmin(mn, buf[i]);
+        mx = std::fmax(mx, buf[i]);
+      }
+      GroupParams p = params_from_range(mn, mx, qmax, symmetric, nu);
+      const float safe = p.scale > 0 ? p.scale : 1.0f;
+      for (int64_t i = c0; i < c1; ++i) {
+        float v = std::nearbyint((buf[i] - p.zero) / safe);
+        v = std::fmin(std::fmax(v, 0.0f), (float)qmax);
+        put_code(qrow, bits, i, (int)v);
+      }
+      if constexpr (sizeof(ST) == 2) {
+        if (!half_ok(p.scale) || !half_ok(p.zero)) *status |= 2;
+        sc[r * n_groups + gi] = f_to_half(p.scale);
+        zr[r * n_groups + gi] = f_to_half(p.zero);
+      } else {
+        sc[r * n_groups + gi] = p.scale;
+        zr[r * n_groups + gi] = p.zero;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- packed GEMM (portable)
+template <typename ST>
+inline float load_param(const ST* p, int64_t i) {
+  if constexpr (sizeof(ST) == 2) return half_to_f(p[i]); else return p[i];
+}
+
+template <typename ST>
+void gemm_rows_scalar(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
+                      int64_t d_in, const float* xs, int64_t dpad, int64_t n, int64_t r0, int64_t r1, float* y,
+                      int64_t d_out) {
+  const int64_t rb = row_bytes(bits, d_in);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* qrow = q + r * rb;
+    for (int64_t b = 0; b < n; ++b) {
+      double acc = 0;
+      for (int64_t i = 0; i < d_in; ++i) {
+        const int64_t gi = i / g;
+        const float wv = (float)get_code(qrow, bits, i) * load_param(sc, r * n_groups + gi) +
+                         load_param(zr, r * n_groups + gi);
+        acc += (double)wv * xs[b * dpad + i];
+      }
+      y[b * d_out + r] = (float)acc;
+    }
+  }
+}
+
+#if TTQ_AVX512
+// ---------------------------------------------------------------- AVX-512 helpers
+// Masked loads are slow on some CPUs (AMD): full chunks use plain loads, only the row tail is masked.
+template <typename T> inline __m512 load16(const T* p, __mmask16 k);
+template <> inline __m512 load16<float>(const float* p, __mmask16 k) {
+  return k == 0xFFFF ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+}
+template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p, __mmask16 k) {
+  __m256i raw = k == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(k, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+template <> inline __m512 load16<at::Half>(const at::Half* p, __mmask16 k) {
+  return _mm512_cvtph_ps(k == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(k, p));
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= CH ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// lane j of the result = op over the 16 lanes of v[j] (a transpose-reduce tree: 45 ops for 16 groups
+// instead of 16 horizontal reductions of 8 ops each).
+template <typename Op>
+inline __m512 reduce16x16(const __m512* v, Op op) {
+  const __m512i a0 = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+  const __m512i a1 = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const __m512i b0 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i b1 = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i c0 = _mm512_setr_epi32(0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29);
+  const __m512i c1 = _mm512_setr_epi32(2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  const __m512i d0 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i d1 = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  __m512 r[8], s[4], u[2];
+  for (int j = 0; j < 8; ++j)  // r[j]: lanes 0-7 = v[2j] folded to 8, lanes 8-15 = v[2j+1] folded to 8
+    r[j] = op(_mm512_permutex2var_ps(v[2 * j], a0, v[2 * j + 1]), _mm512_permutex2var_ps(v[2 * j], a1, v[2 * j + 1]));
+  for (int k = 0; k < 4; ++k)  // s[k]: group 4k + m at lanes 4m..4m+3
+    s[k] = op(_mm512_permutex2var_ps(r[2 * k], b0, r[2 * k + 1]), _mm512_permutex2var_ps(r[2 * k], b1, r[2 * k + 1]));
+  for (int l = 0; l < 2; ++l)  // u[l]: group 8l + m at lanes 2m, 2m+1
+    u[l] = op(_mm512_permutex2var_ps(s[2 * l], c0, s[2 * l + 1]), _mm512_permutex2var_ps(s[2 * l], c1, s[2 * l + 1]));
+  return op(_mm512_permutex2var_ps(u[0], d0, u[1]), _mm512_permutex2var_ps(u[0], d1, u[1]));
+}
+
+inline __mmask16 half_unsafe(__m512 x) {  // nonzero and outside float16's normal range
+  const __m512 a = _mm512_abs_ps(x);
+  const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ) |
+                       (_mm512_cmp_ps_mask(a, _mm512_set1_ps(6.103515625e-05f), _CMP_GE_OQ) &
+                        _mm512_cmp_ps_mask(a, _mm512_set1_ps(65504.0f), _CMP_LE_OQ));
+  return (__mmask16)~ok;
+}
+
+// Quantize + pack rows [r0, r1), 16 groups at a time: pass 1 stores w * s and the per-group
+// min/max vectors, one tree reduces them, the 16 (scale, zero) pairs are computed as one vector,
+// pass 2 writes the codes into the layout's blocks.
+template <typename T, typename ST, int CB>
+void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64_t d_in, int bits, int64_t g,
+                       int64_t n_groups, bool symmetric, float nu, uint8_t* q, ST* sc, ST* zr, int* status) {
+  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
+  constexpr int BB = CB == 3 ? 24 : 16;
+  const int qmax = (1 << bits) - 1;
+  const int64_t rb = row_bytes(bits, d_in);
+  const int64_t n_chunks = (d_in + CH - 1) / CH;
+  std::vector<float> buf(n_chunks * CH + CH);
+  const __m512 vqmax = _mm512_set1_ps((float)qmax);
+  const __m512 vzero = _mm512_setzero_ps();
+  const __m512 vinf = _mm512_set1_ps(INFINITY), vninf = _mm512_set1_ps(-INFINITY);
+  auto vmin = [](__m512 a, __m512 b) { return _mm512_min_ps(a, b); };
+  auto vmax = [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); };
+  alignas(64) float gs[16], gz[16];
+  __m512 mns[16], mxs[16];
+  int st = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* wrow = w + r * d_in;
+    uint8_t* qrow = q + r * rb;
+    __m512i blk = _mm512_setzero_si512();
+    uint16_t masks[4] = {0, 0, 0, 0};
+    __mmask16 bad = 0;
+    for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
+      const int ng = (int)std::min<int64_t>(16, n_groups - g0);
+      // pass 1: v = w * s into buf, per-group min / max vectors
+      for (int j = 0; j < ng; ++j) {
+        const int64_t c0 = (g0 + j) * g, c1 = std::min(d_in, c0 + g);
+        __m512 vmn = vinf, vmx = vninf;
+        for (int64_t c = c0; c < c1; c += CH) {
+          const __mmask16 k = tail_mask(c1 - c);
+          const __m512 v = _mm512_mul_ps(load16<T>(wrow + c, k), load16<float>(s + c, k));
+          bad |= _mm512_mask_fpclass_ps_mask(k, v, 0x99);  // NaN / +-Inf
+          _mm512_storeu_ps(buf.data() + c, v);
+          vmn = _mm512_mask_min_ps(vmn, k, vmn, v);
+          vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
+        }
+        mns[j] = vmn;
+        mxs[j] = vmx;
+      }
+      for (int j = ng; j < 16; ++j) mns[j] = mxs[j] = vzero;
+      // (scale, zero) of the 16 groups, float32 ops in the reference's order
+      __m512 mn = reduce16x16(mns, vmin), mx = reduce16x16(mxs, vmax);
+      if (symmetric) {
+        mx = _mm512_max_ps(_mm512_abs_ps(mx), _mm512_abs_ps(mn));
+        mn = _mm512_sub_ps(vzero, mx);
+      }
+      if (nu != 1.0f) {
+        const __m512 two = _mm512_set1_ps(2.0f);
+        const __m512 mid = _mm512_div_ps(_mm512_add_ps(mx, mn), two);
+        const __m512 half = _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(nu), _mm512_sub_ps(mx, mn)), two);
+        mx = _mm512_add_ps(mid, half);
+        mn = _mm512_sub_ps(mid, half);
+      }
+      const __m512 scale = _mm512_div_ps(_mm512_sub_ps(mx, mn), vqmax);
+      const __mmask16 kg = tail_mask(ng);
+      if constexpr (sizeof(ST) == 2) {
+        if ((half_unsafe(scale) | half_unsafe(mn)) & kg) st |= 2;
+        _mm256_mask_storeu_epi16(sc + r * n_groups + g0, kg, _mm512_cvtps_ph(scale, _MM_FROUND_TO_NEAREST_INT));
+        _mm256_mask_storeu_epi16(zr + r * n_groups + g0, kg, _mm512_cvtps_ph(mn, _MM_FROUND_TO_NEAREST_INT));
+      } else {
+        _mm512_mask_storeu_ps(sc + r * n_groups + g0, kg, scale);
+        _mm512_mask_storeu_ps(zr + r * n_groups + g0, kg, mn);
+      }
+      // zero range: divide by 1 (code 0 -> W_hat = Z exactly), as the reference does
+      _mm512_store_ps(gs, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, vzero, _CMP_GT_OQ), _mm512_set1_ps(1.0f), scale));
+      _mm512_store_ps(gz, mn);
+      // pass 2: codes, packed into the row's blocks
+      for (int j = 0; j < ng; ++j) {
+        const int64_t c0 = (g0 + j) * g, c1 = std::min(d_in, c0 + g);
+        const __m512 vz = _mm512_set1_ps(gz[j]), vs = _mm512_set1_ps(gs[j]);
+        for (int64_t c = c0; c < c1; c += CH) {
+          const __mmask16 k = tail_mask(c1 - c);
+          __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + c), vz), vs);
+          v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          v = _mm512_min_ps(_mm512_max_ps(v, vzero), vqmax);
+          const __m512i code = _mm512_maskz_cvtps_epi32(k, v);
+          const int64_t t = c / CH;
+          const int slot = (int)(t % CPB);
+          if constexpr (CB == 8) {
+            blk = code;
+          } else if constexpr (CB == 4) {
+            blk = _mm512_or_si512(blk, _mm512_slli_epi32(code, 4 * slot));
+          } else {
+            blk = _mm512_or_si512(blk, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(3)), 2 * slot));
+            if constexpr (CB == 3) masks[slot] = (uint16_t)_mm512_test_epi32_mask(code, _mm512_set1_epi32(4));
+          }
+          if (slot == CPB - 1 || t + 1 == n_chunks) {  // block full, or the row's last chunk
+            uint8_t* dst = qrow + (t / CPB) * BB;
+            _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(blk));
+            if constexpr (CB == 3) {
+              std::memcpy(dst + 16, masks, 8);
+              masks[0] = masks[1] = masks[2] = masks[3] = 0;
+            }
+            blk = _mm512_setzero_si512();
+          }
+        }
+      }
+    }
+    if (bad) st |= 1;
+  }
+  if (st) __atomic_fetch_or(status, st, __ATOMIC_RELAXED);
+}
+
+// Float value of the 16 codes of one slot of a block, from the block's zero-extended bytes v.
+template <int CB>
+inline __m512 decode(__m512i v, int slot, __mmask16 hi, const __m512 lut) {
+  if constexpr (CB == 8) {
+    return _mm512_cvtepi32_ps(v);
+  } else if constexpr (CB == 4) {
+    return _mm512_permutexvar_ps(slot ? _mm512_srli_epi32(v, 4) : v, lut);
+  } else {
+    __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 2 * slot), lut);
+    if constexpr (CB == 3) c = _mm512_mask_add_ps(c, hi, c, _mm512_set1_ps(4.0f));
+    return c;
+  }
+}
+
+template <typename ST>
+inline float param_at(const ST* p, int64_t i) {
+  if constexpr (sizeof(ST) == 2) return half_to_f(p[i]); else return p[i];
+}
+
+// y[b, r] for rows r0..r0+R-1 and N batch rows; xs: N x dpad prescaled inputs (zero padded).
+template <typename ST, int CB, int R, int N>
+inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, int64_t cpg,
+                      int64_t n_chunks, const float* xs, int64_t dpad, int64_t r0, float* out /* N x R */) {
+  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
+  constexpr int BB = CB == 3 ? 24 : 16;
+  const __m512 lut = CB == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                             : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  __m512 acc[R][N];
+  __m512 S[R], Z[R];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < N; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int64_t n_blocks = (n_chunks + CPB - 1) / CPB;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    __m512i v[R];
+    const uint8_t* base = q + r0 * rb + blk * BB;
+    for (int r = 0; r < R; ++r) v[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(base + r * rb)));
+    for (int slot = 0; slot < CPB; ++slot) {
+      const int64_t t = blk * CPB + slot;
+      if (CPB > 1 && t >= n_chunks) break;
+      if (t % cpg == 0) {
+        const int64_t gi = t / cpg;
+        for (int r = 0; r < R; ++r) {
+          S[r] = _mm512_set1_ps(param_at(sc, (r0 + r) * n_groups + gi));
+          Z[r] = _mm512_set1_ps(param_at(zr, (r0 + r) * n_groups + gi));
+        }
+      }
+      __m512 xv[N];
+      for (int b = 0; b < N; ++b) xv[b] = _mm512_loadu_ps(xs + b * dpad + t * CH);
+      for (int r = 0; r < R; ++r) {
+        __mmask16 hi = 0;
+        if constexpr (CB == 3) {
+          uint16_t m;
+          std::memcpy(&m, base + r * rb + 16 + 2 * slot, 2);
+          hi = (__mmask16)m;
+        }
+        const __m512 wv = _mm512_fmadd_ps(decode<CB>(v[r], slot, hi, lut), S[r], Z[r]);
+        for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+      }
+    }
+  }
+  for (int b = 0; b < N; ++b)
+    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+template <typename ST, int CB>
+void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
+                         int64_t d_in, int64_t r0, int64_t r1, float* out) {
+  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
+  constexpr int BB = CB == 3 ? 24 : 16;
+  const __m512 lut = CB == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                             : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const int64_t rb = row_bytes(bits, d_in);
+  const int64_t n_chunks = (d_in + CH - 1) / CH;
+  const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* qrow = q + r * rb;
+    float* orow = out + r * d_in;
+    __m512 S = _mm512_setzero_ps(), Z = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n_chunks; ++t) {
+      const int64_t blk = t / CPB;
+      const int slot = (int)(t % CPB);
+      if (t % cpg == 0) {
+        S = _mm512_set1_ps(param_at(sc, r * n_groups + t / cpg));
+        Z = _mm512_set1_ps(param_at(zr, r * n_groups + t / cpg));
+      }
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qrow + blk * BB)));
+      __mmask16 hi = 0;
+      if constexpr (CB == 3) {
+        uint16_t m;
+        std::memcpy(&m, qrow + blk * BB + 16 + 2 * slot, 2);
+        hi = (__mmask16)m;
+      }
+      // mul then add (not fma): bit-identical to the reference's codes * S + Z
+      const __m512 wv = _mm512_add_ps(_mm512_mul_ps(decode<CB>(v, slot, hi, lut), S), Z);
+      _mm512_mask_storeu_ps(orow + t * CH, tail_mask(d_in - t * CH), wv);
+    }
+  }
+}
+
+template <typename ST, int CB, int N>
+void gemm_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
+                      int64_t d_in, const float* xs, int64_t dpad, int64_t r0, int64_t r1, float* y, int64_t d_out) {
+  constexpr int R = N <= 2 ? 4 : 2;
+  const int64_t rb = row_bytes(bits, d_in);
+  const int64_t n_chunks = (d_in + CH - 1) / CH;
+  const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;
+  float out[N * R];
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    gemm_tile<ST, CB, R, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, r, out);
+    for (int b = 0; b < N; ++b)
+      for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
+  }
+  for (; r < r1; ++r) {
+    float o1[N];
+    gemm_tile<ST, CB, 1, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, r, o1);
+    for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
+  }
+}
+#endif  // TTQ_AVX512
+
+// ---------------------------------------------------------------- dispatch helpers
+void check_layout_args(int64_t bits, int64_t g, int64_t d_in) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "ttq_cpu: bits must be in 2..8, got ", bits);
+  TORCH_CHECK(g > 0 && (g % CH == 0 || g >= d_in), "ttq_cpu: group size must be a multiple of 16 or cover the row, got ",
+              g, " for d_in=", d_in);
+}
+
+template <typename F>
+void dispatch_cb(int bits, F&& f) {
+  switch (code_bits(bits)) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// ---------------------------------------------------------------- ops
+// Quantize + pack into preallocated q (d_out, row_bytes) u8, sc / zr (d_out, n_groups) f16 or f32.
+// Returns a status: bit 0 = non-finite w * s, bit 1 = a scale / zero outside float16's normal range.
+int64_t quant_pack_out(const at::Tensor& w_, const at::Tensor& s_, int64_t bits, int64_t g, bool symmetric, double nu,
+                       at::Tensor& q, at::Tensor& sc, at::Tensor& zr) {
+  TORCH_CHECK(w_.dim() == 2, "ttq_cpu.quant_pack: weight must be 2-D");
+  const at::Tensor w = w_.contiguous();
+  const at::Tensor s = s_.to(at::kFloat).contiguous();
+  const int64_t d_out = w.size(0), d_in = w.size(1);
+  TORCH_CHECK(s.numel() == d_in, "ttq_cpu.quant_pack: scale must have d_in elements");
+  g = std::min(g, d_in);
+  check_layout_args(bits, g, d_in);
+  const int64_t n_groups = (d_in + g - 1) / g;
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
+              q.size(1) == row_bytes(bits, d_in), "ttq_cpu.quant_pack: qweight buffer has the wrong shape/dtype");
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
+              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
+              (sc.scalar_type() == at::kHalf || sc.scalar_type() == at::kFloat),
+              "ttq_cpu.quant_pack: scale/zero buffers must be contiguous (d_out, n_groups) float16 or float32");
+  const bool half_params = sc.scalar_type() == at::kHalf;
+  int status = 0;
+  const float fnu = (float)nu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "ttq_quant_pack", [&] {
+    using T = scalar_t;
+    auto run = [&](auto st_tag) {
+      using ST = decltype(st_tag);
+      ST* scp = reinterpret_cast<ST*>(sc.data_ptr());
+      ST* zrp = reinterpret_cast<ST*>(zr.data_ptr());
+      at::parallel_for(0, d_out, 16, [&](int64_t r0, int64_t r1) {
+        int local = 0;
+#if TTQ_AVX512
+        if constexpr (!std::is_same_v<T, double>) {
+          dispatch_cb((int)bits, [&](auto cb) {
+            quant_rows_avx512<T, ST, decltype(cb)::value>(w.data_ptr<T>(), s.data_ptr<float>(), r0, r1, d_in,
+                                                           (int)bits, g, n_groups, symmetric, fnu,
+                                                           q.data_ptr<uint8_t>(), scp, zrp, &local);
+          });
+        } else
+#endif
+        {
+          quant_rows_scalar<T, ST>(w.data_ptr<T>(), s.data_ptr<float>(), r0, r1, d_in, (int)bits, g, n_groups,
+                                   symmetric, fnu, q.data_ptr<uint8_t>(), scp, zrp, &local);
+        }
+        if (local) __atomic_fetch_or(&status, local, __ATOMIC_RELAXED);
+      });
+    };
+    if (half_params) run(uint16_t{}); else run(float{});
+  });
+  return (int64_t)status;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quant_pack(const at::Tensor& w, const at::Tensor& s,
+                                                                   int64_t bits, int64_t g, bool symmetric,
+                                                                   double nu, bool half_params) {
+  TORCH_CHECK(w.dim() == 2, "ttq_cpu.quant_pack: weight must be 2-D");
+  const int64_t d_out = w.size(0), d_in = w.size(1);
+  const int64_t ge = std::max<int64_t>(1, std::min(g, d_in));
+  const int64_t n_groups = (d_in + ge - 1) / ge;
+  const auto pdt = half_params ? at::kHalf : at::kFloat;
+  at::Tensor q = at::empty({d_out, row_bytes(bits, d_in)}, w.options().dtype(at::kByte));
+  at::Tensor sc = at::empty({d_out, n_groups}, w.options().dtype(pdt));
+  at::Tensor zr = at::empty({d_out, n_groups}, w.options().dtype(pdt));
+  const int64_t status = quant_pack_out(w, s, bits, g, symmetric, nu, q, sc, zr);
+  return {q, sc, zr, status};
+}
+
+// y (n, d_out) float32 = deq(q) @ (x / s)^T + B (A x) + bias
+at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                     const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out, int64_t d_in,
+                     const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                     const c10::optional<at::Tensor>& a_) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.packed_mm: x must be (n, d_in)");
+  g = std::min(g, d_in);
+  check_layout_args(bits, g, d_in);
+  const int64_t n = x_.size(0);
+  const int64_t n_groups = (d_in + g - 1) / g;
+  TORCH_CHECK(q.is_contiguous() && q.size(0) == d_out && q.size(1) == row_bytes(bits, d_in),
+              "ttq_cpu.packed_mm: qweight has the wrong shape for this layout");
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
+              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type(),
+              "ttq_cpu.packed_mm: scale/zero must be contiguous (d_out, n_groups) of one dtype");
+  const int64_t dpad = ((d_in + 63) / 64) * 64;
+  // prologue: xs = x / s (float32, zero padded), t = A x
+  at::Tensor xf = x_.to(at::kFloat).contiguous();
+  at::Tensor xs = at::zeros({n, dpad}, xf.options());
+  {
+    at::Tensor view = xs.narrow(1, 0, d_in);
+    if (s_.has_value()) at::div_out(view, xf, s_->to(at::kFloat)); else view.copy_(xf);
+  }
+  at::Tensor y = at::empty({n, d_out}, xf.options());
+  const bool half_params = sc.scalar_type() == at::kHalf;
+  const float* xsp = xs.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const int64_t grain = std::max<int64_t>(16, d_out / (4 * std::max<int64_t>(1, at::get_num_threads())) / 4 * 4);
+  auto run = [&](auto st_tag) {
+    using ST = decltype(st_tag);
+    const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
+    const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
+    for (int64_t b0 = 0; b0 < n; b0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, n - b0);
+      at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
+#if TTQ_AVX512
+        dispatch_cb((int)bits, [&](auto cb) {
+          constexpr int CB = decltype(cb)::value;
+          const float* xb = xsp + b0 * dpad;
+          float* yb = yp + b0 * d_out;
+          switch (nb) {
+            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
+            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
+            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
+            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
+          }
+        });
+#else
+        gemm_rows_scalar<ST>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xsp + b0 * dpad, dpad, nb, r0, r1,
+                             yp + b0 * d_out, d_out);
+#endif
+      });
+    }
+  };
+  if (half_params) run(uint16_t{}); else run(float{});
+  if (b_.has_value() && b_->size(1) > 0) {
+    at::Tensor t = at::mm(xf, a_->to(at::kFloat).t());  // (n, r)
+    y.addmm_(t, b_->to(at::kFloat).t());                 // (n, d_out)
+  }
+  if (bias_.has_value()) y.add_(bias_->to(at::kFloat));
+  return y;
+}
+
+// deq(q) (d_out, d_in) in float32 (or bfloat16 when as_bf16), for large-batch products.
+at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g,
+                   int64_t d_out, int64_t d_in, bool as_bf16) {
+  g = std::min(g, d_in);
+  check_layout_args(bits, g, d_in);
+  const int64_t n_groups = (d_in + g - 1) / g;
+  const int64_t rb = row_bytes(bits, d_in);
+  TORCH_CHECK(q.is_contiguous() && q.size(0) == d_out && q.size(1) == rb, "ttq_cpu.dequant: bad qweight shape");
+  at::Tensor out = at::empty({d_out, d_in}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+#if TTQ_AVX512
+  auto run = [&](auto st_tag) {
+    using ST = decltype(st_tag);
+    const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
+    const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
+    at::parallel_for(0, d_out, 16, [&](int64_t r0, int64_t r1) {
+      dispatch_cb((int)bits, [&](auto cb) {
+        dequant_rows_avx512<ST, decltype(cb)::value>(qp, scp, zrp, (int)bits, g, n_groups, d_in, r0, r1, op);
+      });
+    });
+  };
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.scalar_type() == zr.scalar_type(),
+              "ttq_cpu.dequant: scale/zero must be contiguous and of one dtype");
+  if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
+  return as_bf16 ? out.to(at::kBFloat16) : out;
+#endif
+  const at::Tensor scf = sc.to(at::kFloat).contiguous(), zrf = zr.to(at::kFloat).contiguous();
+  const float* scp = scf.data_ptr<float>();
+  const float* zrp = zrf.data_ptr<float>();
+  at::parallel_for(0, d_out, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* qrow = qp + r * rb;
+      for (int64_t i = 0; i < d_in; ++i) {
+        const int64_t gi = i / g;
+        op[r * d_in + i] = (float)get_code(qrow, (int)bits, i) * scp[r * n_groups + gi] + zrp[r * n_groups + gi];
+      }
+    }
+  });
+  return as_bf16 ? out.to(at::kBFloat16) : out;
+}
+
+int64_t has_avx512() { return TTQ_AVX512; }
+
+}  // namespace
+
+TORCH_LIBRARY(ttq_cpu, m) {
+  m.def("quant_pack(Tensor w, Tensor s, int bits, int group, bool symmetric, float nu, bool half_params)"
+        " -> (Tensor, Tensor, Tensor, int)");
+  m.def("quant_pack_out(Tensor w, Tensor s, int bits, int group, bool symmetric, float nu, Tensor(a!) qweight,"
+        " Tensor(b!) scale, Tensor(c!) zero) -> int");
+  m.def("packed_mm(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int bits, int group, int d_out,"
+        " int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
+  m.def("dequant(Tensor qweight, Tensor scale, Tensor zero, int bits, int group, int d_out, int d_in, bool as_bf16)"
+        " -> Tensor");
+  m.def("has_avx512() -> int");
+}
+
+TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
+  m.impl("quant_pack", &quant_pack);
+  m.impl("quant_pack_out", &quant_pack_out);
+  m.impl("packed_mm", &packed_mm);
+  m.impl("dequant", &dequant);
+}
+
+TORCH_LIBRARY_IMPL(ttq_cpu, CompositeExplicitAutograd, m) { m.impl("has_avx512", &has_avx512); }

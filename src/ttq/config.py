@@ -68,6 +68,11 @@ class AWQConfig:
     calib: CalibSpec = field(default_factory=CalibSpec)
     alphas: tuple[float, ...] = tuple(i / 20 for i in range(21))
 
+    def __post_init__(self) -> None:
+        if not self.alphas or not all(0.0 <= a <= 4.0 for a in self.alphas):
+            raise ValueError(f"alphas must be a non-empty sequence of numbers in [0, 4], got {self.alphas!r}")
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))  # a list would be unhashable
+
 
 @register_method
 @dataclass(frozen=True)
@@ -105,7 +110,15 @@ def config_from_dict(d: dict) -> Any:
         if f.name not in d:
             continue
         v = d.pop(f.name)
-        kwargs[f.name] = _NESTED[f.name](**v) if f.name in _NESTED and isinstance(v, dict) else v
+        if f.name in _NESTED and isinstance(v, dict):
+            known = {nf.name for nf in dataclasses.fields(_NESTED[f.name])}
+            if set(v) - known:
+                raise ValueError(
+                    f"unknown field(s) in {f.name!r} of method {name!r}: {', '.join(sorted(set(v) - known))}; "
+                    f"allowed: {', '.join(sorted(known))}"
+                )
+            v = _NESTED[f.name](**v)
+        kwargs[f.name] = v
         if isinstance(kwargs[f.name], list):
             kwargs[f.name] = tuple(kwargs[f.name])
     if d:

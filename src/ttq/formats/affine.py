@@ -120,9 +120,9 @@ def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     if spec.symmetric:
         wmax = torch.maximum(wmax.abs(), wmin.abs())
         wmin = -wmax
-    if spec.nu != 1.0:
-        a, b = (1 + spec.nu) / 2, (1 - spec.nu) / 2
-        wmax, wmin = a * wmax + b * wmin, b * wmax + a * wmin
+    if spec.nu != 1.0:  # eqs. 27-28 as centre +- nu * half-range: a zero range stays exact
+        mid, half = (wmax + wmin) / 2, spec.nu * (wmax - wmin) / 2
+        wmax, wmin = mid + half, mid - half
     scale = (wmax - wmin) / spec.qmax
     return scale, wmin
 

@@ -14,7 +14,8 @@ Two forms of ``s`` (``ScaleSpec.form``):
 * ``"shrinkage"`` -- the Ledoit-Wolf form of eq. 13 restricted to the
   diagonal: ``c_i = ||X_i||_p^2``, ``eta = mean_i c_i``,
   ``s_i = ((1 - lam) c_i + lam eta)^(alpha / 2)``; lam in [0, 1] is a fraction
-  and the result does not depend on T or the activation scale.
+  and T or the activation scale change ``s`` only by a common factor
+  (``s(kX) = k^alpha s(X)``), which the QDQ below cancels.
 
 Both use alpha on the same footing: with lam = 0 both give ``||X_i||_p^alpha``.
 """
@@ -53,7 +54,7 @@ class ScaleSpec:
             raise ValueError(f"alpha must be in [0, 4], got {self.alpha}")
         if not self.p >= 1.0 or self.p == float("inf"):
             raise ValueError(f"p (l_p norm) must be a finite number >= 1, got {self.p}")
-        if self.lam < 0 or (self.form == "shrinkage" and self.lam > 1):
+        if not self.lam >= 0 or (self.form == "shrinkage" and self.lam > 1):  # `not >=` also rejects NaN
             raise ValueError(
                 f"lam must be >= 0 (and <= 1 for the shrinkage form), got {self.lam} for form {self.form!r}"
             )

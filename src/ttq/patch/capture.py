@@ -5,7 +5,10 @@ pattern, without stopping the forward by an exception).
 unquantized model and accumulates, per linear layer, the l_p channel
 statistic and the Gram matrix ``X X^T`` used by AWQ's line search (and by
 GPTQ-like methods).  Layers that read the same input tensor (q/k/v,
-gate/up) share one computation.
+gate/up) share one computation: consecutive hooks that receive the very same
+tensor object reuse its statistics.  (Keying on ``data_ptr`` is wrong: once a
+tensor is freed the allocator may hand its memory to the next tensor of the
+same shape, e.g. the MLP's norm output after the attention's.)
 """
 
 from __future__ import annotations
@@ -53,14 +56,13 @@ def collect_layer_stats(
     if windows.numel() == 0:
         raise ValueError("calibration needs at least one window of tokens")
     acc: dict[str, LayerCalib] = {}
-    seen: dict[tuple, tuple[ChannelStats, torch.Tensor]] = {}
+    last: list = [None, None, None]  # [input tensor (kept alive, so never aliased), stats, gram]
 
     def add(name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape))
-        if key not in seen:
+        if x is not last[0]:
             x2 = x.reshape(-1, x.shape[-1]).float()  # (B, T, d) -> (B*T, d)
-            seen[key] = (ChannelStats.from_activations(x2, p), x2.T @ x2)
-        st, gram = seen[key]
+            last[:] = [x, ChannelStats.from_activations(x2, p), x2.T @ x2]
+        st, gram = last[1], last[2]
         if name in acc:
             acc[name] = LayerCalib(acc[name].stats.merge(st), acc[name].gram + gram)
         else:
@@ -74,6 +76,6 @@ def collect_layer_stats(
         rows = tqdm(rows, desc="calibrating", unit="window")
     with capture_inputs(modules, add):
         for i in rows:
-            seen.clear()
             model(windows[i : i + 1].to(device), use_cache=False, logits_to_keep=1)
+    last[:] = [None, None, None]
     return acc

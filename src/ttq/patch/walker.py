@@ -71,11 +71,16 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def block_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Linear]:
-    """Full module name -> ``nn.Linear`` for every linear layer inside the decoder blocks."""
+    """Full module name -> ``nn.Linear`` for every linear layer inside the decoder blocks.
+
+    The ``.original`` linear kept inside an already-quantized module is not a
+    candidate (quantizing it again would nest modules and defeat ``restore_``).
+    """
     prefix, blocks = find_blocks(model)
+    held = {id(m.original) for m in blocks.modules() if isinstance(getattr(m, "original", None), nn.Module)}
     out = {}
     for name, mod in blocks.named_modules():
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) and id(mod) not in held:
             full = f"{prefix}.{name}"
             if filter_fn is None or filter_fn(full, mod):
                 out[full] = mod
@@ -125,6 +130,8 @@ def quantize_(
     """
     linears = block_linears(model, filter_fn)
     if not linears:
+        if filter_fn is None:
+            raise ValueError("the decoder blocks hold no (unquantized) nn.Linear; nothing to quantize")
         raise ValueError("no linear layer of the decoder blocks matched the filter; nothing to quantize")
     plan = {}
     for name in linears:
@@ -145,11 +152,14 @@ def quantize_(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="quantizing", unit="layer")
+    new = {}  # built first, swapped in after: an error on any layer leaves the model untouched
     for name, cfg in items:
         calib = None if calibration is None else calibration.get(name)
         if getattr(cfg, "needs_calibration", False) and calib is None:
             raise ValueError(f"no calibration statistics for layer {name!r}")
-        _set(model, name, HANDLERS[type(cfg)](linears[name], cfg, calib))
+        new[name] = HANDLERS[type(cfg)](linears[name], cfg, calib)
+    for name, mod in new.items():
+        _set(model, name, mod)
     logger.info("quantized %d linear layers", len(plan))
     return plan
 

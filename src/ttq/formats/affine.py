@@ -21,6 +21,12 @@ Formats (``QuantSpec``):
 Quantization is ``W_int = clamp(round((W - Z) / S), 0, 2^q - 1)`` and
 dequantization ``W_hat = W_int * S + Z`` (eqs. 6-7).  Codes, scales and zeros
 are returned as plain tensors so that kernels can pack them.
+
+Non-integer 4-bit formats (``QuantSpec.fmt``; Appendix D) go through the same
+``quantize`` / ``dequantize(..., fmt=)`` / ``qdq`` entry points, so every method
+picks them up: ``"nf4"`` (:mod:`ttq.formats.nf4`) and the E2M1 micro-scaling
+formats ``"fp4"``, ``"nvfp4"`` (group 16), ``"mxfp4"`` (group 32)
+(:mod:`ttq.formats.fp4`); their zero tensor is all zeros.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 MIN_BITS, MAX_BITS = 2, 8
+FORMATS = ("int", "nf4", "fp4", "nvfp4", "mxfp4")
+FORMAT_GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}  # micro-scaling formats fix their group size
 
 
 @dataclass(frozen=True)
@@ -41,17 +49,22 @@ class QuantSpec:
         bits: code width q, 2..8.
         group_size: see the module table; -1 per output channel.
         symmetric: use eqs. 29-30 instead of the asymmetric eqs. 8-9.
-        nu: range-expansion factor of eqs. 27-28 (1.0 = plain min/max).
+        nu: range-expansion factor of eqs. 27-28 (1.0 = plain min/max); for the
+            codebook formats it multiplies each group's absmax.
+        fmt: ``"int"`` (this module) or a 4-bit codebook format: ``"nf4"``,
+            ``"fp4"``, ``"nvfp4"`` (group_size 16), ``"mxfp4"`` (group_size 32).
     """
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = False
     nu: float = 1.0
+    fmt: str = "int"
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
         check_group_size(self.group_size)
+        check_format(self.fmt, self.bits, self.group_size)
         if not (isinstance(self.nu, (int, float)) and 0.0 < float(self.nu) <= 4.0):
             raise ValueError(f"nu (range expansion) must be in (0, 4], got {self.nu!r}")
 
@@ -63,6 +76,46 @@ class QuantSpec:
 def check_bits(bits: int, lo: int = MIN_BITS, hi: int = MAX_BITS) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
         raise ValueError(f"bits must be an integer in {lo}..{hi}, got {bits!r}")
+
+
+def check_format(fmt: str, bits: int, group_size: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown quantization format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    if fmt != "int" and bits != 4:
+        raise ValueError(f"format {fmt!r} has 4-bit codes only, got bits={bits}; use fmt='int' for other widths")
+    need = FORMAT_GROUP_SIZE.get(fmt)
+    if need is not None and group_size != need:
+        raise ValueError(f"format {fmt!r} uses groups of {need} weights, got group_size={group_size}")
+
+
+def _codebook_format(fmt: str):
+    """``(params, quantize, dequantize)`` of a non-integer format (imported here: those modules import this one)."""
+    if fmt == "nf4":
+        from ttq.formats.nf4 import nf4_dequantize, nf4_params, nf4_quantize
+
+        return nf4_params, nf4_quantize, nf4_dequantize
+    from ttq.formats.fp4 import fp4_dequantize, fp4_params, fp4_quantize
+
+    return fp4_params, fp4_quantize, fp4_dequantize
+
+
+def bits_per_weight(spec: "QuantSpec", d_in: int | None = None, scale_bits: int = 16) -> float:
+    """Storage bits per weight, scale (and zero) bits included.
+
+    int: ``q + 2 * scale_bits / g`` asymmetric (S and Z), ``q + scale_bits / g`` symmetric
+    (Z = -S (2^q - 1) / 2 is implied); nf4 / fp4: ``4 + scale_bits / g`` (absmax);
+    nvfp4: ``4 + 8 / 16`` (E4M3 scales; the per-tensor fp32 scale is negligible);
+    mxfp4: ``4 + 8 / 32`` (E8M0 scales).  ``d_in`` is needed for ``group_size = -1``.
+    """
+    if spec.group_size == -1 and d_in is None:
+        raise ValueError("bits_per_weight of a per-channel (group_size=-1) format needs d_in")
+    g = spec.group_size if spec.group_size > 0 else d_in
+    if d_in is not None:
+        g = min(g, d_in)
+    if spec.fmt in FORMAT_GROUP_SIZE:
+        return spec.bits + 8 / g
+    n_params = 2 if spec.fmt == "int" and not spec.symmetric else 1
+    return spec.bits + n_params * scale_bits / g
 
 
 def check_group_size(group_size: int) -> None:
@@ -111,6 +164,9 @@ def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         (scale, zero), each float32 of shape (d_out, n_groups).  A constant
         group gets scale 0 and zero = its value (dequantizes exactly).
     """
+    if spec.fmt != "int":  # codebook formats: (scale, all-zero zero-point)
+        scale = _codebook_format(spec.fmt)[0](w, spec)
+        return scale, torch.zeros_like(scale)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
     check_finite(w, "weight")
@@ -145,6 +201,9 @@ def quantize(
     Returns:
         codes uint8 (d_out, d_in) in [0, 2^q - 1], scale and zero float32 (d_out, n_groups).
     """
+    if spec.fmt != "int":
+        codes, scale = _codebook_format(spec.fmt)[1](w, spec, scale)
+        return codes, scale, torch.zeros_like(scale) if zero is None else zero
     if scale is None or zero is None:
         scale, zero = group_params(w, spec)
     d_in = w.shape[1]
@@ -156,9 +215,19 @@ def quantize(
 
 
 def dequantize(
-    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group_size: int,
+    dtype: torch.dtype = torch.float32,
+    fmt: str = "int",
 ) -> torch.Tensor:
-    """``W_hat = W_int * S + Z`` (eq. 7); (d_out, d_in) in ``dtype``."""
+    """``W_hat = W_int * S + Z`` (eq. 7); (d_out, d_in) in ``dtype``.  ``fmt`` as in ``QuantSpec``
+    (a codebook format decodes its levels times the group scale)."""
+    if fmt != "int":
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown quantization format {fmt!r}; allowed: {', '.join(FORMATS)}")
+        return _codebook_format(fmt)[2](codes, scale, group_size).to(dtype)
     d_in = codes.shape[1]
     s = expand_groups(scale, d_in, group_size)
     z = expand_groups(zero, d_in, group_size)
@@ -168,4 +237,4 @@ def dequantize(
 def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize-dequantize ``Q[W]`` (eq. 5), returned in ``w``'s dtype."""
     codes, scale, zero = quantize(w, spec)
-    return dequantize(codes, scale, zero, spec.group_size, w.dtype)
+    return dequantize(codes, scale, zero, spec.group_size, w.dtype, spec.fmt)

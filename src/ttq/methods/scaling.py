@@ -126,4 +126,4 @@ def scaled_quantize(
 def scaled_qdq(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``Q[W diag(s)] diag(s)^-1`` (eq. 20), in ``w``'s dtype."""
     codes, scale, zero = scaled_quantize(w, s, spec)
-    return (dequantize(codes, scale, zero, spec.group_size) / s).to(w.dtype)
+    return (dequantize(codes, scale, zero, spec.group_size, fmt=spec.fmt) / s).to(w.dtype)

@@ -49,7 +49,7 @@ class StaticQuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """Effective weight ``dequant(codes) diag(s)^-1`` (d_out, d_in) in the layer dtype."""
         if self._w_cache is None:
-            w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size)
+            w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size, fmt=self.spec.fmt)
             if self.input_scale is not None:
                 w = w / self.input_scale
             self._w_cache = w.to(self._dtype)
@@ -97,7 +97,7 @@ class TTQLinear(nn.Module):
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero, s = self.quantize_for(x)
-        w_q = dequantize(codes, scale, zero, self.spec.group_size).to(x.dtype)  # (d_out, d_in)
+        w_q = dequantize(codes, scale, zero, self.spec.group_size, fmt=self.spec.fmt).to(x.dtype)  # (d_out, d_in)
         y = F.linear(x / s.to(x.dtype), w_q, self.bias)
         if self.rank:
             y = y + F.linear(F.linear(x, self.lr_a.to(x.dtype)), self.lr_b.to(x.dtype))

@@ -121,6 +121,9 @@ class Kernel(Protocol):
     ) -> PackedWeight:
         """Codes of ``(W - B A) diag(s)`` in this layout (s is float32 (d_in,), never None)."""
 
+    # Optional: ``pack_into(out, w, s, spec, b, a) -> PackedWeight`` re-quantizes into the tensors
+    # of ``out`` (same layout and shape) instead of allocating; used by :func:`pack_ttq` with ``out=``.
+
     def linear(
         self,
         x: torch.Tensor,
@@ -288,6 +291,7 @@ def pack_ttq(
     a: torch.Tensor | None = None,
     layout: str | None = None,
     strict: bool = False,
+    out: PackedWeight | None = None,
 ) -> PackedWeight:
     """Quantize ``(W - B A) diag(s)`` groupwise and pack it.
 
@@ -299,12 +303,20 @@ def pack_ttq(
         b, a: optional low-rank factors (d_out, r), (r, d_in) subtracted before quantizing.
         layout: a registered layout name, or None to pick the best for w's device.
         strict: with layout=None, raise instead of falling back to the reference.
+        out: a previous result for the same weight; when its layout and format match and the
+            kernel has ``pack_into``, its tensors are overwritten (no new allocation) and shared
+            by the returned weight.
     Returns:
         a :class:`PackedWeight`.
     """
     s = _check_ttq_args(w, s, b, a)
     name = select_layout(spec, tuple(w.shape), w.device.type, w.dtype, layout, strict)
-    return get_kernel(name, w.device.type).pack(w, s, spec, b, a)
+    kernel = get_kernel(name, w.device.type)
+    reuse = (out is not None and out.layout == name and out.shape == tuple(w.shape) and out.bits == spec.bits
+             and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into"))
+    if reuse:
+        return kernel.pack_into(out, w, s, spec, b, a)
+    return kernel.pack(w, s, spec, b, a)
 
 
 def packed_linear(

@@ -62,6 +62,20 @@ def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None,
     return PackedWeight(layout, spec.bits, spec.group_size, tuple(w.shape), q, scale, zero)
 
 
+def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None) -> PackedWeight:
+    """:func:`pack` writing into ``out``'s tensors (same layout, shape, bits, group size)."""
+    w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
+    g = effective_group_size(w.shape[1], spec.group_size)
+    status = _ops().quant_pack_out(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), out.qweight, out.scale,
+                                   out.zero)
+    if status & 1:
+        n_bad = int((~torch.isfinite(w_res.float() * s)).sum())
+        raise ValueError(f"weight * scale contains {n_bad} NaN/Inf value(s); refusing to quantize")
+    if status & 2:  # out holds float16 scale/zero that cannot represent these: allocate float32 ones
+        return pack(out.layout, w, s, spec, b, a)
+    return out
+
+
 def dequantize(packed: PackedWeight) -> torch.Tensor:
     """``deq(codes)`` (d_out, d_in) float32 through the compiled kernel."""
     d_out, d_in = packed.shape
@@ -126,6 +140,12 @@ class CpuPackedKernel:
         if why is not None:
             raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
         return pack(self.layout, w, s, spec, b, a)
+
+    def pack_into(self, out, w, s, spec, b, a) -> PackedWeight:
+        why = check_supported(self.layout, spec, tuple(w.shape), w.dtype)
+        if why is not None:
+            raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
+        return pack_into(out, w, s, spec, b, a)
 
     def linear(self, x, packed, s, bias, b, a) -> torch.Tensor:
         if not cpu_build.load():

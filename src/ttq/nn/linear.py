@@ -3,14 +3,29 @@
 * :class:`StaticQuantLinear` -- RTN / AWQ (and any method that produces codes
   once): stores codes, scales, zeros and an optional input scale ``s``; the
   reference forward is ``F.linear(x / s, dequant(codes))``.
-* :class:`TTQLinear` -- keeps the full-precision weight and quantizes it from
-  each forward's own activations (per-sequence mode, the paper's evaluation).
+* :class:`TTQLinear` -- keeps the full-precision weight and quantizes it at
+  test time, in one of two runtime modes (:data:`MODES`):
+
+  - ``"per_sequence"`` (default; the paper's evaluation): every forward
+    computes ``s`` from its own tokens, one quantization per sequence of the batch;
+  - ``"prompt"`` (generation, TTQ paper Section 2 eq. 3 and Appendix H): a
+    forward with more than one token per sequence (the prefill) computes ``s``
+    from all its tokens -- a batch of prompts shares one ``s`` -- and packs
+    ``(W - B A) diag(s)`` once (:func:`ttq.kernels.api.pack_ttq`); one-token
+    forwards (decode steps with a KV cache) reuse the packed weights through
+    :func:`ttq.kernels.api.packed_linear`.  The next prefill re-quantizes.
+    ``refresh_every = N`` re-quantizes every N decode steps from the running
+    statistic of the prompt and the generated tokens.  Set it on a whole model
+    with :func:`ttq.runtime.set_mode`.
 
 Both keep the original ``nn.Linear`` reachable (``.original``) so that
 :func:`ttq.patch.restore_` can put it back.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +34,30 @@ import torch.nn.functional as F
 from ttq.formats.affine import QuantSpec, dequantize
 from ttq.methods.lowrank import residual, svd_factors
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
+
+MODES = ("per_sequence", "prompt")
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """Options of the ``"prompt"`` runtime mode.
+
+    Args:
+        refresh_every: re-quantize after this many decode steps from the running statistic of
+            the prompt and the generated tokens (0 = never).
+        layout: packed layout for :func:`ttq.kernels.api.pack_ttq` (None = best for the device).
+        strict: raise instead of falling back to the reference path when no kernel fits.
+        reference: decode with the plain dequantize-then-matmul oracle on the same packed weights.
+    """
+
+    refresh_every: int = 0
+    layout: str | None = None
+    strict: bool = False
+    reference: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be a non-negative integer (0 = never), got {self.refresh_every!r}")
 
 
 class StaticQuantLinear(nn.Module):
@@ -66,12 +105,22 @@ class StaticQuantLinear(nn.Module):
 class TTQLinear(nn.Module):
     """Test-time quantized linear layer (TTQ paper, Section 2).
 
-    Each forward computes ``s`` from its own inputs, quantizes
-    ``W - B A`` scaled by ``s`` and returns ``x W_q^T + (x A^T) B^T + bias``.
-    A batch of several sequences is quantized per sequence.
+    Quantizes ``W - B A`` scaled by ``s`` (computed from the activations) and
+    returns ``x W_q^T + (x A^T) B^T + bias``.  ``mode`` (see the module
+    docstring): ``"per_sequence"`` quantizes every forward, one quantization per
+    sequence of a batch; ``"prompt"`` quantizes at each prefill and decodes from
+    packed weights.  Inference only (the packed path has no gradient).
     """
 
-    def __init__(self, original: nn.Linear, spec: QuantSpec, scale: ScaleSpec, rank: int = 0) -> None:
+    def __init__(
+        self,
+        original: nn.Linear,
+        spec: QuantSpec,
+        scale: ScaleSpec,
+        rank: int = 0,
+        mode: str = "per_sequence",
+        options: PromptOptions | None = None,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = original.in_features, original.out_features
         self.spec, self.scale_spec, self.rank = spec, scale, rank
@@ -82,6 +131,7 @@ class TTQLinear(nn.Module):
         self.register_buffer("lr_b", b.to(original.weight.dtype))  # (d_out, r)
         self.register_buffer("lr_a", a.to(original.weight.dtype))  # (r, d_in)
         self._residual: torch.Tensor | None = None
+        self.set_mode(mode, options)
 
     def residual_weight(self) -> torch.Tensor:
         """``W - B A`` (float32), computed once."""
@@ -103,7 +153,66 @@ class TTQLinear(nn.Module):
             y = y + F.linear(F.linear(x, self.lr_a.to(x.dtype)), self.lr_b.to(x.dtype))
         return y
 
+    # ------------------------------------------------------------------ runtime modes
+    def set_mode(self, mode: str, options: PromptOptions | None = None) -> None:
+        """Switch runtime mode (drops any packed state)."""
+        if mode not in MODES:
+            raise ValueError(f"unknown TTQ runtime mode {mode!r}; allowed: {', '.join(MODES)}")
+        self.mode, self.options = mode, options or PromptOptions()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the prompt's packed weights and statistics (the next forward re-quantizes)."""
+        self.packed = None  # ttq.kernels.api.PackedWeight of the current prompt
+        self.prompt_scale: torch.Tensor | None = None  # s (d_in,) float32 of the current prompt
+        self._stats: ChannelStats | None = None  # running statistic (refresh_every > 0)
+        self._steps = 0  # decode steps since the last quantization
+        self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
+        self.n_quantizations = 0
+
+    def _lowrank(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.rank:
+            return None, None
+        if getattr(self, "_lr_f32", None) is None:
+            self._lr_f32 = (self.lr_b.float(), self.lr_a.float())  # (d_out, r), (r, d_in)
+        return self._lr_f32
+
+    def quantize_prompt(self, stats: ChannelStats) -> None:
+        """Pack ``(W - B A) diag(s)`` for the statistic ``stats`` (prompt mode)."""
+        from ttq.kernels.api import pack_ttq
+
+        t0 = time.perf_counter()
+        s = input_scale(stats, self.scale_spec)  # (d_in,)
+        w = self.residual_weight() if self.rank else self.weight.detach()
+        o = self.options
+        self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed)
+        self.prompt_scale = s
+        self._steps = 0
+        self.n_quantizations += 1
+        self.quant_seconds += time.perf_counter() - t0
+
+    def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        from ttq.kernels.api import packed_linear
+        from ttq.kernels.reference import reference_linear
+
+        tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
+        refresh = self.options.refresh_every
+        if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
+            stats = ChannelStats.from_activations(x, self.scale_spec.p)  # all sequences share s
+            self._stats = stats if refresh else None
+            self.quantize_prompt(stats)
+        elif refresh:
+            self._stats = self._stats.merge(ChannelStats.from_activations(x, self.scale_spec.p))
+            self._steps += 1
+            if self._steps >= refresh:
+                self.quantize_prompt(self._stats)
+        b, a = self._lowrank()
+        matmul = reference_linear if self.options.reference else packed_linear
+        return matmul(x, self.packed, self.prompt_scale, self.bias, b, a)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "prompt":
+            return self._forward_prompt(x)
         if x.dim() == 3 and x.shape[0] > 1:  # (B, T, d): one quantization per sequence
             return torch.cat([self._forward_one(xi[None]) for xi in x], dim=0)
         return self._forward_one(x)
@@ -112,5 +221,5 @@ class TTQLinear(nn.Module):
         s, c = self.spec, self.scale_spec
         return (
             f"in={self.in_features}, out={self.out_features}, bits={s.bits}, group_size={s.group_size}, "
-            f"rank={self.rank}, alpha={c.alpha}, lam={c.lam}, p={c.p}, form={c.form}"
+            f"rank={self.rank}, alpha={c.alpha}, lam={c.lam}, p={c.p}, form={c.form}, mode={self.mode}"
         )

@@ -1,0 +1,73 @@
+"""Runtime modes of the TTQ layers of a model (TTQ paper, Section 2 eq. 3 and Appendix H).
+
+``set_mode(model, "prompt")`` makes every :class:`ttq.nn.TTQLinear` quantize
+once per prompt and decode from packed low-bit weights; ``"per_sequence"``
+(the default, the paper's evaluation) quantizes at every forward.  In prompt
+mode nothing else is needed around ``model.generate``: a forward with more
+than one token per sequence is a prefill and re-quantizes, one-token forwards
+reuse the packed weights.  A batch of prompts shares one ``s`` (the statistic
+covers all their tokens, padding positions included).  A one-token prompt
+after another prompt looks like a decode step: call :func:`reset` first.
+
+Example::
+
+    ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=4, group_size=32)))
+    ttq.runtime.set_mode(model, "prompt", refresh_every=0)
+    out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ttq.nn.linear import MODES, PromptOptions, TTQLinear
+
+
+def ttq_layers(model: nn.Module) -> list[TTQLinear]:
+    """The TTQLinear modules of ``model`` in module order."""
+    return [m for m in model.modules() if isinstance(m, TTQLinear)]
+
+
+def set_mode(
+    model: nn.Module,
+    mode: str,
+    refresh_every: int = 0,
+    layout: str | None = None,
+    strict: bool = False,
+    reference: bool = False,
+) -> int:
+    """Set the runtime mode of every TTQLinear of ``model`` (dropping packed state).
+
+    Args:
+        model: a model quantized with ``ttq.quantize_(model, TTQConfig(...))``.
+        mode: ``"per_sequence"`` or ``"prompt"``.
+        refresh_every, layout, strict, reference: :class:`ttq.nn.linear.PromptOptions`
+            (prompt mode only).
+    Returns:
+        the number of layers set.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown TTQ runtime mode {mode!r}; allowed: {', '.join(MODES)}")
+    options = PromptOptions(refresh_every=refresh_every, layout=layout, strict=strict, reference=reference)
+    layers = ttq_layers(model)
+    if not layers:
+        raise ValueError("the model has no TTQLinear layers; quantize it first with ttq.quantize_(model, TTQConfig(...))")
+    for m in layers:
+        m.set_mode(mode, options)
+    return len(layers)
+
+
+def reset(model: nn.Module) -> None:
+    """Drop every layer's packed weights (the next forward quantizes again)."""
+    for m in ttq_layers(model):
+        m.reset()
+
+
+def quantization_seconds(model: nn.Module) -> float:
+    """Total wall time the TTQ layers spent quantizing in prompt mode since their last reset."""
+    return sum(m.quant_seconds for m in ttq_layers(model))
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of packed codes + scales + zeros currently held (prompt mode)."""
+    return sum(m.packed.nbytes() for m in ttq_layers(model) if m.packed is not None)

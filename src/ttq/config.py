@@ -124,3 +124,142 @@ def config_from_dict(d: dict) -> Any:
     if d:
         raise ValueError(f"unknown field(s) for method {name!r}: {', '.join(sorted(d))}")
     return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- Appendix E: low-rank variants, pruning, online low-rank
+
+LOWRANK_INITS = ("svd", "asvd", "alternating")
+FACTOR_WHICH = ("A", "B", "both")
+PRUNE_ORDERS = ("prune_then_quantize", "quantize_then_mask")
+PRUNE_SCORES = ("activation", "magnitude")
+ONLINE_RULES = ("oja", "isvd", "asvd")
+
+
+def _check_choice(what: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _check_rank(rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"rank must be a non-negative integer, got {rank!r}")
+
+
+@register_method
+@dataclass(frozen=True)
+class TTQLowRankConfig:
+    """TTQ with a static rank-r part from SVD, ASVD or alternating eqs. 34-35 (Appendix E).
+
+    ``init="asvd"`` uses ``svd_r[W C^(1/2)] C^(-1/2)`` with the calibration correlation
+    shrunk by ``asvd_lam`` (``asvd_diagonal``: its diagonal only); ``"alternating"``
+    runs ``iters`` steps of eqs. 34-35 (with the calibration scale when calibration is
+    given, plain Q otherwise).  The factors may then be pruned (``factor_prune`` sparsity
+    per row, ``factor_prune_score`` magnitude or activation-aware) and RTN-quantized
+    (``factor_quant``), each on A, B or both; TTQ quantizes ``W - B A`` of the final factors.
+    """
+
+    name: ClassVar[str] = "ttq_lowrank"
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
+    rank: int = 16
+    init: str = "svd"
+    iters: int = 5
+    asvd_lam: float = 0.1
+    asvd_diagonal: bool = False
+    factor_quant: QuantSpec | None = None
+    factor_quant_which: str = "both"
+    factor_prune: float = 0.0
+    factor_prune_which: str = "both"
+    factor_prune_score: str = "magnitude"
+    calib: CalibSpec = field(default_factory=CalibSpec)
+
+    def __post_init__(self) -> None:
+        from ttq.methods.pruning import check_sparsity
+
+        _check_rank(self.rank)
+        _check_choice("init", self.init, LOWRANK_INITS)
+        _check_choice("factor_quant_which", self.factor_quant_which, FACTOR_WHICH)
+        _check_choice("factor_prune_which", self.factor_prune_which, FACTOR_WHICH)
+        _check_choice("factor_prune_score", self.factor_prune_score, PRUNE_SCORES)
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
+        if not 0.0 <= self.asvd_lam <= 1.0:
+            raise ValueError(f"asvd_lam (shrinkage of the ASVD correlation) must be in [0, 1], got {self.asvd_lam!r}")
+        check_sparsity(self.factor_prune)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.init == "asvd" or (self.factor_prune > 0 and self.factor_prune_score == "activation")
+
+
+@register_method
+@dataclass(frozen=True)
+class PruneConfig:
+    """Test-time activation-aware pruning (mu-MoE / Wanda), optionally followed by TTQ.
+
+    ``sparsity`` in [0, 1) per output row, or ``n_m = (N, M)`` (keep N of every M input
+    columns; then ``sparsity`` is ``1 - N/M``).  ``quant`` None prunes only; otherwise the
+    kept weights are test-time quantized with ``scale`` in the given ``order``.
+    """
+
+    name: ClassVar[str] = "prune"
+    needs_calibration: ClassVar[bool] = False
+    sparsity: float = 0.5
+    n_m: tuple[int, int] | None = None
+    quant: QuantSpec | None = None
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
+    order: str = "prune_then_quantize"
+    score: str = "activation"
+
+    def __post_init__(self) -> None:
+        from ttq.methods.pruning import check_n_m, check_sparsity
+
+        _check_choice("order", self.order, PRUNE_ORDERS)
+        _check_choice("score", self.score, PRUNE_SCORES)
+        check_sparsity(self.sparsity)
+        if self.n_m is not None:
+            check_n_m(tuple(self.n_m))
+            implied = 1.0 - self.n_m[0] / self.n_m[1]
+            if self.sparsity not in (0.5, implied):  # 0.5 is the default, left untouched
+                raise ValueError(f"n_m={self.n_m[0]}:{self.n_m[1]} implies sparsity {implied}, got sparsity={self.sparsity}; give one of them")
+            object.__setattr__(self, "n_m", tuple(self.n_m))
+            object.__setattr__(self, "sparsity", implied)
+
+
+@register_method
+@dataclass(frozen=True)
+class OnlineLowRankTTQConfig:
+    """TTQ with low-rank factors ``B = W U``, ``A = U^T`` adapted online (test-time decomposition).
+
+    ``rule="oja"``: Oja's subspace rule with step ``lr`` (one step per ``chunk`` tokens, the
+    whole sequence when None); ``"isvd"``: Brand's incremental SVD with forgetting ``decay``;
+    ``"asvd"``: ``B A = svd_r[W S] S^-1`` with the prompt's diagonal ``S = C_lam^(1/2)``, tracked by
+    ``power_iters`` warm-started power steps per forward (0: exact SVD per forward; ``B = W S U``,
+    ``A = U^T S^-1``).
+    """
+
+    name: ClassVar[str] = "ttq_online"
+    needs_calibration: ClassVar[bool] = False
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
+    rank: int = 16
+    rule: str = "oja"
+    lr: float = 1.0
+    decay: float = 1.0
+    chunk: int | None = None
+    power_iters: int = 1
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        _check_choice("rule", self.rule, ONLINE_RULES)
+        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, int) or self.power_iters < 0:
+            raise ValueError(f"power_iters must be a non-negative integer (0 = exact SVD), got {self.power_iters!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr (Oja step) must be positive, got {self.lr!r}")
+        if not 0.0 < self.decay <= 1.0:
+            raise ValueError(f"decay (forgetting factor) must be in (0, 1], got {self.decay!r}")
+        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0):
+            raise ValueError(f"chunk must be a positive number of tokens or None, got {self.chunk!r}")
+
+
+_NESTED["factor_quant"] = QuantSpec  # TTQLowRankConfig's optional factor format

@@ -25,10 +25,9 @@ layout          tensors (all row-major, contiguous)
                 byte j holds column 32 i + j (low nibble) and 32 i + 16 + j (high nibble).
 ``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per block of 64 columns,
                 byte j holds column 64 i + 16 k + j in bits 2k..2k+1, k = 0..3.
-``cpu_q3``      qweight uint8 (d_out, 24 * ceil(d_in / 64)); per block of 64 columns,
-                16 bytes holding the low 2 bits exactly as ``cpu_q2``, then 4 little-endian
-                uint16 masks, bit j of mask k = bit 2 of column 64 i + 16 k + j
-                (3 bits per weight, no wasted nibble).
+``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per block of 128 columns,
+                16 little-endian 24-bit lanes (bytes 3j..3j+2 = lane j), lane j holding
+                column 128 i + 16 k + j in bits 3k..3k+2, k = 0..7 (3 bits per weight).
 ``aten_int4``   PyTorch's CPU int4 format: qweight = the output of
                 ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` (d_out, d_in / 2)
                 uint8; scale = ``scales_and_zeros`` float (n_groups, d_out, 2) with

@@ -91,7 +91,7 @@ def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.
     if x2.shape[0] <= SMALL_BATCH:
         g = effective_group_size(d_in, packed.group_size)
         y = _ops().packed_mm(x2, s, packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, bias,
-                             b if has_lr else None, a if has_lr else None)
+                             b if has_lr else None, a if has_lr else None)  # in x's dtype
     else:
         xf = x2.float()
         y = F.linear(xf / s.float() if s is not None else xf, dequantize(packed))  # (n, d_out)
@@ -111,16 +111,14 @@ def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     elif packed.layout == "cpu_q4":
         blocks = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_blocks, 1, 16)
         codes = torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(d_out, -1)[:, :d_in]
+    elif packed.layout == "cpu_q3":
+        lanes = qw.reshape(d_out, -1, 16, 3).to(torch.int32)  # (d_out, n_blocks, 16 lanes, 3 bytes)
+        v = lanes[..., 0] | (lanes[..., 1] << 8) | (lanes[..., 2] << 16)  # 24-bit lanes
+        codes = torch.stack([(v >> (3 * k)) & 7 for k in range(8)], dim=2)  # (d_out, n_blocks, 8, 16)
+        codes = codes.to(torch.uint8).reshape(d_out, -1)[:, :d_in]
     else:
-        bb = 24 if packed.layout == "cpu_q3" else 16
-        blocks = qw.reshape(d_out, -1, 1, bb)  # (d_out, n_blocks, 1, bb)
-        low = blocks[..., :16]
-        codes = torch.cat([(low >> (2 * k)) & 3 for k in range(4)], dim=2)  # (d_out, n_blocks, 4, 16)
-        if packed.layout == "cpu_q3":
-            masks = blocks[..., 16:24].reshape(d_out, -1, 4, 2, 1)  # uint16 little-endian as 2 bytes
-            shifts = torch.arange(8, dtype=torch.uint8, device=qw.device)
-            hi = ((masks >> shifts) & 1).reshape(d_out, -1, 4, 16)  # bit j of mask k
-            codes = codes | (hi << 2)
+        blocks = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_blocks, 1, 16)
+        codes = torch.cat([(blocks >> (2 * k)) & 3 for k in range(4)], dim=2)  # (d_out, n_blocks, 4, 16)
         codes = codes.reshape(d_out, -1)[:, :d_in]
     n = num_groups(d_in, packed.group_size)
     return codes.contiguous(), packed.scale.float().reshape(d_out, n), packed.zero.float().reshape(d_out, n)

@@ -3,7 +3,7 @@
 // Layouts (documented once in ttq/kernels/api.py): per row, blocks of CPB chunks of 16 columns;
 //   bits 4 (cpu_q4): 16 bytes / 32 columns, byte j = col j (low nibble) | col 16 + j (high nibble);
 //   bits 2 (cpu_q2): 16 bytes / 64 columns, byte j bits 2k..2k+1 = col 16 k + j;
-//   bits 3 (cpu_q3): 24 bytes / 64 columns, the low 2 bits as cpu_q2, then 4 uint16 masks of bit 2;
+//   bits 3 (cpu_q3): 48 bytes / 128 columns, 16 little-endian 24-bit lanes, lane j bits 3k..3k+2 = col 16 k + j;
 //   bits 5..8 (cpu_q8): 16 bytes / 16 columns, one code per byte.
 // Codes are clamp(round((w * s - Z) / S), 0, 2^q - 1) with S = (max - min) / (2^q - 1), Z = min per
 // group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
@@ -35,8 +35,8 @@ namespace {
 
 constexpr int CH = 16;  // chunk width (columns)
 
-inline int chunks_per_block(int bits) { return bits == 4 ? 2 : (bits == 2 || bits == 3) ? 4 : 1; }
-inline int block_bytes(int bits) { return bits == 3 ? 24 : 16; }
+inline int chunks_per_block(int bits) { return bits == 4 ? 2 : bits == 3 ? 8 : bits == 2 ? 4 : 1; }
+inline int block_bytes(int bits) { return bits == 3 ? 48 : 16; }
 inline int64_t row_bytes(int bits, int64_t d_in) {
   const int64_t cols = (int64_t)CH * chunks_per_block(bits);
   return (d_in + cols - 1) / cols * block_bytes(bits);
@@ -87,8 +87,14 @@ inline void put_code(uint8_t* row, int bits, int64_t col, int code) {
   uint8_t* p = row + blk * block_bytes(bits);
   if (cb == 8) { p[j] = (uint8_t)code; return; }
   if (cb == 4) { p[j] |= (uint8_t)(code << (4 * slot)); return; }
+  if (cb == 3) {  // 24-bit lane j at bytes 3j..3j+2
+    const uint32_t v = (uint32_t)(code & 7) << (3 * slot);
+    p[3 * j] |= (uint8_t)v;
+    p[3 * j + 1] |= (uint8_t)(v >> 8);
+    p[3 * j + 2] |= (uint8_t)(v >> 16);
+    return;
+  }
   p[j] |= (uint8_t)((code & 3) << (2 * slot));
-  if (cb == 3 && (code & 4)) p[16 + 2 * slot + (j >> 3)] |= (uint8_t)(1 << (j & 7));
 }
 
 inline int get_code(const uint8_t* row, int bits, int64_t col) {
@@ -98,9 +104,11 @@ inline int get_code(const uint8_t* row, int bits, int64_t col) {
   const uint8_t* p = row + blk * block_bytes(bits);
   if (cb == 8) return p[j];
   if (cb == 4) return (p[j] >> (4 * slot)) & 15;
-  int c = (p[j] >> (2 * slot)) & 3;
-  if (cb == 3 && ((p[16 + 2 * slot + (j >> 3)] >> (j & 7)) & 1)) c |= 4;
-  return c;
+  if (cb == 3) {
+    const uint32_t v = (uint32_t)p[3 * j] | ((uint32_t)p[3 * j + 1] << 8) | ((uint32_t)p[3 * j + 2] << 16);
+    return (int)((v >> (3 * slot)) & 7);
+  }
+  return (p[j] >> (2 * slot)) & 3;
 }
 
 // ---------------------------------------------------------------- quantize + pack (portable)
@@ -184,6 +192,23 @@ template <> inline __m512 load16<at::Half>(const at::Half* p, __mmask16 k) {
 
 inline __mmask16 tail_mask(int64_t n) { return n >= CH ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
+// vpermb indices: dword lane j <-> bytes 3j..3j+2 of a 3-bit block (the 4th byte of each lane is
+// zeroed by the mask of the permute).
+inline __m512i q3_unpack_idx() {
+  alignas(64) static const uint8_t idx[64] = {
+      0,  1,  2,  63, 3,  4,  5,  63, 6,  7,  8,  63, 9,  10, 11, 63, 12, 13, 14, 63, 15, 16,
+      17, 63, 18, 19, 20, 63, 21, 22, 23, 63, 24, 25, 26, 63, 27, 28, 29, 63, 30, 31, 32, 63,
+      33, 34, 35, 63, 36, 37, 38, 63, 39, 40, 41, 63, 42, 43, 44, 63, 45, 46, 47, 63};
+  return _mm512_load_si512((const void*)idx);
+}
+inline __m512i q3_pack_idx() {  // bytes 3j..3j+2 <- bytes 4j..4j+2 of the dword lanes
+  alignas(64) static const uint8_t idx[64] = {
+      0,  1,  2,  4,  5,  6,  8,  9,  10, 12, 13, 14, 16, 17, 18, 20, 21, 22, 24, 25, 26, 28,
+      29, 30, 32, 33, 34, 36, 37, 38, 40, 41, 42, 44, 45, 46, 48, 49, 50, 52, 53, 54, 56, 57,
+      58, 60, 61, 62, 0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0};
+  return _mm512_load_si512((const void*)idx);
+}
+
 // lane j of the result = op over the 16 lanes of v[j] (a transpose-reduce tree: 45 ops for 16 groups
 // instead of 16 horizontal reductions of 8 ops each).
 template <typename Op>
@@ -220,8 +245,8 @@ inline __mmask16 half_unsafe(__m512 x) {  // nonzero and outside float16's norma
 template <typename T, typename ST, int CB>
 void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64_t d_in, int bits, int64_t g,
                        int64_t n_groups, bool symmetric, float nu, uint8_t* q, ST* sc, ST* zr, int* status) {
-  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
-  constexpr int BB = CB == 3 ? 24 : 16;
+  constexpr int CPB = CB == 4 ? 2 : CB == 3 ? 8 : CB == 2 ? 4 : 1;
+  constexpr int BB = CB == 3 ? 48 : 16;
   const int qmax = (1 << bits) - 1;
   const int64_t rb = row_bytes(bits, d_in);
   const int64_t n_chunks = (d_in + CH - 1) / CH;
@@ -238,7 +263,6 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
     const T* wrow = w + r * d_in;
     uint8_t* qrow = q + r * rb;
     __m512i blk = _mm512_setzero_si512();
-    uint16_t masks[4] = {0, 0, 0, 0};
     __mmask16 bad = 0;
     for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
       const int ng = (int)std::min<int64_t>(16, n_groups - g0);
@@ -301,15 +325,16 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
           } else if constexpr (CB == 4) {
             blk = _mm512_or_si512(blk, _mm512_slli_epi32(code, 4 * slot));
           } else {
-            blk = _mm512_or_si512(blk, _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(3)), 2 * slot));
-            if constexpr (CB == 3) masks[slot] = (uint16_t)_mm512_test_epi32_mask(code, _mm512_set1_epi32(4));
+            blk = _mm512_or_si512(blk, _mm512_slli_epi32(code, CB * slot));
           }
           if (slot == CPB - 1 || t + 1 == n_chunks) {  // block full, or the row's last chunk
             uint8_t* dst = qrow + (t / CPB) * BB;
-            _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(blk));
-            if constexpr (CB == 3) {
-              std::memcpy(dst + 16, masks, 8);
-              masks[0] = masks[1] = masks[2] = masks[3] = 0;
+            if constexpr (CB == 3) {  // 16 dwords -> 16 x 3 bytes
+              const __m512i packed = _mm512_permutexvar_epi8(q3_pack_idx(), blk);
+              _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(packed));
+              _mm_storeu_si128((__m128i*)(dst + 32), _mm512_extracti32x4_epi32(packed, 2));
+            } else {
+              _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(blk));
             }
             blk = _mm512_setzero_si512();
           }
@@ -323,15 +348,31 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
 
 // Float value of the 16 codes of one slot of a block, from the block's zero-extended bytes v.
 template <int CB>
-inline __m512 decode(__m512i v, int slot, __mmask16 hi, const __m512 lut) {
+inline __m512 decode(__m512i v, int slot, const __m512 lut) {
   if constexpr (CB == 8) {
     return _mm512_cvtepi32_ps(v);
-  } else if constexpr (CB == 4) {
-    return _mm512_permutexvar_ps(slot ? _mm512_srli_epi32(v, 4) : v, lut);
+  } else {  // vpermps reads the low 4 index bits; the lut ignores the next code's bits
+    return _mm512_permutexvar_ps(slot ? _mm512_srli_epi32(v, CB * slot) : v, lut);
+  }
+}
+
+template <int CB>
+inline __m512 code_lut() {
+  if constexpr (CB == 4) return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  if constexpr (CB == 3) return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+}
+
+// The block at p as 16 dword lanes (lane j = byte j, or 24-bit lane j for 3-bit codes).
+// last: the row's last block (3-bit reads only its 48 bytes there, never past the tensor).
+template <int CB>
+inline __m512i load_block(const uint8_t* p, bool last) {
+  if constexpr (CB == 3) {
+    const __m512i raw = last ? _mm512_maskz_loadu_epi8((__mmask64)((1ULL << 48) - 1), p)
+                             : _mm512_loadu_si512((const void*)p);
+    return _mm512_maskz_permutexvar_epi8((__mmask64)0x7777777777777777ULL, q3_unpack_idx(), raw);
   } else {
-    __m512 c = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 2 * slot), lut);
-    if constexpr (CB == 3) c = _mm512_mask_add_ps(c, hi, c, _mm512_set1_ps(4.0f));
-    return c;
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
   }
 }
 
@@ -340,58 +381,115 @@ inline float param_at(const ST* p, int64_t i) {
   if constexpr (sizeof(ST) == 2) return half_to_f(p[i]); else return p[i];
 }
 
-// y[b, r] for rows r0..r0+R-1 and N batch rows; xs: N x dpad prescaled inputs (zero padded).
+// y[b, r] for rows r0..r0+R-1 and N batch rows; xs: N x dpad prescaled inputs (zero padded);
+// xsum: N x n_groups sums of xs over each group.  The group scale is factored out of the inner
+// loop: y = sum_g S_g (sum_{i in g} c_i xs_i) + sum_g Z_g xsum_g.
 template <typename ST, int CB, int R, int N>
 inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, int64_t cpg,
-                      int64_t n_chunks, const float* xs, int64_t dpad, int64_t r0, float* out /* N x R */) {
-  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
-  constexpr int BB = CB == 3 ? 24 : 16;
-  const __m512 lut = CB == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                             : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-  __m512 acc[R][N];
-  __m512 S[R], Z[R];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < N; ++b) acc[r][b] = _mm512_setzero_ps();
+                      int64_t n_chunks, const float* xs, int64_t dpad, const float* xsum, int64_t r0,
+                      float* out /* N x R */) {
+  constexpr int CPB = CB == 4 ? 2 : CB == 3 ? 8 : CB == 2 ? 4 : 1;
+  constexpr int BB = CB == 3 ? 48 : 16;
+  const __m512 lut = code_lut<CB>();
+  __m512 acc[R][N], gacc[R][N];
+  __m512 S[R];
+  for (int r = 0; r < R; ++r) {
+    S[r] = _mm512_setzero_ps();
+    for (int b = 0; b < N; ++b) acc[r][b] = gacc[r][b] = _mm512_setzero_ps();
+  }
   const int64_t n_blocks = (n_chunks + CPB - 1) / CPB;
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     __m512i v[R];
     const uint8_t* base = q + r0 * rb + blk * BB;
-    for (int r = 0; r < R; ++r) v[r] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(base + r * rb)));
+    for (int r = 0; r < R; ++r) v[r] = load_block<CB>(base + r * rb, blk + 1 == n_blocks);
     for (int slot = 0; slot < CPB; ++slot) {
       const int64_t t = blk * CPB + slot;
       if (CPB > 1 && t >= n_chunks) break;
-      if (t % cpg == 0) {
+      if (t % cpg == 0) {  // a new group: fold the previous one's partial sums with its scale
         const int64_t gi = t / cpg;
         for (int r = 0; r < R; ++r) {
+          for (int b = 0; b < N; ++b) {
+            acc[r][b] = _mm512_fmadd_ps(gacc[r][b], S[r], acc[r][b]);
+            gacc[r][b] = _mm512_setzero_ps();
+          }
           S[r] = _mm512_set1_ps(param_at(sc, (r0 + r) * n_groups + gi));
-          Z[r] = _mm512_set1_ps(param_at(zr, (r0 + r) * n_groups + gi));
         }
       }
       __m512 xv[N];
       for (int b = 0; b < N; ++b) xv[b] = _mm512_loadu_ps(xs + b * dpad + t * CH);
       for (int r = 0; r < R; ++r) {
-        __mmask16 hi = 0;
-        if constexpr (CB == 3) {
-          uint16_t m;
-          std::memcpy(&m, base + r * rb + 16 + 2 * slot, 2);
-          hi = (__mmask16)m;
-        }
-        const __m512 wv = _mm512_fmadd_ps(decode<CB>(v[r], slot, hi, lut), S[r], Z[r]);
-        for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xv[b], acc[r][b]);
+        const __m512 c = decode<CB>(v[r], slot, lut);
+        for (int b = 0; b < N; ++b) gacc[r][b] = _mm512_fmadd_ps(c, xv[b], gacc[r][b]);
       }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    // zero-point term: sum_g Z_g xsum_g, 16 groups at a time
+    const ST* zrow = zr + (r0 + r) * n_groups;
+    for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(gacc[r][b], S[r], acc[r][b]);
+    for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
+      const __mmask16 k = tail_mask(n_groups - g0);
+      __m512 z;
+      if constexpr (sizeof(ST) == 2) {
+        z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zrow + g0));
+      } else {
+        z = _mm512_maskz_loadu_ps(k, zrow + g0);
+      }
+      for (int b = 0; b < N; ++b)
+        acc[r][b] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(k, xsum + b * n_groups + g0), acc[r][b]);
     }
   }
   for (int b = 0; b < N; ++b)
     for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
+template <typename ST, int CB, int N>
+void gemm_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
+                      int64_t d_in, const float* xs, int64_t dpad, const float* xsum, int64_t r0, int64_t r1,
+                      float* y, int64_t d_out) {
+  constexpr int R = N <= 2 ? 4 : 2;
+  const int64_t rb = row_bytes(bits, d_in);
+  const int64_t n_chunks = (d_in + CH - 1) / CH;
+  const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;
+  float out[N * R];
+  int64_t r = r0;
+  for (; r + R <= r1; r += R) {
+    gemm_tile<ST, CB, R, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, r, out);
+    for (int b = 0; b < N; ++b)
+      for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
+  }
+  for (; r < r1; ++r) {
+    float o1[N];
+    gemm_tile<ST, CB, 1, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, r, o1);
+    for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
+  }
+}
+#endif  // TTQ_AVX512
+
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+#if TTQ_AVX512
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + CH <= n; i += CH) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    const __mmask16 k = tail_mask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+#endif
+}
+
+#if TTQ_AVX512
 template <typename ST, int CB>
 void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
                          int64_t d_in, int64_t r0, int64_t r1, float* out) {
-  constexpr int CPB = CB == 4 ? 2 : (CB == 8 ? 1 : 4);
-  constexpr int BB = CB == 3 ? 24 : 16;
-  const __m512 lut = CB == 4 ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                             : _mm512_setr_ps(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  constexpr int CPB = CB == 4 ? 2 : CB == 3 ? 8 : CB == 2 ? 4 : 1;
+  constexpr int BB = CB == 3 ? 48 : 16;
+  const __m512 lut = code_lut<CB>();
   const int64_t rb = row_bytes(bits, d_in);
   const int64_t n_chunks = (d_in + CH - 1) / CH;
   const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;
@@ -406,40 +504,14 @@ void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits,
         S = _mm512_set1_ps(param_at(sc, r * n_groups + t / cpg));
         Z = _mm512_set1_ps(param_at(zr, r * n_groups + t / cpg));
       }
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qrow + blk * BB)));
-      __mmask16 hi = 0;
-      if constexpr (CB == 3) {
-        uint16_t m;
-        std::memcpy(&m, qrow + blk * BB + 16 + 2 * slot, 2);
-        hi = (__mmask16)m;
-      }
+      const __m512i v = load_block<CB>(qrow + blk * BB, (blk + 1) * CPB >= n_chunks);
       // mul then add (not fma): bit-identical to the reference's codes * S + Z
-      const __m512 wv = _mm512_add_ps(_mm512_mul_ps(decode<CB>(v, slot, hi, lut), S), Z);
+      const __m512 wv = _mm512_add_ps(_mm512_mul_ps(decode<CB>(v, slot, lut), S), Z);
       _mm512_mask_storeu_ps(orow + t * CH, tail_mask(d_in - t * CH), wv);
     }
   }
 }
 
-template <typename ST, int CB, int N>
-void gemm_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
-                      int64_t d_in, const float* xs, int64_t dpad, int64_t r0, int64_t r1, float* y, int64_t d_out) {
-  constexpr int R = N <= 2 ? 4 : 2;
-  const int64_t rb = row_bytes(bits, d_in);
-  const int64_t n_chunks = (d_in + CH - 1) / CH;
-  const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;
-  float out[N * R];
-  int64_t r = r0;
-  for (; r + R <= r1; r += R) {
-    gemm_tile<ST, CB, R, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, r, out);
-    for (int b = 0; b < N; ++b)
-      for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
-  }
-  for (; r < r1; ++r) {
-    float o1[N];
-    gemm_tile<ST, CB, 1, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, r, o1);
-    for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
-  }
-}
 #endif  // TTQ_AVX512
 
 // ---------------------------------------------------------------- dispatch helpers
@@ -526,6 +598,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> quant_pack(const at::Ten
 }
 
 // y (n, d_out) float32 = deq(q) @ (x / s)^T + B (A x) + bias
+// y (n, d_out) float32 = deq(q) @ (x / s)^T + B (A x) + bias; prologue and epilogue in plain loops
+// (no ATen ops on the decode path: their dispatch costs more than a small layer's product).
 at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
                      const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out, int64_t d_in,
                      const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
@@ -540,53 +614,81 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
   TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
               zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type(),
               "ttq_cpu.packed_mm: scale/zero must be contiguous (d_out, n_groups) of one dtype");
+  const at::Tensor x = x_.contiguous();
+  const bool has_s = s_.has_value();
+  at::Tensor s = has_s ? s_->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t rank = (b_.has_value() && a_.has_value()) ? b_->size(1) : 0;
+  at::Tensor bmat = rank ? b_->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor amat = rank ? a_->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bias = bias_.has_value() ? bias_->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(!rank || (bmat.size(0) == d_out && amat.size(0) == rank && amat.size(1) == d_in),
+              "ttq_cpu.packed_mm: low-rank factors must be (d_out, r) and (r, d_in)");
+  // prologue: xf = x (float32), xs = x / s zero padded, xsum per group, t = A x
   const int64_t dpad = ((d_in + 63) / 64) * 64;
-  // prologue: xs = x / s (float32, zero padded), t = A x
-  at::Tensor xf = x_.to(at::kFloat).contiguous();
-  at::Tensor xs = at::zeros({n, dpad}, xf.options());
-  {
-    at::Tensor view = xs.narrow(1, 0, d_in);
-    if (s_.has_value()) at::div_out(view, xf, s_->to(at::kFloat)); else view.copy_(xf);
+  std::vector<float> xf(n * d_in), xs(n * dpad, 0.0f), xsum(n * n_groups, 0.0f), tv(n * std::max<int64_t>(rank, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ttq_packed_mm_x", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n * d_in; ++i) xf[i] = static_cast<float>(xp[i]);
+  });
+  const float* sp = has_s ? s.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < d_in; ++i) xs[b * dpad + i] = has_s ? xf[b * d_in + i] / sp[i] : xf[b * d_in + i];
+    for (int64_t gi = 0; gi < n_groups; ++gi) {
+      const int64_t c0 = gi * g, c1 = std::min(d_in, c0 + g);
+      float acc = 0;
+      for (int64_t i = c0; i < c1; ++i) acc += xs[b * dpad + i];
+      xsum[b * n_groups + gi] = acc;
+    }
+    for (int64_t k = 0; k < rank; ++k) tv[b * rank + k] = dot_f32(amat.data_ptr<float>() + k * d_in, xf.data() + b * d_in, d_in);
   }
-  at::Tensor y = at::empty({n, d_out}, xf.options());
+  at::Tensor y = at::empty({n, d_out}, x.options().dtype(at::kFloat));
   const bool half_params = sc.scalar_type() == at::kHalf;
-  const float* xsp = xs.data_ptr<float>();
+  const float* xsp = xs.data();
+  const float* xsump = xsum.data();
   float* yp = y.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const int64_t grain = std::max<int64_t>(16, d_out / (4 * std::max<int64_t>(1, at::get_num_threads())) / 4 * 4);
+  const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
+  const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  // split rows across threads only when each part has >= ~512K weights (thread wake-up costs more below)
+  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
   auto run = [&](auto st_tag) {
     using ST = decltype(st_tag);
     const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
     const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
-    for (int64_t b0 = 0; b0 < n; b0 += 4) {
-      const int64_t nb = std::min<int64_t>(4, n - b0);
-      at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t b0 = 0; b0 < n; b0 += 4) {
+        const int64_t nb = std::min<int64_t>(4, n - b0);
+        const float* xb = xsp + b0 * dpad;
+        const float* xsb = xsump + b0 * n_groups;
+        float* yb = yp + b0 * d_out;
 #if TTQ_AVX512
         dispatch_cb((int)bits, [&](auto cb) {
           constexpr int CB = decltype(cb)::value;
-          const float* xb = xsp + b0 * dpad;
-          float* yb = yp + b0 * d_out;
           switch (nb) {
-            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
-            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
-            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
-            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, r0, r1, yb, d_out); break;
+            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
+            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
+            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
+            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
           }
         });
 #else
-        gemm_rows_scalar<ST>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xsp + b0 * dpad, dpad, nb, r0, r1,
-                             yp + b0 * d_out, d_out);
+        (void)xsb;
+        gemm_rows_scalar<ST>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, nb, r0, r1, yb, d_out);
 #endif
-      });
-    }
+      }
+      // epilogue: + B t + bias
+      for (int64_t b = 0; b < n; ++b) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float v = yp[b * d_out + r];
+          if (rank) v += dot_f32(bp + r * rank, tv.data() + b * rank, rank);
+          if (biasp) v += biasp[r];
+          yp[b * d_out + r] = v;
+        }
+      }
+    });
   };
   if (half_params) run(uint16_t{}); else run(float{});
-  if (b_.has_value() && b_->size(1) > 0) {
-    at::Tensor t = at::mm(xf, a_->to(at::kFloat).t());  // (n, r)
-    y.addmm_(t, b_->to(at::kFloat).t());                 // (n, d_out)
-  }
-  if (bias_.has_value()) y.add_(bias_->to(at::kFloat));
-  return y;
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // deq(q) (d_out, d_in) in float32 (or bfloat16 when as_bf16), for large-batch products.

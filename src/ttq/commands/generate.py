@@ -1,0 +1,81 @@
+"""``ttq generate``: stream a greedy completion from a (test-time) quantized model.
+
+TTQ runs in prompt mode (:mod:`ttq.runtime`): the prompt's activations quantize
+every layer once, the decode steps use packed low-bit weights.  Ends with the
+prefill and decode speeds in tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ttq.commands.common import DTYPES, add_model_args, add_scale_args, scale_from_args
+
+logger = logging.getLogger(__name__)
+
+GEN_METHODS = ("fp", "rtn", "ttq")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="stream a greedy completion; report prefill/decode tokens/s",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--method", default="ttq", choices=GEN_METHODS, help="fp = unquantized")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=32, help="-1 = per output channel")
+    p.add_argument("--rank", type=int, default=0, help="TTQ low-rank r")
+    p.add_argument("--mode", default="prompt", choices=("prompt", "per_sequence"), help="TTQ runtime mode")
+    p.add_argument("--refresh-every", type=int, default=0, help="prompt mode: re-quantize every N tokens (0 = never)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    add_scale_args(p)
+    p.set_defaults(func=run)
+
+
+def quantize_for_generation(model, method: str, bits: int, group_size: int, rank: int, scale, mode: str,
+                            refresh_every: int) -> None:
+    """Apply ``method`` to ``model`` in place (``fp`` leaves it as is)."""
+    import ttq
+    from ttq import runtime
+
+    if method == "fp":
+        return
+    spec = ttq.QuantSpec(bits=bits, group_size=group_size)
+    if method == "rtn":
+        ttq.quantize_(model, ttq.RTNConfig(quant=spec))
+        return
+    ttq.quantize_(model, ttq.TTQConfig(quant=spec, scale=scale, rank=rank))
+    runtime.set_mode(model, mode, refresh_every=refresh_every)
+
+
+def run(args) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from ttq.eval.bench import timed_generate
+    from ttq.models import load_model
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    quantize_for_generation(model, args.method, args.bits, args.group_size, args.rank, scale_from_args(args),
+                            args.mode, args.refresh_every)
+    if args.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
+    t = timed_generate(model, ids.to(args.device), args.max_new_tokens, streamer=streamer, exact=False)
+    sys.stdout.flush()
+    print(f"\n[{args.method}{'' if args.method == 'fp' else f' {args.bits}-bit g={args.group_size}'}"
+          f"{f' r={args.rank} mode={args.mode}' if args.method == 'ttq' else ''}] "
+          f"prefill: {t.prompt_tokens} tokens in {t.prefill_s:.3f} s ({t.prefill_tps:.1f} tokens/s); "
+          f"decode: {t.new_tokens} tokens in {t.decode_s:.3f} s ({t.decode_tps:.1f} tokens/s)")
+    return 0

@@ -1,0 +1,298 @@
+"""Speed benchmarks of test-time quantization (TTQ paper, Section 2 eq. 3 and Appendix H).
+
+Three parts, each a pure function returning rows (dicts) so that the command
+only formats them:
+
+* :func:`bench_quantization` (a): time to quantize + pack one layer for a given
+  ``s`` (buffers reused, as a new prompt re-quantizes) vs one fp32 and one bf16
+  matrix-vector product ``F.linear`` of the same layer;
+* :func:`bench_matmul` (b): decode products (bs = 1 by default) on packed
+  weights, with the ``x / s`` prescale and optionally the rank-r term, vs fp32
+  and bf16 ``F.linear``;
+* :func:`bench_generation` (c): end-to-end ``model.generate`` with a prompt of
+  ``prompt_tokens`` and ``new_tokens`` greedy tokens: prefill and decode
+  tokens/s, whole-model prompt-mode quantization time, peak RSS.
+
+Times are medians of ``repeats`` runs after ``warmup`` runs; ratios are against
+the baselines measured in the same call.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers.generation.streamers import BaseStreamer
+
+from ttq.formats.affine import QuantSpec
+
+log = logging.getLogger(__name__)
+
+# (name, d_out, d_in): Qwen3 q_proj of Appendix H (Table 15: d_out = heads * head_dim, d_in = hidden),
+# the 7B-class 4096 x 4096 and 4096 x 11008 layers, and SmolLM2-135M's own layer shapes.
+QWEN3_QPROJ = [
+    ("qwen3-0.6b q_proj", 2048, 1024),
+    ("qwen3-1.7b q_proj", 2048, 2048),
+    ("qwen3-4b q_proj", 4096, 2560),
+    ("qwen3-8b q_proj", 4096, 4096),
+    ("qwen3-14b q_proj", 5120, 5120),
+    ("qwen3-32b q_proj", 8192, 5120),
+]
+LLAMA7B = [("4096x11008", 4096, 11008)]
+SMOLLM2 = [
+    ("smollm2 q/o_proj", 576, 576),
+    ("smollm2 k/v_proj", 192, 576),
+    ("smollm2 gate/up", 1536, 576),
+    ("smollm2 down", 576, 1536),
+]
+QUICK_SHAPES = [("qwen3-8b q_proj", 4096, 4096), ("4096x11008", 4096, 11008), ("smollm2 gate/up", 1536, 576)]
+
+
+def all_shapes() -> list[tuple[str, int, int]]:
+    return QWEN3_QPROJ + LLAMA7B + SMOLLM2
+
+
+def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time (seconds) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _layer(d_out: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight (d_out, d_in) ~ N(0, 0.02^2), a positive scale s (d_in,) and one token x (1, d_in)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g) * 0.02
+    s = torch.rand(d_in, generator=g) * 2 + 0.25
+    x = torch.randn(1, d_in, generator=g)
+    return w, s, x
+
+
+def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5) -> list[dict]:
+    """Part (a): per-layer quantization time vs one fp32 / bf16 GEMV of the same layer."""
+    from ttq.kernels.api import pack_ttq
+
+    rows = []
+    for name, d_out, d_in in shapes:
+        w, s, x = _layer(d_out, d_in)
+        wb, xb = w.bfloat16(), x.bfloat16()
+        t32 = median_time(lambda: F.linear(x, w), max(repeats, 10))
+        t16 = median_time(lambda: F.linear(xb, wb), max(repeats, 10))
+        for b in bits:
+            for g in group_sizes:
+                spec = QuantSpec(bits=b, group_size=g)
+                packed = pack_ttq(w, s, spec)
+                tq = median_time(lambda: pack_ttq(w, s, spec, out=packed), repeats, 1)
+                rows.append(dict(shape=name, d_out=d_out, d_in=d_in, bits=b, group_size=g, layout=packed.layout,
+                                 quant_ms=tq * 1e3, fp32_gemv_ms=t32 * 1e3, bf16_gemv_ms=t16 * 1e3,
+                                 quant_over_fp32=tq / t32, quant_over_bf16=tq / t16))
+        del w, wb
+        gc.collect()
+    return rows
+
+
+def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20) -> list[dict]:
+    """Part (b): packed product time (prescale included, rank-r term when r > 0) vs fp32 / bf16 F.linear."""
+    from ttq.kernels.api import pack_ttq, packed_linear
+    from ttq.methods.lowrank import svd_factors
+
+    rows = []
+    for name, d_out, d_in in shapes:
+        w, s, _ = _layer(d_out, d_in)
+        x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1))
+        wb, xb = w.bfloat16(), x.bfloat16()
+        t32 = median_time(lambda: F.linear(x, w), repeats)
+        t16 = median_time(lambda: F.linear(xb, wb), repeats)
+        factors = {r: svd_factors(w, r) if r else (None, None) for r in ranks}
+        for b in bits:
+            for g in group_sizes:
+                spec = QuantSpec(bits=b, group_size=g)
+                for r in ranks:
+                    lb, la = factors[r]
+                    packed = pack_ttq(w, s, spec, lb, la)
+                    t = median_time(lambda: packed_linear(x, packed, s, None, lb, la), repeats)
+                    rows.append(dict(shape=name, d_out=d_out, d_in=d_in, batch=batch, bits=b, group_size=g, rank=r,
+                                     layout=packed.layout, ms=t * 1e3, fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3,
+                                     speedup_fp32=t32 / t, speedup_bf16=t16 / t, mbytes=packed.nbytes() / 1e6))
+        del w, wb
+        gc.collect()
+    return rows
+
+
+@dataclass(frozen=True)
+class GenTiming:
+    """One generation: prompt/new token counts, prefill and decode seconds, the output ids."""
+
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    output_ids: torch.Tensor
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_tps(self) -> float:
+        return max(self.new_tokens - 1, 0) / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+class TimingStreamer(BaseStreamer):
+    """A ``generate`` streamer that stamps the first new token (end of prefill) and the last one;
+    optionally forwards to another streamer (e.g. a TextStreamer)."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner, self.t_first, self.t_last, self.n_new, self._prompt_seen = inner, None, None, 0, False
+
+    def put(self, value) -> None:
+        now = time.perf_counter()
+        if not self._prompt_seen:  # generate first puts the prompt ids
+            self._prompt_seen = True
+        else:
+            self.n_new += int(value.numel()) if value.dim() <= 1 else int(value.shape[-1])
+            self.t_first = self.t_first or now
+            self.t_last = now
+        if self.inner is not None:
+            self.inner.put(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
+
+
+def timed_generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None, exact: bool = True, **kw) -> GenTiming:
+    """Greedy ``model.generate`` (KV cache on) timed into prefill (up to the first new token) and decode.
+
+    Args:
+        model: a causal LM; input_ids: (1, T); max_new_tokens: tokens to generate;
+        streamer: optional inner streamer; exact: force exactly ``max_new_tokens`` (no early EOS).
+    Returns:
+        a :class:`GenTiming`.
+    """
+    ts = TimingStreamer(streamer)
+    extra = dict(min_new_tokens=max_new_tokens) if exact else {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_cache=True, streamer=ts, **extra, **kw)
+    t_end = time.perf_counter()
+    t_first = ts.t_first or t_end
+    return GenTiming(int(input_ids.shape[1]), ts.n_new, t_first - t0, (ts.t_last or t_end) - t_first, out)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory (MB) since the last reset (VmHWM), else the process-wide maximum."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prompt_ids(tokenizer, n_tokens: int, data_dir=None) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of WikiText-2 test (or of a fixed text when the data is missing), (1, n)."""
+    try:
+        from ttq.data.texts import load_text
+
+        text = load_text("wikitext2", data_dir=data_dir)[: 12 * n_tokens]
+    except (FileNotFoundError, ValueError, OSError) as e:
+        log.warning("wikitext2 not found (%s); using a fixed English text as the prompt", e)
+        text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. " * (n_tokens // 8 + 1)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :n_tokens]
+    if ids.shape[1] < n_tokens:
+        ids = ids.repeat(1, -(-n_tokens // ids.shape[1]))[:, :n_tokens]
+    return ids
+
+
+def generation_configs(bits=(4, 3, 2), ranks=(0, 16)) -> list[tuple[str, str, int, int]]:
+    """(label, kind, bits, rank) rows of part (c): fp32, bf16, then TTQ per bits x rank."""
+    rows = [("fp32", "fp32", 0, 0), ("bf16", "bf16", 0, 0)]
+    rows += [(f"ttq {b}-bit r={r}", "ttq", b, r) for r in ranks for b in bits]
+    return rows
+
+
+def bench_generation(
+    model,
+    tokenizer,
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    bits=(4, 3, 2),
+    ranks=(0, 16),
+    group_size: int = 32,
+    repeats: int = 3,
+    data_dir=None,
+) -> list[dict]:
+    """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
+
+    TTQ rows run in prompt mode: the prefill quantizes every layer once (its time is reported as
+    ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
+    """
+    import ttq
+    from ttq import runtime
+
+    ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
+    rows = []
+    for label, kind, b, r in generation_configs(bits, ranks):
+        gc.collect()
+        reset_peak_rss()
+        if kind == "fp32":
+            m = model
+        elif kind == "bf16":
+            m = copy.deepcopy(model).to(torch.bfloat16)
+        else:
+            m = copy.deepcopy(model)
+            ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
+            runtime.set_mode(m, "prompt")
+        timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
+        runs, quant = [], []
+        for _ in range(repeats):
+            if kind == "ttq":
+                runtime.reset(m)
+            runs.append(timed_generate(m, ids, new_tokens))
+            if kind == "ttq":
+                quant.append(runtime.quantization_seconds(m))
+        pre = statistics.median(t.prefill_s for t in runs)
+        dec = statistics.median(t.decode_s for t in runs)
+        n_new = runs[0].new_tokens
+        row = dict(config=label, prompt_tokens=prompt_tokens, new_tokens=n_new, prefill_s=pre, decode_s=dec,
+                   prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
+                   quant_s=statistics.median(quant) if quant else float("nan"), peak_rss_mb=peak_rss_mb(),
+                   output_ids=runs[0].output_ids)
+        row["quant_over_prefill"] = row["quant_s"] / pre if quant else float("nan")
+        rows.append(row)
+        if m is not model:
+            del m
+    base = {r["config"]: r for r in rows}
+    for r in rows:
+        r["decode_vs_fp32"] = r["decode_tps"] / base["fp32"]["decode_tps"]
+        r["decode_vs_bf16"] = r["decode_tps"] / base["bf16"]["decode_tps"]
+        r["prefill_vs_fp32"] = r["prefill_tps"] / base["fp32"]["prefill_tps"]
+    return rows

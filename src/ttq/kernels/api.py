@@ -35,12 +35,12 @@ layout          tensors (all row-major, contiguous)
                 dividing d_in.
 ==============  =========================================================================
 
-For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float16 when
-every value fits float16 (bits <= 4), else float32; padded columns carry
-code 0 and never reach the output.  The codes are exactly those of
-:func:`ttq.formats.affine.quantize` of ``(W - B A) * s`` computed in float32;
-only the stored scale/zero may be rounded to float16, and the reference oracle
-dequantizes with the stored values, so kernel and oracle see the same weights.
+For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float32, so the
+packed weights are exactly :func:`ttq.formats.affine.quantize` of ``(W - B A) * s``
+computed in float32 (the per-sequence mode's weights); with ``TTQ_HALF_PARAMS=1``
+they are stored in float16 for bits <= 4 when every value fits (fewer bytes per
+decode step; the oracle dequantizes the stored values, so kernel and oracle still
+see the same weights).  Padded columns carry code 0 and never reach the output.
 
 Kernels register with :func:`register_kernel` (a CUDA/Triton module can add its
 own layouts for ``device_type="cuda"``).  Selection: an explicit ``layout``

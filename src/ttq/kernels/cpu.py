@@ -12,6 +12,8 @@ against the layout definition rather than against itself.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +24,7 @@ from ttq.methods.lowrank import residual
 
 SMALL_BATCH = 8  # rows of x up to which the packed GEMM beats dequantize + F.linear (measured)
 CHUNK = 16  # group sizes must be multiples of this (or cover the whole row)
-HALF_PARAMS_MAX_BITS = 4  # scale/zero stored in float16 up to this width (when they fit), float32 above
+HALF_PARAMS_ENV = "TTQ_HALF_PARAMS"  # =1: scale/zero in float16 for bits <= 4 (when they fit), else float32
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT_BITS = {"cpu_q2": (2,), "cpu_q3": (3,), "cpu_q4": (4,), "cpu_q8": (5, 6, 7, 8)}
 
@@ -48,11 +50,16 @@ def check_supported(layout: str, spec: QuantSpec, shape: tuple[int, int], dtype:
     return None
 
 
+def half_params_enabled() -> bool:
+    """float16 scale / zero (fewer bytes per decode step, weights rounded by 2^-11): ``TTQ_HALF_PARAMS=1``."""
+    return os.environ.get(HALF_PARAMS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None) -> PackedWeight:
     """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`)."""
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
-    half = spec.bits <= HALF_PARAMS_MAX_BITS
+    half = spec.bits <= 4 and half_params_enabled()
     q, scale, zero, status = _ops().quant_pack(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), half)
     if status & 1:
         n_bad = int((~torch.isfinite(w_res.float() * s)).sum())

@@ -1,0 +1,131 @@
+"""Dispatch rules of ttq.kernels.api and the reference oracle (ttq.kernels.reference)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ttq.formats.affine import QuantSpec, dequantize
+from ttq.kernels import api, cpu_build
+from ttq.kernels.api import PackedWeight, pack_ttq, packed_linear, register_kernel, select_layout, unpack
+from ttq.kernels.reference import dequantize_packed, reference_linear, reference_pack
+from ttq.methods.lowrank import svd_factors
+from ttq.methods.scaling import scaled_quantize
+
+
+def _case(d_out=24, d_in=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(d_out, d_in, generator=g), torch.rand(d_in, generator=g) + 0.5
+
+
+def test_reference_pack_and_linear():
+    w, s = _case()
+    b, a = svd_factors(w, 3)
+    spec = QuantSpec(bits=3, group_size=16)
+    p = reference_pack(w, s, spec, b, a)
+    assert p.layout == "u8" and p.shape == (24, 64) and p.qweight.dtype == torch.uint8
+    codes, scale, zero = scaled_quantize(w - b @ a, s, spec)
+    assert torch.equal(p.qweight, codes)
+    x = torch.randn(5, 64)
+    want = F.linear(x / s, dequantize(codes, scale, zero, 16)) + x @ a.T @ b.T
+    assert torch.allclose(reference_linear(x, p, s, None, b, a), want, atol=1e-5)
+    assert torch.equal(dequantize_packed(p), dequantize(codes, scale, zero, 16))
+
+
+def test_reference_path_when_kernels_disabled(monkeypatch, caplog):
+    monkeypatch.setenv("TTQ_DISABLE_KERNELS", "1")
+    w, s = _case()
+    api._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="ttq.kernels.api"):
+        p = pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
+    assert p.layout == "u8"
+    assert any("TTQ_DISABLE_KERNELS" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="TTQ_DISABLE_KERNELS"):
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32), layout="cpu_q4")
+    with pytest.raises(ValueError, match="strict"):
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32), strict=True)
+
+
+def test_failed_build_falls_back(monkeypatch, caplog):
+    monkeypatch.setitem(cpu_build._state, "loaded", False)
+    monkeypatch.setitem(cpu_build._state, "error", "RuntimeError: no compiler")
+    w, s = _case(seed=1)
+    api._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="ttq.kernels.api"):
+        p = pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
+    assert p.layout == "u8"
+    msgs = [r.message for r in caplog.records if "no compiler" in r.message]
+    assert len(msgs) == 1  # one logged line, not one per layer
+    with pytest.raises(ValueError, match="no compiler"):
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32), strict=True)
+    with pytest.raises(RuntimeError, match="no compiler"):
+        cpu_build.load(strict=True)
+
+
+def test_codebook_format_uses_reference():
+    w, s = _case(d_in=64)
+    p = pack_ttq(w, s, QuantSpec(bits=4, group_size=32, fmt="nf4"))
+    assert p.layout == "u8" and p.fmt == "nf4"
+    x = torch.randn(2, 64)
+    codes, scale, zero = scaled_quantize(w, s, QuantSpec(bits=4, group_size=32, fmt="nf4"))
+    want = F.linear(x / s, dequantize(codes, scale, zero, 32, fmt="nf4"))
+    assert torch.allclose(packed_linear(x, p, s), want, atol=1e-5)
+
+
+def test_bad_inputs():
+    w, s = _case()
+    spec = QuantSpec(bits=4, group_size=32)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_ttq(w[0], s, spec)
+    with pytest.raises(ValueError, match="scale s has shape"):
+        pack_ttq(w, s[:10], spec)
+    with pytest.raises(ValueError, match="pairs"):
+        pack_ttq(w, s, spec, b=torch.zeros(24, 2))
+    with pytest.raises(ValueError, match="low-rank factors"):
+        pack_ttq(w, s, spec, b=torch.zeros(24, 2), a=torch.zeros(3, 64))
+    with pytest.raises(ValueError, match="floating-point"):
+        pack_ttq(w.to(torch.int32), s, spec)
+    with pytest.raises(ValueError, match="no kernel registered"):
+        pack_ttq(w, s, spec, layout="nonexistent")
+    p = pack_ttq(w, s, spec)
+    with pytest.raises(ValueError, match="features"):
+        packed_linear(torch.randn(2, 63), p, s)
+    with pytest.raises(ValueError, match="bias"):
+        packed_linear(torch.randn(2, 64), p, s, bias=torch.zeros(3))
+
+
+def test_register_kernel_priority_and_unpack():
+    class Fake:
+        def supports(self, spec, shape, dtype):
+            return None if spec.bits == 5 else "only 5-bit"
+
+        def pack(self, w, s, spec, b, a):
+            ref = reference_pack(w, s, spec, b, a)
+            return PackedWeight("fake5", spec.bits, spec.group_size, ref.shape, ref.qweight, ref.scale, ref.zero)
+
+        def linear(self, x, packed, s, bias, b, a):
+            return reference_linear(x, packed, s, bias, b, a)
+
+        def unpack(self, packed):
+            return packed.qweight, packed.scale, packed.zero
+
+    try:
+        register_kernel("fake5", "cpu", priority=100)(Fake)
+        assert "fake5" in api.registered_layouts("cpu")
+        w, s = _case()
+        assert select_layout(QuantSpec(bits=5, group_size=32), (24, 64), "cpu", torch.float32) == "fake5"
+        p = pack_ttq(w, s, QuantSpec(bits=5, group_size=32))
+        assert p.layout == "fake5"
+        assert torch.equal(unpack(p)[0], scaled_quantize(w, s, QuantSpec(bits=5, group_size=32))[0])
+    finally:
+        api._REGISTRY.pop(("fake5", "cpu"), None)
+
+
+def test_packed_weight_bytes():
+    w, s = _case(d_out=8, d_in=64)
+    p = reference_pack(w, s, QuantSpec(bits=4, group_size=32))
+    assert p.nbytes() == 8 * 64 + 2 * 8 * 2 * 4 and p.n_groups == 2

@@ -1,0 +1,179 @@
+"""Compiled CPU kernels (ttq.kernels.cpu, csrc/ttq_cpu.cpp) against the plain-PyTorch oracle.
+
+Codes must equal ``ttq.formats.affine.quantize`` of ``W * s`` exactly; products must match the
+reference dequantize-then-matmul on the same packed weights.  Skipped when the extension cannot be
+built on this machine (the fallback itself is tested in test_api.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttq.formats.affine import QuantSpec
+from ttq.kernels import cpu, cpu_build
+from ttq.kernels.api import pack_ttq, packed_linear, unpack
+from ttq.kernels.reference import dequantize_packed, reference_linear
+from ttq.methods.lowrank import svd_factors
+from ttq.methods.scaling import scaled_quantize
+
+pytestmark = pytest.mark.skipif(not cpu_build.load(), reason=f"ttq C++ CPU kernels unavailable: {cpu_build.error()}")
+
+LAYOUT = {2: "cpu_q2", 3: "cpu_q3", 4: "cpu_q4", 6: "cpu_q8", 8: "cpu_q8"}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _case(d_out: int, d_in: int, seed: int, dtype=torch.float32, extreme: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(d_out, d_in, generator=g) * 0.05).to(dtype)
+    s = torch.rand(d_in, generator=g) * 2 + 0.1
+    if extreme:  # the activation scale spans 14 decades
+        s[::7] = 1e-7
+        s[3::11] = 1e7
+    return w, s
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128, -1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_codes_equal_affine_quantize(bits, group_size, dtype):
+    d_out, d_in = 37, 200  # odd rows; 200 is not a multiple of 32/64/128/ a block: short last group + padding
+    w, s = _case(d_out, d_in, bits * 1000 + group_size, dtype)
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    packed = pack_ttq(w, s, spec)
+    assert packed.layout == LAYOUT[bits]
+    codes, scale, zero = scaled_quantize(w.float(), s, spec)
+    got_codes, got_scale, got_zero = unpack(packed)
+    assert torch.equal(got_codes, codes)
+    assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
+    assert packed.scale.dtype == torch.float32
+    # compiled dequantization = the oracle's, bit for bit
+    assert torch.equal(cpu.dequantize(packed), dequantize_packed(packed))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7, 20])
+def test_linear_matches_reference(bits, group_size, n_tokens):
+    d_out, d_in = 45, 300
+    w, s = _case(d_out, d_in, 7 + bits)
+    packed = pack_ttq(w, s, QuantSpec(bits=bits, group_size=group_size))
+    x = torch.randn(2, n_tokens, d_in, generator=torch.Generator().manual_seed(n_tokens))
+    y = packed_linear(x, packed, s)
+    assert y.shape == (2, n_tokens, d_out) and y.dtype == torch.float32
+    assert _rel(y, reference_linear(x, packed, s)) < 1e-5  # float32, another summation order
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    w, s = _case(64, 96, 3, dtype)
+    packed = pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
+    for n in (1, 12):
+        x = torch.randn(n, 96).to(dtype)
+        y = packed_linear(x, packed, s)
+        assert y.dtype == dtype
+        # both compute in float32 and round once to the output dtype
+        assert _rel(y, reference_linear(x, packed, s)) < 4e-3
+
+
+def test_lowrank_and_bias():
+    w, s = _case(70, 100, 11)
+    b, a = svd_factors(w, 5)
+    bias = torch.randn(70)
+    packed = pack_ttq(w, s, QuantSpec(bits=3, group_size=32), b, a)
+    # the packed codes are those of the residual W - B A
+    assert torch.equal(unpack(packed)[0], scaled_quantize(w - b @ a, s, QuantSpec(bits=3, group_size=32))[0])
+    for n in (1, 5, 16):
+        x = torch.randn(n, 100)
+        assert _rel(packed_linear(x, packed, s, bias, b, a), reference_linear(x, packed, s, bias, b, a)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_half_params_option(bits, monkeypatch):
+    monkeypatch.setenv("TTQ_HALF_PARAMS", "1")
+    w, s = _case(37, 200, bits)
+    spec = QuantSpec(bits=bits, group_size=32)
+    packed = pack_ttq(w, s, spec)
+    codes, scale, zero = scaled_quantize(w, s, spec)
+    got_codes, got_scale, got_zero = unpack(packed)
+    assert packed.scale.dtype == (torch.float16 if bits <= 4 else torch.float32)
+    assert torch.equal(got_codes, codes)
+    tol = 2 ** -11 if bits <= 4 else 0.0  # float16 rounding of the stored scale / zero
+    assert torch.allclose(got_scale, scale, rtol=tol, atol=0) and torch.allclose(got_zero, zero, rtol=tol, atol=0)
+    assert torch.equal(cpu.dequantize(packed), dequantize_packed(packed))
+    for n in (1, 9):
+        x = torch.randn(n, 200)
+        assert _rel(packed_linear(x, packed, s), reference_linear(x, packed, s)) < 1e-5
+
+
+def test_zero_range_groups_dequantize_exactly():
+    w, s = _case(8, 64, 5)
+    w[0] = 0.3  # a constant row: every group has zero range
+    w[1, :32] = -2.0
+    packed = pack_ttq(w, torch.ones(64), QuantSpec(bits=2, group_size=32))
+    deq = dequantize_packed(packed)
+    assert torch.equal(deq[0], torch.full((64,), 0.3))
+    assert torch.equal(deq[1, :32], torch.full((32,), -2.0))
+    assert torch.equal(unpack(packed)[0][0], torch.zeros(64, dtype=torch.uint8))
+
+
+def test_extreme_scale_keeps_float32_params(monkeypatch):
+    monkeypatch.setenv("TTQ_HALF_PARAMS", "1")
+    w, s = _case(33, 160, 9, extreme=True)
+    spec = QuantSpec(bits=4, group_size=32)
+    packed = pack_ttq(w, s, spec)
+    assert packed.scale.dtype == torch.float32  # 1e7 * w overflows float16's range for scale/zero
+    codes, scale, zero = scaled_quantize(w, s, spec)
+    got = unpack(packed)
+    assert torch.equal(got[0], codes) and torch.equal(got[1], scale) and torch.equal(got[2], zero)
+    x = torch.randn(1, 160)
+    assert _rel(packed_linear(x, packed, s), reference_linear(x, packed, s)) < 1e-5
+
+
+@pytest.mark.parametrize("symmetric,nu", [(True, 1.0), (False, 0.9), (True, 1.2)])
+def test_symmetric_and_range_expansion(symmetric, nu):
+    w, s = _case(21, 128, 13)
+    spec = QuantSpec(bits=3, group_size=32, symmetric=symmetric, nu=nu)
+    packed = pack_ttq(w, s, spec)
+    codes, scale, zero = scaled_quantize(w, s, spec)
+    assert torch.equal(unpack(packed)[0], codes)
+    assert torch.equal(unpack(packed)[1], scale)
+
+
+def test_pack_into_reuses_buffers():
+    w, s = _case(40, 128, 17)
+    spec = QuantSpec(bits=4, group_size=32)
+    first = pack_ttq(w, s, spec)
+    ptr = first.qweight.data_ptr()
+    s2 = s.flip(0)
+    again = pack_ttq(w, s2, spec, out=first)
+    assert again.qweight.data_ptr() == ptr
+    assert torch.equal(unpack(again)[0], scaled_quantize(w, s2, spec)[0])
+
+
+def test_non_finite_weight_is_refused():
+    w, s = _case(8, 64, 1)
+    w[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
+
+
+def test_unsupported_group_size_falls_back_or_raises():
+    w, s = _case(8, 96, 2)
+    spec = QuantSpec(bits=4, group_size=24)  # not a multiple of the 16-column chunk
+    assert pack_ttq(w, s, spec).layout == "u8"
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pack_ttq(w, s, spec, layout="cpu_q4")
+    with pytest.raises(ValueError, match="no compiled kernel"):
+        pack_ttq(w, s, spec, strict=True)
+    with pytest.raises(ValueError, match="4-bit codes"):
+        pack_ttq(w, s, QuantSpec(bits=3, group_size=32), layout="cpu_q4")
+
+
+def test_layout_sizes():
+    w, s = _case(4, 576, 3)
+    sizes = {b: pack_ttq(w, s, QuantSpec(bits=b, group_size=32)).qweight.shape[1] for b in (2, 3, 4, 8)}
+    assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column blocks

@@ -1,0 +1,135 @@
+"""TTQLinear runtime modes (ttq.nn.linear) and ttq.runtime on the real tiny stories260K model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ttq
+from ttq import runtime
+from ttq.nn.linear import PromptOptions, TTQLinear
+
+PROMPT = [1, 403, 407, 261, 378, 261, 286, 270, 1142 % 512, 259, 45, 423]
+
+
+def _quantized(model, bits=4, rank=0, group_size=32):
+    ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=bits, group_size=group_size), rank=rank))
+    return model
+
+
+def _generate(model, ids, n=12):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, use_cache=True)
+
+
+@pytest.mark.parametrize("bits,rank", [(4, 0), (3, 0), (2, 8)])
+def test_prompt_mode_greedy_equals_reference(stories_model, bits, rank):
+    model = _quantized(stories_model, bits, rank)
+    ids = torch.tensor([PROMPT])
+    runtime.set_mode(model, "prompt")
+    fast = _generate(model, ids)
+    layouts = {m.packed.layout for m in runtime.ttq_layers(model)}
+    runtime.set_mode(model, "prompt", reference=True)  # same packed weights, dequantize-then-matmul
+    slow = _generate(model, ids)
+    assert torch.equal(fast, slow)
+    assert fast.shape == (1, len(PROMPT) + 12)
+    from ttq.kernels import cpu_build
+
+    if cpu_build.load():
+        assert layouts == {f"cpu_q{bits}"}
+
+
+def test_prompt_mode_quantizes_once_per_prompt(stories_model):
+    model = _quantized(stories_model)
+    n = runtime.set_mode(model, "prompt")
+    assert n == 35
+    layer = runtime.ttq_layers(model)[0]
+    _generate(model, torch.tensor([PROMPT]), n=6)
+    assert layer.n_quantizations == 1  # prefill only; 5 decode steps reuse the packed weights
+    first = layer.prompt_scale.clone()
+    _generate(model, torch.tensor([PROMPT[:5]]), n=3)  # a new prompt: new prefill re-quantizes
+    assert layer.n_quantizations == 2
+    assert not torch.equal(first, layer.prompt_scale)
+    assert runtime.quantization_seconds(model) > 0
+    assert runtime.packed_bytes(model) > 0
+
+
+def test_prefill_matches_per_sequence_quantization(stories_model, monkeypatch):
+    """With the reference layout, the prefill logits of prompt mode are the per-sequence mode's."""
+    monkeypatch.setenv("TTQ_DISABLE_KERNELS", "1")
+    model = _quantized(stories_model, bits=3)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        per_seq = model(ids).logits
+        runtime.set_mode(model, "prompt")
+        prompt = model(ids).logits
+    assert torch.allclose(prompt, per_seq, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_prompt", [5, 12])  # packed GEMM (<= 8 tokens) and dequantize + F.linear
+def test_kernel_prefill_close_to_per_sequence(stories_model, n_prompt):
+    model = _quantized(stories_model, bits=4)
+    ids = torch.tensor([PROMPT[:n_prompt]])
+    with torch.no_grad():
+        per_seq = model(ids).logits
+        runtime.set_mode(model, "prompt")
+        prompt = model(ids).logits
+    # the same packed weights as the per-sequence quantizer; only the summation order differs
+    assert torch.allclose(prompt, per_seq, atol=1e-4, rtol=1e-4)
+
+
+def test_refresh_every_requantizes(stories_model):
+    model = _quantized(stories_model)
+    runtime.set_mode(model, "prompt", refresh_every=4)
+    layer = runtime.ttq_layers(model)[3]
+    _generate(model, torch.tensor([PROMPT]), n=10)  # 1 prefill + 9 decode steps -> refreshes after 4 and 8
+    assert layer.n_quantizations == 3
+    assert layer._stats.n_tokens == len(PROMPT) + 9
+
+
+def test_batch_of_prompts_shares_one_scale(stories_model):
+    model = _quantized(stories_model)
+    runtime.set_mode(model, "prompt")
+    layer = runtime.ttq_layers(model)[0]
+    batch = torch.tensor([PROMPT, PROMPT[::-1]])
+    captured = {}
+
+    def hook(mod, args):
+        captured["x"] = args[0].detach().clone()
+
+    h = layer.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        model(batch)
+    h.remove()
+    from ttq.methods.scaling import ChannelStats, input_scale
+
+    want = input_scale(ChannelStats.from_activations(captured["x"], layer.scale_spec.p), layer.scale_spec)
+    assert torch.equal(layer.prompt_scale, want)  # statistic over both sequences' tokens
+    out = _generate(model, batch, n=4)
+    assert out.shape == (2, len(PROMPT) + 4)
+
+
+def test_per_sequence_mode_unchanged(stories_model):
+    model = _quantized(stories_model)
+    ids = torch.tensor([PROMPT, PROMPT[::-1]])
+    with torch.no_grad():
+        both = model(ids).logits
+        one = model(ids[1:]).logits
+    assert torch.allclose(both[1:], one, atol=1e-5)  # per-sequence: each row quantized on its own
+    assert all(m.mode == "per_sequence" for m in runtime.ttq_layers(model))
+
+
+def test_bad_modes(stories_model):
+    with pytest.raises(ValueError, match="no TTQLinear"):
+        runtime.set_mode(stories_model, "prompt")
+    model = _quantized(stories_model)
+    with pytest.raises(ValueError, match="unknown TTQ runtime mode"):
+        runtime.set_mode(model, "decode")
+    with pytest.raises(ValueError, match="refresh_every"):
+        runtime.set_mode(model, "prompt", refresh_every=-1)
+    with pytest.raises(ValueError, match="refresh_every"):
+        PromptOptions(refresh_every=1.5)
+    lin = torch.nn.Linear(32, 16)
+    with pytest.raises(ValueError, match="unknown TTQ runtime mode"):
+        TTQLinear(lin, ttq.QuantSpec(bits=4, group_size=16), ttq.ScaleSpec(), mode="fast")

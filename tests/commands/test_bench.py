@@ -1,0 +1,68 @@
+"""``ttq bench`` (src/ttq/commands/bench.py) and its measurements (src/ttq/eval/bench.py): structure and
+consistency of the reported numbers, never speed thresholds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ttq.cli import main
+from ttq.eval import bench
+
+
+def test_shapes_cover_appendix_h_and_smollm2():
+    names = {n for n, _, _ in bench.all_shapes()}
+    assert {(o, i) for _, o, i in bench.QWEN3_QPROJ} >= {(2048, 1024), (2048, 2048), (4096, 2560), (4096, 4096),
+                                                         (5120, 5120)}
+    assert {(o, i) for _, o, i in bench.SMOLLM2} == {(576, 576), (192, 576), (1536, 576), (576, 1536)}
+    assert "4096x11008" in names
+
+
+def test_median_time_counts_calls():
+    calls = []
+    t = bench.median_time(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == 7 and t >= 0
+
+
+def test_quantization_and_matmul_rows():
+    shapes = [("tiny", 64, 96)]
+    rows = bench.bench_quantization(shapes, bits=[4], group_sizes=[32], repeats=2)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["quant_over_fp32"] == pytest.approx(r["quant_ms"] / r["fp32_gemv_ms"])
+    rows = bench.bench_matmul(shapes, bits=[4, 2], group_sizes=[32], ranks=[0, 4], repeats=2)
+    assert [(r["bits"], r["rank"]) for r in rows] == [(4, 0), (4, 4), (2, 0), (2, 4)]
+    for r in rows:
+        assert r["speedup_fp32"] == pytest.approx(r["fp32_ms"] / r["ms"])
+        assert r["mbytes"] > 0
+
+
+def test_timed_generate_splits_prefill_and_decode(stories_model):
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    t = bench.timed_generate(stories_model, ids, 6)
+    assert t.prompt_tokens == 5 and t.new_tokens == 6 and t.output_ids.shape == (1, 11)
+    assert t.prefill_s > 0 and t.decode_s > 0
+    assert t.decode_tps == pytest.approx(5 / t.decode_s)
+
+
+def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--parts", "a,b,c", "--shapes", "smollm2", "--bits", "4", "--ranks", "0", "--repeats", "1",
+               "--model", str(stories_dir), "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## (a)" in text and "## (b)" in text and "## (c)" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["quantization"]) == 4 and len(data["matmul"]) == 4
+    gen = {r["config"]: r for r in data["generation"]}
+    assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0"]
+    assert gen["fp32"]["decode_vs_fp32"] == pytest.approx(1.0)
+    assert gen["ttq 4-bit r=0"]["quant_s"] > 0 and gen["ttq 4-bit r=0"]["new_tokens"] == 4
+    assert out.with_suffix(".md").read_text().startswith("# ttq bench")
+
+
+def test_bench_bad_part(capsys):
+    assert main(["bench", "--parts", "d"]) == 2
+    assert "unknown bench part" in capsys.readouterr().err

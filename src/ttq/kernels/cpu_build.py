@@ -83,6 +83,23 @@ def error() -> str | None:
     return _state["error"]
 
 
+def _ensure_ninja_on_path() -> None:
+    """torch calls ``ninja`` through PATH; the pip package's binary may sit beside python, off PATH."""
+    import shutil
+    import sys
+
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    os.environ["PATH"] = os.pathsep.join(dirs + [os.environ.get("PATH", "")])
+
+
 def _build(verbose: bool) -> None:
     from torch.utils import cpp_extension
 
@@ -94,6 +111,7 @@ def _build(verbose: bool) -> None:
         torch.ops.load_library(str(so))
         return
     log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
+    _ensure_ninja_on_path()
     cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],

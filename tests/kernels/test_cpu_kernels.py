@@ -177,3 +177,41 @@ def test_layout_sizes():
     w, s = _case(4, 576, 3)
     sizes = {b: pack_ttq(w, s, QuantSpec(bits=b, group_size=32)).qweight.shape[1] for b in (2, 3, 4, 8)}
     assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column blocks
+
+
+PORTABLE_CHECK = """
+import torch
+from ttq.kernels import cpu, cpu_build
+from ttq.kernels.api import pack_ttq, packed_linear, unpack
+from ttq.kernels.reference import reference_linear, dequantize_packed
+from ttq.formats.affine import QuantSpec
+from ttq.methods.scaling import scaled_quantize
+assert cpu_build.load(strict=True) and torch.ops.ttq_cpu.has_avx512() == 0
+g = torch.Generator().manual_seed(0)
+for bits in (2, 3, 4, 8):
+    for gs in (16, 128, -1):
+        w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1
+        spec = QuantSpec(bits=bits, group_size=gs); p = pack_ttq(w, s, spec)
+        assert torch.equal(unpack(p)[0], scaled_quantize(w, s, spec)[0])
+        assert torch.equal(cpu.dequantize(p), dequantize_packed(p))
+        for n in (1, 5, 12):
+            x = torch.randn(n, 200, generator=g)
+            y, yr = packed_linear(x, p, s), reference_linear(x, p, s)
+            assert ((y - yr).norm() / yr.norm()).item() < 1e-5
+print("PORTABLE OK")
+"""
+
+
+@pytest.mark.slow
+def test_portable_build_without_avx512():
+    """The non-AVX-512 C++ path (built for x86-64-v3 in a separate process and cache entry)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    env = dict(os.environ, TTQ_KERNEL_MARCH="x86-64-v3")
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert "PORTABLE OK" in done.stdout, done.stderr[-2000:]

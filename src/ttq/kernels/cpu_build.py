@@ -22,8 +22,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "ttq_cpu.cpp"
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off")
 CACHE_ENV = "TTQ_CACHE_DIR"
+MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the portable AVX2 path
+CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None}

@@ -250,6 +250,7 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
   const int qmax = (1 << bits) - 1;
   const int64_t rb = row_bytes(bits, d_in);
   const int64_t n_chunks = (d_in + CH - 1) / CH;
+  const int64_t cpg = n_groups == 1 ? n_chunks : g / CH;  // chunks per group
   std::vector<float> buf(n_chunks * CH + CH);
   const __m512 vqmax = _mm512_set1_ps((float)qmax);
   const __m512 vzero = _mm512_setzero_ps();
@@ -262,18 +263,25 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
   for (int64_t r = r0; r < r1; ++r) {
     const T* wrow = w + r * d_in;
     uint8_t* qrow = q + r * rb;
-    __m512i blk = _mm512_setzero_si512();
     __mmask16 bad = 0;
     for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
       const int ng = (int)std::min<int64_t>(16, n_groups - g0);
-      // pass 1: v = w * s into buf, per-group min / max vectors
+      // pass 1: v = w * s into buf, per-group min / max vectors (only the row's last chunk is partial)
       for (int j = 0; j < ng; ++j) {
         const int64_t c0 = (g0 + j) * g, c1 = std::min(d_in, c0 + g);
         __m512 vmn = vinf, vmx = vninf;
-        for (int64_t c = c0; c < c1; c += CH) {
+        int64_t c = c0;
+        for (; c + CH <= c1; c += CH) {
+          const __m512 v = _mm512_mul_ps(load16<T>(wrow + c, 0xFFFF), _mm512_loadu_ps(s + c));
+          bad |= _mm512_fpclass_ps_mask(v, 0x99);  // NaN / +-Inf
+          _mm512_storeu_ps(buf.data() + c, v);
+          vmn = _mm512_min_ps(vmn, v);
+          vmx = _mm512_max_ps(vmx, v);
+        }
+        if (c < c1) {
           const __mmask16 k = tail_mask(c1 - c);
           const __m512 v = _mm512_mul_ps(load16<T>(wrow + c, k), load16<float>(s + c, k));
-          bad |= _mm512_mask_fpclass_ps_mask(k, v, 0x99);  // NaN / +-Inf
+          bad |= _mm512_mask_fpclass_ps_mask(k, v, 0x99);
           _mm512_storeu_ps(buf.data() + c, v);
           vmn = _mm512_mask_min_ps(vmn, k, vmn, v);
           vmx = _mm512_mask_max_ps(vmx, k, vmx, v);
@@ -308,36 +316,35 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
       // zero range: divide by 1 (code 0 -> W_hat = Z exactly), as the reference does
       _mm512_store_ps(gs, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, vzero, _CMP_GT_OQ), _mm512_set1_ps(1.0f), scale));
       _mm512_store_ps(gz, mn);
-      // pass 2: codes, packed into the row's blocks
-      for (int j = 0; j < ng; ++j) {
-        const int64_t c0 = (g0 + j) * g, c1 = std::min(d_in, c0 + g);
-        const __m512 vz = _mm512_set1_ps(gz[j]), vs = _mm512_set1_ps(gs[j]);
-        for (int64_t c = c0; c < c1; c += CH) {
-          const __mmask16 k = tail_mask(c1 - c);
-          __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + c), vz), vs);
+      // pass 2: codes, packed into the row's blocks.  The batch's chunks [t0, t1) start on a block
+      // boundary (16 groups of a multiple of 16 columns); full blocks take the unrolled path.
+      const int64_t t0 = g0 * cpg, t1 = std::min(n_chunks, (g0 + ng) * cpg);
+      int j = 0, left = (int)std::min<int64_t>(cpg, t1 - t0);  // group of the current chunk, chunks left in it
+      for (int64_t b = t0 / CPB; b * CPB < t1; ++b) {
+        __m512i blk = _mm512_setzero_si512();
+        const bool full = (b + 1) * CPB <= t1 && (b + 1) * CPB * CH <= d_in;
+        for (int slot = 0; slot < CPB; ++slot) {
+          const int64_t t = b * CPB + slot;
+          if (!full && t >= t1) break;
+          const __mmask16 k = full ? (__mmask16)0xFFFF : tail_mask(d_in - t * CH);
+          __m512 v = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + t * CH), _mm512_set1_ps(gz[j])),
+                                   _mm512_set1_ps(gs[j]));
           v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           v = _mm512_min_ps(_mm512_max_ps(v, vzero), vqmax);
-          const __m512i code = _mm512_maskz_cvtps_epi32(k, v);
-          const int64_t t = c / CH;
-          const int slot = (int)(t % CPB);
-          if constexpr (CB == 8) {
-            blk = code;
-          } else if constexpr (CB == 4) {
-            blk = _mm512_or_si512(blk, _mm512_slli_epi32(code, 4 * slot));
-          } else {
-            blk = _mm512_or_si512(blk, _mm512_slli_epi32(code, CB * slot));
+          const __m512i code = full ? _mm512_cvtps_epi32(v) : _mm512_maskz_cvtps_epi32(k, v);
+          blk = CB == 8 ? code : _mm512_or_si512(blk, _mm512_slli_epi32(code, (CB == 8 ? 0 : CB) * slot));
+          if (--left == 0) {
+            ++j;
+            left = (int)cpg;
           }
-          if (slot == CPB - 1 || t + 1 == n_chunks) {  // block full, or the row's last chunk
-            uint8_t* dst = qrow + (t / CPB) * BB;
-            if constexpr (CB == 3) {  // 16 dwords -> 16 x 3 bytes
-              const __m512i packed = _mm512_permutexvar_epi8(q3_pack_idx(), blk);
-              _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(packed));
-              _mm_storeu_si128((__m128i*)(dst + 32), _mm512_extracti32x4_epi32(packed, 2));
-            } else {
-              _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(blk));
-            }
-            blk = _mm512_setzero_si512();
-          }
+        }
+        uint8_t* dst = qrow + b * BB;
+        if constexpr (CB == 3) {  // 16 dwords -> 16 x 3 bytes
+          const __m512i packed = _mm512_permutexvar_epi8(q3_pack_idx(), blk);
+          _mm256_storeu_si256((__m256i*)dst, _mm512_castsi512_si256(packed));
+          _mm_storeu_si128((__m128i*)(dst + 32), _mm512_extracti32x4_epi32(packed, 2));
+        } else {
+          _mm_storeu_si128((__m128i*)dst, _mm512_cvtepi32_epi8(blk));
         }
       }
     }

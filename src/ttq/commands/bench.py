@@ -35,7 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--group-size", type=int_list, default="32", help="parts a and b (part c uses the first)")
     p.add_argument("--ranks", type=int_list, default="0,16", help="TTQ low-rank r (parts b and c)")
     p.add_argument("--batch", type=int, default=1, help="tokens per product in part b")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--stat", default="median", choices=("median", "min"),
+                   help="statistic over the repeats (min resists other processes' load on a shared machine)")
     p.add_argument("--model", default="smollm2-135m", help="part c model (see ttq ppl --model)")
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="part c base dtype")
@@ -85,7 +87,7 @@ def run(args) -> int:
     bits = args.bits if not quick or args.bits != [4, 3, 2] else [4, 2]
     ranks = args.ranks if not quick or args.ranks != [0, 16] else [0]
     rep = args.repeats
-    out: list[str] = [f"# ttq bench\n\n{_environment(args.threads)}\n"]
+    out: list[str] = [f"# ttq bench\n\n{_environment(args.threads)}; statistic: {args.stat} of the repeats\n"]
     data: dict = {"environment": _environment(args.threads)}
 
     def emit(text: str) -> None:
@@ -94,7 +96,8 @@ def run(args) -> int:
 
     emit(out[0].strip())
     if "a" in args.parts:
-        rows = bench.bench_quantization(shapes, bits=[4], group_sizes=args.group_size, repeats=rep or (3 if quick else 5))
+        rows = bench.bench_quantization(shapes, bits=[4], group_sizes=args.group_size, repeats=rep or (3 if quick else 5),
+                                        stat=args.stat)
         data["quantization"] = rows
         emit("## (a) quantization of one layer (fused scale+quantize+pack, buffers reused) vs one GEMV\n\n" + _table(rows, [
             ("shape", "layer", ""), ("d_out", "d_out", "d"), ("d_in", "d_in", "d"), ("bits", "bits", "d"),
@@ -103,7 +106,7 @@ def run(args) -> int:
             ("quant_over_fp32", "quant / fp32 GEMV", ".2f"), ("quant_over_bf16", "quant / bf16 GEMV", ".2f")]))
     if "b" in args.parts:
         rows = bench.bench_matmul(shapes, bits=bits, group_sizes=args.group_size, ranks=ranks, batch=args.batch,
-                                  repeats=rep or (10 if quick else 20))
+                                  repeats=rep or (10 if quick else 20), stat=args.stat)
         data["matmul"] = rows
         emit(f"## (b) decode matmul, {args.batch} token(s), x/s prescale and rank-r term included\n\n" + _table(rows, [
             ("shape", "layer", ""), ("d_out", "d_out", "d"), ("d_in", "d_in", "d"), ("bits", "bits", "d"),
@@ -117,7 +120,7 @@ def run(args) -> int:
         rows = bench.bench_generation(
             model, tok, prompt_tokens=args.prompt_tokens or (128 if quick else 512),
             new_tokens=args.new_tokens or (32 if quick else 128), bits=bits, ranks=ranks,
-            group_size=args.group_size[0], repeats=rep or (1 if quick else 3))
+            group_size=args.group_size[0], repeats=rep or (1 if quick else 3), stat=args.stat)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]

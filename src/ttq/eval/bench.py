@@ -59,8 +59,11 @@ def all_shapes() -> list[tuple[str, int, int]]:
     return QWEN3_QPROJ + LLAMA7B + SMOLLM2
 
 
-def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time (seconds) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+STATS = {"median": statistics.median, "min": min}  # "min" resists other processes' load
+
+
+def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2, stat: str = "median") -> float:
+    """Median (or ``stat``) wall time (seconds) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -68,7 +71,7 @@ def median_time(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) ->
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return STATS[stat](times)
 
 
 def _layer(d_out: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +83,7 @@ def _layer(d_out: int, d_in: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return w, s, x
 
 
-def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5) -> list[dict]:
+def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5, stat: str = "median") -> list[dict]:
     """Part (a): per-layer quantization time vs one fp32 / bf16 GEMV of the same layer."""
     from ttq.kernels.api import pack_ttq
 
@@ -88,13 +91,13 @@ def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5) -
     for name, d_out, d_in in shapes:
         w, s, x = _layer(d_out, d_in)
         wb, xb = w.bfloat16(), x.bfloat16()
-        t32 = median_time(lambda: F.linear(x, w), max(repeats, 10))
-        t16 = median_time(lambda: F.linear(xb, wb), max(repeats, 10))
+        t32 = median_time(lambda: F.linear(x, w), max(repeats, 10), stat=stat)
+        t16 = median_time(lambda: F.linear(xb, wb), max(repeats, 10), stat=stat)
         for b in bits:
             for g in group_sizes:
                 spec = QuantSpec(bits=b, group_size=g)
                 packed = pack_ttq(w, s, spec)
-                tq = median_time(lambda: pack_ttq(w, s, spec, out=packed), repeats, 1)
+                tq = median_time(lambda: pack_ttq(w, s, spec, out=packed), repeats, 1, stat)
                 rows.append(dict(shape=name, d_out=d_out, d_in=d_in, bits=b, group_size=g, layout=packed.layout,
                                  quant_ms=tq * 1e3, fp32_gemv_ms=t32 * 1e3, bf16_gemv_ms=t16 * 1e3,
                                  quant_over_fp32=tq / t32, quant_over_bf16=tq / t16))
@@ -103,7 +106,8 @@ def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5) -
     return rows
 
 
-def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20) -> list[dict]:
+def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20,
+                 stat: str = "median") -> list[dict]:
     """Part (b): packed product time (prescale included, rank-r term when r > 0) vs fp32 / bf16 F.linear."""
     from ttq.kernels.api import pack_ttq, packed_linear
     from ttq.methods.lowrank import svd_factors
@@ -113,8 +117,8 @@ def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch
         w, s, _ = _layer(d_out, d_in)
         x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1))
         wb, xb = w.bfloat16(), x.bfloat16()
-        t32 = median_time(lambda: F.linear(x, w), repeats)
-        t16 = median_time(lambda: F.linear(xb, wb), repeats)
+        t32 = median_time(lambda: F.linear(x, w), repeats, stat=stat)
+        t16 = median_time(lambda: F.linear(xb, wb), repeats, stat=stat)
         factors = {r: svd_factors(w, r) if r else (None, None) for r in ranks}
         for b in bits:
             for g in group_sizes:
@@ -122,7 +126,7 @@ def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch
                 for r in ranks:
                     lb, la = factors[r]
                     packed = pack_ttq(w, s, spec, lb, la)
-                    t = median_time(lambda: packed_linear(x, packed, s, None, lb, la), repeats)
+                    t = median_time(lambda: packed_linear(x, packed, s, None, lb, la), repeats, stat=stat)
                     rows.append(dict(shape=name, d_out=d_out, d_in=d_in, batch=batch, bits=b, group_size=g, rank=r,
                                      layout=packed.layout, ms=t * 1e3, fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3,
                                      speedup_fp32=t32 / t, speedup_bf16=t16 / t, mbytes=packed.nbytes() / 1e6))
@@ -249,6 +253,7 @@ def bench_generation(
     group_size: int = 32,
     repeats: int = 3,
     data_dir=None,
+    stat: str = "median",
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -279,12 +284,12 @@ def bench_generation(
             runs.append(timed_generate(m, ids, new_tokens))
             if kind == "ttq":
                 quant.append(runtime.quantization_seconds(m))
-        pre = statistics.median(t.prefill_s for t in runs)
-        dec = statistics.median(t.decode_s for t in runs)
+        pre = STATS[stat]([t.prefill_s for t in runs])
+        dec = STATS[stat]([t.decode_s for t in runs])
         n_new = runs[0].new_tokens
         row = dict(config=label, prompt_tokens=prompt_tokens, new_tokens=n_new, prefill_s=pre, decode_s=dec,
                    prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
-                   quant_s=statistics.median(quant) if quant else float("nan"), peak_rss_mb=peak_rss_mb(),
+                   quant_s=STATS[stat](quant) if quant else float("nan"), peak_rss_mb=peak_rss_mb(),
                    output_ids=runs[0].output_ids)
         row["quant_over_prefill"] = row["quant_s"] / pre if quant else float("nan")
         rows.append(row)

@@ -66,6 +66,8 @@ def load(strict: bool = False, verbose: bool = False) -> bool:
     Returns:
         True when ``torch.ops.ttq_cpu`` is usable.
     """
+    if _state["loaded"]:  # hot path: no lock once loaded
+        return True
     with _lock:
         if not _state["loaded"] and _state["error"] is None:
             try:

@@ -167,6 +167,7 @@ class TTQLinear(nn.Module):
         self.prompt_scale: torch.Tensor | None = None  # s (d_in,) float32 of the current prompt
         self._stats: ChannelStats | None = None  # running statistic (refresh_every > 0)
         self._steps = 0  # decode steps since the last quantization
+        self._kernel = None  # the packed layout's kernel (ttq.kernels.api.get_kernel)
         self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
         self.n_quantizations = 0
 
@@ -179,7 +180,7 @@ class TTQLinear(nn.Module):
 
     def quantize_prompt(self, stats: ChannelStats) -> None:
         """Pack ``(W - B A) diag(s)`` for the statistic ``stats`` (prompt mode)."""
-        from ttq.kernels.api import pack_ttq
+        from ttq.kernels.api import get_kernel, pack_ttq
 
         t0 = time.perf_counter()
         s = input_scale(stats, self.scale_spec)  # (d_in,)
@@ -187,14 +188,12 @@ class TTQLinear(nn.Module):
         o = self.options
         self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed)
         self.prompt_scale = s
+        self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
         self._steps = 0
         self.n_quantizations += 1
         self.quant_seconds += time.perf_counter() - t0
 
     def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
-        from ttq.kernels.api import packed_linear
-        from ttq.kernels.reference import reference_linear
-
         tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
         refresh = self.options.refresh_every
         if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
@@ -207,8 +206,13 @@ class TTQLinear(nn.Module):
             if self._steps >= refresh:
                 self.quantize_prompt(self._stats)
         b, a = self._lowrank()
-        matmul = reference_linear if self.options.reference else packed_linear
-        return matmul(x, self.packed, self.prompt_scale, self.bias, b, a)
+        if self.options.reference:
+            from ttq.kernels.reference import reference_linear
+
+            return reference_linear(x, self.packed, self.prompt_scale, self.bias, b, a)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        return self._kernel.linear(x, self.packed, self.prompt_scale, self.bias, b, a)  # shapes known: skip api checks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "prompt":

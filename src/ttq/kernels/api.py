@@ -28,11 +28,6 @@ layout          tensors (all row-major, contiguous)
 ``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per block of 128 columns,
                 16 little-endian 24-bit lanes (bytes 3j..3j+2 = lane j), lane j holding
                 column 128 i + 16 k + j in bits 3k..3k+2, k = 0..7 (3 bits per weight).
-``aten_int4``   PyTorch's CPU int4 format: qweight = the output of
-                ``torch.ops.aten._convert_weight_to_int4pack_for_cpu`` (d_out, d_in / 2)
-                uint8; scale = ``scales_and_zeros`` float (n_groups, d_out, 2) with
-                ``w = (c - 8) * S + (Z + 8 S)``; zero = None.  Needs g in {32, 64, 128, 256}
-                dividing d_in.
 ==============  =========================================================================
 
 For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float32, so the
@@ -41,6 +36,13 @@ computed in float32 (the per-sequence mode's weights); with ``TTQ_HALF_PARAMS=1`
 they are stored in float16 for bits <= 4 when every value fits (fewer bytes per
 decode step; the oracle dequantizes the stored values, so kernel and oracle still
 see the same weights).  Padded columns carry code 0 and never reach the output.
+
+Other modules add layouts of their own (the CUDA/Triton ones document theirs in
+:mod:`ttq.kernels.cuda_register`).  PyTorch's CPU int4 kernel
+(``_weight_int4pack_mm_for_cpu``) is not used: with float32 activations it is
+~50x slower than ``cpu_q4``; with bfloat16 activations it was faster, but its
+packing (``_convert_weight_to_int4pack_for_cpu``) alone costs several times a
+fused prompt-mode quantization of the same layer (measured on the development machine).
 
 Kernels register with :func:`register_kernel` (a CUDA/Triton module can add its
 own layouts for ``device_type="cuda"``).  Selection: an explicit ``layout``

@@ -209,7 +209,7 @@ def _load_builtin_kernels() -> None:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # an optional dependency (triton, ...) is not installed
-            log.info("kernel module %s not loaded: %s", mod, e)
+            log.debug("kernel module %s not loaded: %s", mod, e)
         except Exception as e:  # a broken optional kernel module must not break ttq
             log.warning("kernel module %s failed to load (%s: %s); using the reference path", mod, type(e).__name__, e)
 

@@ -95,9 +95,13 @@ def load_model(
             path = name_or_path  # hub id
     kwargs: dict = {"dtype": dtype}
     if gguf_file:
-        from transformers import GgufConfig
+        kwargs["gguf_file"] = gguf_file
+        try:  # transformers >= 5.2x can keep GGUF blocks packed; ttq needs plain float weights
+            from transformers import GgufConfig
 
-        kwargs.update(gguf_file=gguf_file, quantization_config=GgufConfig(gguf_file=gguf_file, dequantize=True))
+            kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+        except ImportError:  # older releases always dequantize GGUF weights
+            pass
     try:
         tok = AutoTokenizer.from_pretrained(str(path), **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -69,7 +69,7 @@ def run(args) -> int:
         from ttq.config import TTQConfig
         from ttq.formats.affine import QuantSpec
 
-        first = next(iter(windows.values()))[:1]
+        first = next(iter(windows.values()))[:1].to(args.device)
         for r in sorted(set(args.rank)):
             cfg = TTQConfig(quant=QuantSpec(bits=args.bits[0], group_size=args.group_size[0]), scale=scale, rank=r)
             o = forward_overhead(model, first, cfg)

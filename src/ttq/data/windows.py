@@ -64,11 +64,13 @@ def calibration_windows(ids: torch.Tensor, n_tokens: int, seqlen: int, seed: int
     width = min(seqlen, n_tokens)
     grid = ids.numel() // width
     need = -(-n_tokens // width)
-    if need > grid:
-        raise ValueError(
-            f"calibration text has {ids.numel()} tokens = {grid} windows of {width}; "
-            f"{n_tokens} calibration tokens need {need}. Use fewer tokens or another calibration set"
-        )
+    if grid == 0:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {width}")
     g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(grid, generator=g)[:need]
-    return ids[: grid * width].reshape(grid, width)[pick]  # (need, width)
+    if need <= grid:
+        pick = torch.randperm(grid, generator=g)[:need]
+        return ids[: grid * width].reshape(grid, width)[pick]  # (need, width)
+    # text shorter than the request: GPTQ-style random (overlapping) start offsets
+    logger.warning("calibration text has %d tokens < %d requested: drawing %d overlapping windows", ids.numel(), n_tokens, need)
+    starts = torch.randperm(ids.numel() - width + 1, generator=g)[:need]
+    return torch.stack([ids[s : s + width] for s in starts.tolist()])  # (need, width)

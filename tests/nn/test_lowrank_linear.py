@@ -105,6 +105,8 @@ def test_online_asvd_exact_matches_scaled_svd() -> None:
         for _ in range(30):
             power(x)  # warm-started: one step per forward on the same prompt
             gaps.append(principal_angle(power.u, exact.u))
+    with pytest.raises(ValueError, match="needs the diagonal scale s"):
+        exact.update(x)
     b, a = scaled_factors(lin.weight.detach(), s, exact.u)
     torch.testing.assert_close(b @ a, best, atol=1e-4, rtol=1e-4)
     assert gaps[-1] < 0.1 and gaps[-1] < gaps[0]

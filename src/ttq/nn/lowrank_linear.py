@@ -154,6 +154,8 @@ class OnlineLowRankTTQLinear(nn.Module):
         if self.rank == 0:
             return
         if self.rule == "asvd":
+            if s is None:
+                raise ValueError("the online 'asvd' rule needs the diagonal scale s (d_in,) of the same tokens")
             self.u.copy_(power_update(self.u, self.weight.detach().float() * s, self.power_iters))
         elif self.rule == "oja":
             self.u.copy_(oja_update(self.u, x, self.lr, self.chunk))

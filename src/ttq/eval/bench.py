@@ -119,7 +119,7 @@ def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch
         wb, xb = w.bfloat16(), x.bfloat16()
         t32 = median_time(lambda: F.linear(x, w), repeats, stat=stat)
         t16 = median_time(lambda: F.linear(xb, wb), repeats, stat=stat)
-        factors = {r: svd_factors(w, r) if r else (None, None) for r in ranks}
+        factors = {r: tuple(f.contiguous() for f in svd_factors(w, r)) if r else (None, None) for r in ranks}
         for b in bits:
             for g in group_sizes:
                 spec = QuantSpec(bits=b, group_size=g)

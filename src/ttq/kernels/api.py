@@ -335,7 +335,8 @@ def packed_linear(
         packed: from :func:`pack_ttq`.
         s: the scale used when packing (d_in,), or None (ones).
         bias: (d_out,) or None.
-        b, a: low-rank factors (d_out, r), (r, d_in) or None.
+        b, a: low-rank factors (d_out, r), (r, d_in) or None; pass them contiguous float32
+            (e.g. cached ``.float().contiguous()``), else kernels copy them on every call.
     Returns:
         (..., d_out) in x's dtype.
     """

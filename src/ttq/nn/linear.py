@@ -175,7 +175,7 @@ class TTQLinear(nn.Module):
         if not self.rank:
             return None, None
         if getattr(self, "_lr_f32", None) is None:
-            self._lr_f32 = (self.lr_b.float(), self.lr_a.float())  # (d_out, r), (r, d_in)
+            self._lr_f32 = (self.lr_b.float().contiguous(), self.lr_a.float().contiguous())  # (d_out, r), (r, d_in)
         return self._lr_f32
 
     def quantize_prompt(self, stats: ChannelStats) -> None:

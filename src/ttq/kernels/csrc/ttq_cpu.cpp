@@ -393,8 +393,8 @@ inline float param_at(const ST* p, int64_t i) {
 // loop: y = sum_g S_g (sum_{i in g} c_i xs_i) + sum_g Z_g xsum_g.
 template <typename ST, int CB, int R, int N>
 inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, int64_t cpg,
-                      int64_t n_chunks, const float* xs, int64_t dpad, const float* xsum, int64_t r0,
-                      float* out /* N x R */) {
+                      int64_t n_chunks, const float* xs, int64_t dpad, const float* xsum, const float* bmat,
+                      const float* tv, int64_t rank, int64_t r0, float* out /* N x R */) {
   constexpr int CPB = CB == 4 ? 2 : CB == 3 ? 8 : CB == 2 ? 4 : 1;
   constexpr int BB = CB == 3 ? 48 : 16;
   const __m512 lut = code_lut<CB>();
@@ -446,14 +446,22 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
         acc[r][b] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(k, xsum + b * n_groups + g0), acc[r][b]);
     }
   }
+  // rank-r term B t, 16 factors per vector, folded in before the one horizontal sum per output
+  for (int64_t k0 = 0; k0 < rank; k0 += 16) {
+    const __mmask16 k = tail_mask(rank - k0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 bv = _mm512_maskz_loadu_ps(k, bmat + (r0 + r) * rank + k0);
+      for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(bv, _mm512_maskz_loadu_ps(k, tv + b * rank + k0), acc[r][b]);
+    }
+  }
   for (int b = 0; b < N; ++b)
     for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(acc[r][b]);
 }
 
 template <typename ST, int CB, int N>
 void gemm_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, int64_t g, int64_t n_groups,
-                      int64_t d_in, const float* xs, int64_t dpad, const float* xsum, int64_t r0, int64_t r1,
-                      float* y, int64_t d_out) {
+                      int64_t d_in, const float* xs, int64_t dpad, const float* xsum, const float* bmat,
+                      const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y, int64_t d_out) {
   constexpr int R = N <= 2 ? 4 : 2;
   const int64_t rb = row_bytes(bits, d_in);
   const int64_t n_chunks = (d_in + CH - 1) / CH;
@@ -461,13 +469,13 @@ void gemm_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits, in
   float out[N * R];
   int64_t r = r0;
   for (; r + R <= r1; r += R) {
-    gemm_tile<ST, CB, R, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, r, out);
+    gemm_tile<ST, CB, R, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, bmat, tv, rank, r, out);
     for (int b = 0; b < N; ++b)
       for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
   }
   for (; r < r1; ++r) {
     float o1[N];
-    gemm_tile<ST, CB, 1, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, r, o1);
+    gemm_tile<ST, CB, 1, N>(q, rb, sc, zr, n_groups, cpg, n_chunks, xs, dpad, xsum, bmat, tv, rank, r, o1);
     for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
   }
 }
@@ -667,15 +675,16 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
         const int64_t nb = std::min<int64_t>(4, n - b0);
         const float* xb = xsp + b0 * dpad;
         const float* xsb = xsump + b0 * n_groups;
+        const float* tb = tv.data() + b0 * std::max<int64_t>(rank, 1);
         float* yb = yp + b0 * d_out;
 #if TTQ_AVX512
         dispatch_cb((int)bits, [&](auto cb) {
           constexpr int CB = decltype(cb)::value;
           switch (nb) {
-            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
-            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
-            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
-            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, r0, r1, yb, d_out); break;
+            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
+            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
+            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
+            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
           }
         });
 #else
@@ -683,11 +692,13 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
         gemm_rows_scalar<ST>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, nb, r0, r1, yb, d_out);
 #endif
       }
-      // epilogue: + B t + bias
+      // epilogue: + B t (fused into the AVX-512 tiles) + bias
       for (int64_t b = 0; b < n; ++b) {
         for (int64_t r = r0; r < r1; ++r) {
           float v = yp[b * d_out + r];
+#if !TTQ_AVX512
           if (rank) v += dot_f32(bp + r * rank, tv.data() + b * rank, rank);
+#endif
           if (biasp) v += biasp[r];
           yp[b * d_out + r] = v;
         }

@@ -131,6 +131,7 @@ class TTQLinear(nn.Module):
         self.register_buffer("lr_b", b.to(original.weight.dtype))  # (d_out, r)
         self.register_buffer("lr_a", a.to(original.weight.dtype))  # (r, d_in)
         self._residual: torch.Tensor | None = None
+        self._lr_f32: tuple[torch.Tensor, torch.Tensor] | None = None  # contiguous float32 (B, A) for kernels
         self.set_mode(mode, options)
 
     def residual_weight(self) -> torch.Tensor:
@@ -174,7 +175,7 @@ class TTQLinear(nn.Module):
     def _lowrank(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.rank:
             return None, None
-        if getattr(self, "_lr_f32", None) is None:
+        if self._lr_f32 is None:
             self._lr_f32 = (self.lr_b.float().contiguous(), self.lr_a.float().contiguous())  # (d_out, r), (r, d_in)
         return self._lr_f32
 

@@ -1,0 +1,73 @@
+"""``ttq ppl`` and ``ttq hparams`` end to end on stories260K (small), and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import shared_dir
+from ttq.cli import main
+
+DATA = shared_dir() / "data"
+
+
+@pytest.fixture()
+def data_dir():
+    if not (DATA / "ptb" / "ptb.test.txt").is_file():
+        pytest.skip("shared data missing")
+    return str(DATA)
+
+
+def test_ppl_table_files(stories_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "t"
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "2", "--bits", "3",
+               "--methods", "fp,rtn,awq,ttq", "--rank", "0", "--calib", "wikitext2:512", "--datasets", "wikitext2,ptb",
+               "--data-dir", data_dir, "--cache", "", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| AWQ (WT2 Calib, 2^9) |" in printed and "| TTQ (r=0) |" in printed
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert {r["method"] for r in rows} == {"FP", "RTN", "AWQ (WT2 Calib, 2^9)", "TTQ (r=0)"}
+    assert all(r["n_windows"] == 2 and r["ppl"] > 1 for r in rows)
+    assert out.with_suffix(".csv").read_text().startswith("method,bits,group_size,dataset,ppl")
+
+
+def test_hparams_cli(stories_dir, data_dir, tmp_path):
+    out = tmp_path / "h"
+    rc = main(["hparams", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "1", "--bits", "3",
+               "--alphas", "0.5", "--lams", "0.4", "--ps", "2", "--forms", "shrinkage,norm", "--datasets", "wikitext2",
+               "--data-dir", data_dir, "--top", "2", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert {r["form"] for r in rows} == {"shrinkage", "norm"} and all(r["avg_ppl"] > 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--datasets", "imagenet"], "unknown dataset"),
+        (["--methods", "fp,qat"], "unknown method"),
+        (["--bits", "9"], "bits must be an integer in 2..8"),
+        (["--group-size", "0"], "group_size must be a positive integer or -1"),
+        (["--rank", "99"], "rank must be an integer in 0..64"),
+    ],
+)
+def test_ppl_bad_input_exit_2(stories_dir, data_dir, tmp_path, capsys, argv, msg):
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "64", "--max-windows", "1", "--methods", "ttq",
+               "--datasets", "ptb", "--data-dir", data_dir, "--cache", "", "--out", str(tmp_path / "x"), *argv])
+    assert rc == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_data_dir(stories_dir, tmp_path, capsys):
+    rc = main(["ppl", "--model", str(stories_dir), "--methods", "fp", "--datasets", "ptb", "--data-dir", str(tmp_path),
+               "--cache", "", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "not found; looked in" in capsys.readouterr().err
+
+
+def test_unknown_model(tmp_path, capsys):
+    rc = main(["ppl", "--model", str(tmp_path / "nope"), "--methods", "fp"])
+    assert rc == 2
+    assert "neither a directory nor a .gguf file" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""Table cells, the resumable cache and the markdown layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ttq.config import AWQConfig, RTNConfig, TTQConfig
+from ttq.eval.table import build_cells, markdown_tables, run_cells
+from ttq.methods.scaling import ScaleSpec
+
+
+def test_build_cells_paper_order():
+    cells = build_cells(["fp", "rtn", "awq", "ttq"], [2, 3], [32], [0, 16], [("c4", 2**17), ("c4", 2048)], ScaleSpec(), 2048)
+    labels = [c.label for c in cells]
+    assert labels[:6] == ["FP", "RTN", "AWQ (C4 Calib, 2^17)", "AWQ (C4 Calib, 2^11)", "TTQ (r=0)", "TTQ (r=16)"]
+    assert len(cells) == 1 + 2 * 5
+    assert isinstance(cells[1].config, RTNConfig) and isinstance(cells[2].config, AWQConfig)
+    assert isinstance(cells[5].config, TTQConfig) and cells[5].config.rank == 16 and cells[5].bits == 2
+
+
+def test_unknown_method_refused():
+    with pytest.raises(ValueError, match="allowed: fp, rtn, awq, ttq"):
+        build_cells(["fp", "qat"], [3], [32], [0], [], ScaleSpec(), 512)
+
+
+def test_run_cells_caches_and_resumes(stories_model, tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    windows = {"wikitext2": torch.randint(3, 500, (2, 64), generator=g)}
+    cells = build_cells(["fp", "rtn", "ttq"], [4], [32], [0], [], ScaleSpec(), 64)
+    first = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False)
+    assert len(first) == 3 and len(list(tmp_path.glob("*.json"))) == 3
+    assert first[0]["method"] == "FP" and first[1]["ppl"] > first[0]["ppl"] * 0.9
+
+    def boom(*a, **k):
+        raise AssertionError("cached cells must not be re-evaluated")
+
+    monkeypatch.setattr("ttq.eval.table.perplexity", boom)
+    again = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False)
+    assert [r["ppl"] for r in again] == [r["ppl"] for r in first]
+    md = markdown_tables(again, ["wikitext2"])
+    assert "| RTN |" in md and "| TTQ (r=0) |" in md and "FP (WT2:" in md
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["n_windows"] == 2

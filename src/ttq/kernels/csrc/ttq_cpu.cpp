@@ -189,6 +189,9 @@ template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p, __mmask16 
 template <> inline __m512 load16<at::Half>(const at::Half* p, __mmask16 k) {
   return _mm512_cvtph_ps(k == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(k, p));
 }
+template <> inline __m512 load16<uint16_t>(const uint16_t* p, __mmask16 k) {  // float16 bits
+  return _mm512_cvtph_ps(k == 0xFFFF ? _mm256_loadu_si256((const __m256i*)p) : _mm256_maskz_loadu_epi16(k, p));
+}
 
 inline __mmask16 tail_mask(int64_t n) { return n >= CH ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
@@ -436,22 +439,16 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
     for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(gacc[r][b], S[r], acc[r][b]);
     for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
       const __mmask16 k = tail_mask(n_groups - g0);
-      __m512 z;
-      if constexpr (sizeof(ST) == 2) {
-        z = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, zrow + g0));
-      } else {
-        z = _mm512_maskz_loadu_ps(k, zrow + g0);
-      }
-      for (int b = 0; b < N; ++b)
-        acc[r][b] = _mm512_fmadd_ps(z, _mm512_maskz_loadu_ps(k, xsum + b * n_groups + g0), acc[r][b]);
+      const __m512 z = load16<ST>(zrow + g0, k);
+      for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(z, load16<float>(xsum + b * n_groups + g0, k), acc[r][b]);
     }
   }
   // rank-r term B t, 16 factors per vector, folded in before the one horizontal sum per output
   for (int64_t k0 = 0; k0 < rank; k0 += 16) {
     const __mmask16 k = tail_mask(rank - k0);
     for (int r = 0; r < R; ++r) {
-      const __m512 bv = _mm512_maskz_loadu_ps(k, bmat + (r0 + r) * rank + k0);
-      for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(bv, _mm512_maskz_loadu_ps(k, tv + b * rank + k0), acc[r][b]);
+      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
+      for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), acc[r][b]);
     }
   }
   for (int b = 0; b < N; ++b)

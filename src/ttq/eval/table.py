@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ttq.calibrate import calibrate
-from ttq.config import AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_to_dict
+from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, RTNConfig, TTQConfig, config_to_dict
 from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
 from ttq.eval.ppl import perplexity
 from ttq.formats.affine import QuantSpec
@@ -29,7 +29,7 @@ from ttq.patch.walker import quantize_, restore_
 logger = logging.getLogger(__name__)
 
 SHORT = {"wikitext2": "WT2", "ptb": "PTB", "c4": "C4"}
-METHOD_CHOICES = ("fp", "rtn", "awq", "ttq")
+METHOD_CHOICES = ("fp", "rtn", "awq", "gptq", "awp", "awp_online", "ttq")
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,30 @@ def build_cells(
     scale: ScaleSpec,
     seqlen: int,
     symmetric: bool = False,
+    fmt: str = "int",
 ) -> list[Cell]:
-    """Cells in the paper's row order: FP, RTN, AWQ per calibration set, TTQ per rank."""
+    """Cells in the paper's row order: FP, RTN, calibrated baselines (AWQ, GPTQ, AWP) per
+    calibration set, on-the-fly AWP, TTQ per rank."""
     for m in methods:
         if m not in METHOD_CHOICES:
             raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHOD_CHOICES)}")
     cells = [Cell("FP", None, None)] if "fp" in methods else []
     for g in group_sizes:
         for q in bits:
-            spec = QuantSpec(bits=q, group_size=g, symmetric=symmetric)
+            spec = QuantSpec(bits=q, group_size=g, symmetric=symmetric, fmt=fmt)
             if "rtn" in methods:
                 cells.append(Cell("RTN", q, g, RTNConfig(quant=spec)))
-            if "awq" in methods:
-                for ds, n in calib:
-                    cs = CalibSpec(dataset=ds, n_tokens=n, seqlen=seqlen)
-                    cells.append(Cell(f"AWQ ({SHORT[ds]} Calib, {pow2_label(n)})", q, g, AWQConfig(quant=spec, scale=scale, calib=cs)))
+            for name, make in (
+                ("awq", lambda cs: AWQConfig(quant=spec, scale=scale, calib=cs)),
+                ("gptq", lambda cs: GPTQConfig(quant=spec, calib=cs)),
+                ("awp", lambda cs: AWPConfig(quant=spec, scale=scale, calib=cs)),
+            ):
+                if name in methods:
+                    for ds, n in calib:
+                        cs = CalibSpec(dataset=ds, n_tokens=n, seqlen=seqlen)
+                        cells.append(Cell(f"{name.upper()} ({SHORT[ds]} Calib, {pow2_label(n)})", q, g, make(cs)))
+            if "awp_online" in methods:
+                cells.append(Cell("AWP (online)", q, g, AWPConfig(quant=spec, scale=scale, online=True)))
             if "ttq" in methods:
                 for r in ranks:
                     cells.append(Cell(f"TTQ (r={r})", q, g, TTQConfig(quant=spec, scale=scale, rank=r)))
@@ -127,8 +136,9 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
     if cfg is not None and getattr(cfg, "needs_calibration", False):
         if cfg.calib not in calib_cache:
             calib_cache.clear()  # keep one set in memory
+            scale = getattr(cfg, "scale", None)
             calib_cache[cfg.calib] = calibrate(
-                model, tokenizer, cfg.calib, p=cfg.scale.p, eval_datasets=tuple(windows), data_dir=data_dir,
+                model, tokenizer, cfg.calib, p=scale.p if scale is not None else 2.0, eval_datasets=tuple(windows), data_dir=data_dir,
                 source=source, model_key=model_key, progress=progress,
             )
         calibration = calib_cache[cfg.calib]

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
     p.add_argument("--datasets", type=str_list, default="wikitext2,ptb,c4")
     p.add_argument("--calib", type=_calib_list, default="c4", help="AWQ calibration sets, DATASET[:TOKENS] (2^17 default)")
+    p.add_argument("--config", action="append", default=[], metavar="LABEL=JSON",
+                   help="extra row from any registered method's config dict, e.g. "
+                        "'Prune 2:4={\"method\": \"prune\", \"n_m\": [2, 4]}' (repeatable; see ttq.METHODS)")
     p.add_argument("--symmetric", action="store_true", help="symmetric integer format (eqs. 29-30)")
     p.add_argument("--fmt", default="int", help="number format: int, nf4, fp4, nvfp4, mxfp4 (the last four are 4-bit)")
     add_scale_args(p)
@@ -59,6 +62,7 @@ def run(args) -> int:
     seqlen = min(args.seqlen, max_context(model))
     scale = scale_from_args(args)
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric, args.fmt)
+    cells += [_config_cell(item) for item in args.config]
     if not cells:
         raise ValueError("nothing to evaluate: --methods selected no rows")
     windows = dataset_windows(tok, args.datasets, seqlen, args.max_windows or None, args.data_dir, args.data_source)
@@ -89,3 +93,19 @@ def run(args) -> int:
         w.writerows(results)
     logger.info("wrote %s.{md,json,csv}", out)
     return 0
+
+
+def _config_cell(item: str):
+    """``LABEL=JSON`` -> a table cell for any registered method."""
+    from ttq.config import config_from_dict
+    from ttq.eval.table import Cell
+
+    label, sep, blob = item.partition("=")
+    if not sep or not label.strip():
+        raise ValueError(f"--config expects LABEL=JSON, got {item!r}")
+    try:
+        cfg = config_from_dict(json.loads(blob))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {label!r}: invalid JSON ({e})") from None
+    quant = getattr(cfg, "quant", None)
+    return Cell(label.strip(), quant.bits if quant else None, quant.group_size if quant else None, cfg)

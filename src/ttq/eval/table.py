@@ -148,6 +148,9 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
     t_quant = time.perf_counter() - t0
     try:
         for ds, win, path in todo:
+            for m in model.modules():  # stateful layers (online low-rank, prompt mode) start fresh per dataset
+                if m is not model and callable(getattr(m, "reset", None)) and hasattr(m, "original"):
+                    m.reset()
             res = perplexity(model, win, progress=progress, desc=f"{cell.label} q={cell.bits} {ds}")
             row = {
                 "method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "dataset": ds,

@@ -11,6 +11,7 @@ from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, conf
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
 from ttq.nn import handlers as _handlers  # noqa: F401  (registers the method handlers)
+from ttq.nn import handlers_extra as _handlers_extra  # noqa: F401  (GPTQ / AWP handlers)
 from ttq.nn import handlers_lowrank as _handlers_lowrank  # noqa: F401  (low-rank variants / pruning / online low-rank)
 from ttq.patch.walker import block_linears, find_blocks, name_filter, quantize_, restore_
 

@@ -90,6 +90,65 @@ class TTQConfig:
             raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
 
 
+@register_method
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ (Frantar et al.; Appendix C): Hessian from calibration, blockwise error feedback.
+
+    ``scale`` (optional) runs GPTQ on ``W diag(s)`` with the calibration l_p diagonal ``s``
+    (AWQ/TTQ scaling with a fixed alpha) and ``diag(s)^-1 H diag(s)^-1``.
+    """
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    calib: CalibSpec = field(default_factory=CalibSpec)
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    scale: ScaleSpec | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damp <= 1.0:
+            raise ValueError(f"damp (relative Hessian damping) must be in (0, 1], got {self.damp!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+
+
+@register_method
+@dataclass(frozen=True)
+class AWPConfig:
+    """AWP (Liu et al.; eq. 18): projected gradient descent on ``tr[E C_lam E^T]``.
+
+    ``shrink`` is the lam of eq. 13, ``step`` sets ``mu = step / ||C_lam||_2``; the
+    iteration starts from the scaled QDQ with ``scale`` (alpha = 0: plain RTN).
+    ``online=True`` takes ``C_lam`` and ``s`` from each forward's own tokens (no calibration).
+    """
+
+    name: ClassVar[str] = "awp"
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    scale: ScaleSpec = field(default_factory=ScaleSpec)
+    iters: int = 10
+    step: float = 1.0
+    shrink: float = 0.01
+    fixed_grid: bool = True
+    online: bool = False
+    calib: CalibSpec = field(default_factory=CalibSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+            raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
+        if not self.step > 0:
+            raise ValueError(f"step (mu * ||C||_2) must be positive, got {self.step!r}")
+        if not 0.0 <= self.shrink <= 1.0:
+            raise ValueError(f"shrink (lam of eq. 13) must be in [0, 1], got {self.shrink!r}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.online
+
+
 _NESTED = {"quant": QuantSpec, "scale": ScaleSpec, "calib": CalibSpec}
 
 

@@ -173,7 +173,8 @@ def fmt_ppl(x: float) -> str:
 
 def markdown_tables(results: list[dict], datasets: list[str]) -> str:
     """Summary (average over datasets per bits/group) and per-dataset detail, in markdown."""
-    cols = sorted({(r["group_size"], r["bits"]) for r in results if r["bits"] is not None})
+    cols = sorted({(r["group_size"], r["bits"]) for r in results if r["bits"] is not None},
+                  key=lambda c: (c[0] if c[0] != -1 else float("inf"), c[1]))  # per-channel (-1) last
     labels = list(dict.fromkeys(r["method"] for r in results))
     by = {(r["method"], r["bits"], r["group_size"], r["dataset"]): r for r in results}
 

@@ -265,6 +265,9 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
   int st = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const T* wrow = w + r * d_in;
+    // pass 2 is compute-bound: meanwhile prefetch the next row, one 64-byte line per chunk
+    const char* wnext = reinterpret_cast<const char*>(r + 1 < r1 ? wrow + d_in : wrow);
+    const int64_t next_bytes = r + 1 < r1 ? d_in * (int64_t)sizeof(T) : 0;
     uint8_t* qrow = q + r * rb;
     __mmask16 bad = 0;
     for (int64_t g0 = 0; g0 < n_groups; g0 += 16) {
@@ -335,6 +338,7 @@ void quant_rows_avx512(const T* w, const float* s, int64_t r0, int64_t r1, int64
           v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
           v = _mm512_min_ps(_mm512_max_ps(v, vzero), vqmax);
           const __m512i code = full ? _mm512_cvtps_epi32(v) : _mm512_maskz_cvtps_epi32(k, v);
+          if (t * 64 < next_bytes) _mm_prefetch(wnext + t * 64, _MM_HINT_T0);
           blk = CB == 8 ? code : _mm512_or_si512(blk, _mm512_slli_epi32(code, (CB == 8 ? 0 : CB) * slot));
           if (--left == 0) {
             ++j;

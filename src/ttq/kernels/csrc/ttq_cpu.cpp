@@ -412,15 +412,23 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
     for (int b = 0; b < N; ++b) acc[r][b] = gacc[r][b] = _mm512_setzero_ps();
   }
   const int64_t n_blocks = (n_chunks + CPB - 1) / CPB;
+  constexpr int64_t PF = 1024;  // software prefetch distance (bytes) in each row's code stream
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     __m512i v[R];
     const uint8_t* base = q + r0 * rb + blk * BB;
+    if ((blk * BB) % 64 < BB && (blk * BB) + PF < rb)
+      for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(base + r * rb + PF), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) v[r] = load_block<CB>(base + r * rb, blk + 1 == n_blocks);
     for (int slot = 0; slot < CPB; ++slot) {
       const int64_t t = blk * CPB + slot;
       if (CPB > 1 && t >= n_chunks) break;
       if (t % cpg == 0) {  // a new group: fold the previous one's partial sums with its scale
         const int64_t gi = t / cpg;
+        if (gi % 16 == 0 && gi + 32 < n_groups)
+          for (int r = 0; r < R; ++r) {
+            _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + gi + 32), _MM_HINT_T0);
+            _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + gi + 32), _MM_HINT_T0);
+          }
         for (int r = 0; r < R; ++r) {
           for (int b = 0; b < N; ++b) {
             acc[r][b] = _mm512_fmadd_ps(gacc[r][b], S[r], acc[r][b]);

@@ -106,19 +106,52 @@ def bench_quantization(shapes, bits=(4,), group_sizes=(32,), repeats: int = 5, s
     return rows
 
 
+COLD_BYTES = 96 << 20  # cycle through copies of a layer totalling this much: more than any L3 here
+
+
+def _n_copies(nbytes: int, cold: bool) -> int:
+    """How many copies of ``nbytes`` exceed :data:`COLD_BYTES` (1 when not ``cold``)."""
+    return max(1, -(-COLD_BYTES // max(nbytes, 1))) if cold else 1
+
+
+def _copies(t: torch.Tensor, cold: bool) -> list[torch.Tensor]:
+    """``[t]``, or ``t`` and enough clones of it to exceed :data:`COLD_BYTES` when ``cold``."""
+    return [t] + [t.clone() for _ in range(_n_copies(t.numel() * t.element_size(), cold) - 1)]
+
+
+def _cycled(fn: Callable[[int], object]) -> Callable[[], object]:
+    """``fn(i)`` with i = 0, 1, 2, ... on successive calls (pick the i-th copy of a layer)."""
+    counter = [0]
+
+    def call():
+        counter[0] += 1
+        return fn(counter[0])
+
+    return call
+
+
 def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20,
-                 stat: str = "median") -> list[dict]:
-    """Part (b): packed product time (prescale included, rank-r term when r > 0) vs fp32 / bf16 F.linear."""
-    from ttq.kernels.api import pack_ttq, packed_linear
+                 stat: str = "median", cold: bool = True) -> list[dict]:
+    """Part (b): packed product time (prescale included, rank-r term when r > 0) vs fp32 / bf16 F.linear.
+
+    ``cold``: successive calls cycle through copies of the layer (weights, or packed codes and
+    scales) totalling more than :data:`COLD_BYTES`, so every call streams its weights from memory
+    as a decode step through a whole model does; ``cold=False`` re-reads one cache-resident copy.
+    """
+    from ttq.kernels.api import PackedWeight, pack_ttq, packed_linear
     from ttq.methods.lowrank import svd_factors
 
     rows = []
     for name, d_out, d_in in shapes:
         w, s, _ = _layer(d_out, d_in)
         x = torch.randn(batch, d_in, generator=torch.Generator().manual_seed(1))
-        wb, xb = w.bfloat16(), x.bfloat16()
-        t32 = median_time(lambda: F.linear(x, w), repeats, stat=stat)
-        t16 = median_time(lambda: F.linear(xb, wb), repeats, stat=stat)
+        xb = x.bfloat16()
+        w32 = _copies(w, cold)
+        t32 = median_time(_cycled(lambda i: F.linear(x, w32[i % len(w32)])), repeats, stat=stat)
+        del w32
+        w16 = _copies(w.bfloat16(), cold)
+        t16 = median_time(_cycled(lambda i: F.linear(xb, w16[i % len(w16)])), repeats, stat=stat)
+        del w16
         factors = {r: tuple(f.contiguous() for f in svd_factors(w, r)) if r else (None, None) for r in ranks}
         for b in bits:
             for g in group_sizes:
@@ -126,11 +159,18 @@ def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch
                 for r in ranks:
                     lb, la = factors[r]
                     packed = pack_ttq(w, s, spec, lb, la)
-                    t = median_time(lambda: packed_linear(x, packed, s, None, lb, la), repeats, stat=stat)
+                    n = _n_copies(packed.nbytes(), cold)
+                    pws = [packed] + [PackedWeight(packed.layout, packed.bits, packed.group_size, packed.shape,
+                                                   packed.qweight.clone(), packed.scale.clone(),
+                                                   None if packed.zero is None else packed.zero.clone(), packed.fmt)
+                                      for _ in range(n - 1)]
+                    t = median_time(_cycled(lambda i: packed_linear(x, pws[i % len(pws)], s, None, lb, la)),
+                                    repeats, stat=stat)
                     rows.append(dict(shape=name, d_out=d_out, d_in=d_in, batch=batch, bits=b, group_size=g, rank=r,
                                      layout=packed.layout, ms=t * 1e3, fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3,
                                      speedup_fp32=t32 / t, speedup_bf16=t16 / t, mbytes=packed.nbytes() / 1e6))
-        del w, wb
+                    del pws
+        del w
         gc.collect()
     return rows
 

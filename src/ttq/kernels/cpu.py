@@ -22,7 +22,7 @@ from ttq.kernels import cpu_build
 from ttq.kernels.api import PackedWeight, register_kernel
 from ttq.methods.lowrank import residual
 
-SMALL_BATCH = 8  # rows of x up to which the packed GEMM beats dequantize + F.linear (measured)
+SMALL_BATCH = 32  # rows of x up to which the packed GEMM is used; above, blocked dequantize + torch.mm (measured)
 CHUNK = 16  # group sizes must be multiples of this (or cover the whole row)
 HALF_PARAMS_ENV = "TTQ_HALF_PARAMS"  # =1: scale/zero in float16 for bits <= 4 (when they fit), else float32
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -90,6 +90,25 @@ def dequantize(packed: PackedWeight) -> torch.Tensor:
     return _ops().dequant(packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, False)
 
 
+DENSE_BLOCK_BYTES = 4 << 20  # dequantize this much at a time for large batches (a reused heap block, no page faults)
+
+
+def _dense_product(xs: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """``xs @ deq(packed)^T`` for many rows of ``xs`` (n, d_in): dequantize blocks of output rows
+    (float32, a few MB) and multiply each with ``torch.mm``; returns (n, d_out) float32."""
+    d_out, d_in = packed.shape
+    g = effective_group_size(d_in, packed.group_size)
+    rows = max(16, DENSE_BLOCK_BYTES // (4 * d_in))
+    y_t = torch.empty(d_out, xs.shape[0], dtype=torch.float32)  # (d_out, n): row blocks are contiguous
+    xs_t = xs.t()  # (d_in, n)
+    for r0 in range(0, d_out, rows):
+        r1 = min(d_out, r0 + rows)
+        w_blk = _ops().dequant(packed.qweight[r0:r1], packed.scale[r0:r1], packed.zero[r0:r1], packed.bits, g,
+                               r1 - r0, d_in, False)  # (rows, d_in)
+        torch.mm(w_blk, xs_t, out=y_t[r0:r1])
+    return y_t.t()
+
+
 def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
     """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
     d_out, d_in = packed.shape
@@ -101,7 +120,7 @@ def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.
                              b if has_lr else None, a if has_lr else None)  # in x's dtype
     else:
         xf = x2.float()
-        y = F.linear(xf / s.float() if s is not None else xf, dequantize(packed))  # (n, d_out)
+        y = _dense_product(xf / s.float() if s is not None else xf, packed)  # (n, d_out)
         if has_lr:
             y = y + F.linear(F.linear(xf, a.float()), b.float())
         if bias is not None:

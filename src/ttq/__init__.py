@@ -14,6 +14,7 @@ from ttq.nn import handlers as _handlers  # noqa: F401  (registers the method ha
 from ttq.nn import handlers_extra as _handlers_extra  # noqa: F401  (GPTQ / AWP handlers)
 from ttq.nn import handlers_lowrank as _handlers_lowrank  # noqa: F401  (low-rank variants / pruning / online low-rank)
 from ttq.patch.walker import block_linears, find_blocks, name_filter, quantize_, restore_
+from ttq import calibrate, models, runtime  # noqa: E402,F401  (ttq.models.load_model, ttq.runtime.set_mode)
 
 __version__ = "0.1.0"
 

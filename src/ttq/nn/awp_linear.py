@@ -16,6 +16,7 @@ from torch import nn
 from ttq.formats.affine import QuantSpec, dequantize
 from ttq.methods.awp import awp_quantize, shrunk_correlation
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale
+from ttq.nn.linear import per_sequence
 
 
 class AWPLinear(nn.Module):
@@ -62,9 +63,7 @@ class AWPLinear(nn.Module):
         return F.linear(x / s.to(x.dtype), w_q, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and x.shape[0] > 1:  # (B, T, d): one quantization per sequence
-            return torch.cat([self._forward_one(xi[None]) for xi in x], dim=0)
-        return self._forward_one(x)
+        return per_sequence(self._forward_one, x)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -60,6 +60,14 @@ class PromptOptions:
             raise ValueError(f"refresh_every must be a non-negative integer (0 = never), got {self.refresh_every!r}")
 
 
+def per_sequence(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``fn`` to each sequence of a (B, T, d) batch separately (each gets its own
+    activation statistic); any other input goes through ``fn`` whole."""
+    if x.dim() == 3 and x.shape[0] > 1:
+        return torch.cat([fn(xi[None]) for xi in x], dim=0)  # B x (1, T, d_out) -> (B, T, d_out)
+    return fn(x)
+
+
 class StaticQuantLinear(nn.Module):
     """A linear layer with weights quantized once (codes, scale, zero; optional input scale)."""
 
@@ -218,9 +226,7 @@ class TTQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "prompt":
             return self._forward_prompt(x)
-        if x.dim() == 3 and x.shape[0] > 1:  # (B, T, d): one quantization per sequence
-            return torch.cat([self._forward_one(xi[None]) for xi in x], dim=0)
-        return self._forward_one(x)
+        return per_sequence(self._forward_one, x)
 
     def extra_repr(self) -> str:
         s, c = self.spec, self.scale_spec

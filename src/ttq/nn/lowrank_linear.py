@@ -25,6 +25,7 @@ from ttq.formats.affine import QuantSpec, dequantize
 from ttq.methods.lowrank import residual, svd_factors
 from ttq.methods.online_lowrank import RULES, isvd_update, oja_update, power_update, projection_factors, scaled_factors
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
+from ttq.nn.linear import per_sequence
 
 
 def ttq_lowrank_forward(
@@ -47,12 +48,6 @@ def ttq_lowrank_forward(
     if b.shape[1]:
         y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # (..., d_in) -> (..., r) -> (..., d_out)
     return y
-
-
-def _per_sequence(fn, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 3 and x.shape[0] > 1:  # (B, T, d): one quantization per sequence
-        return torch.cat([fn(xi[None]) for xi in x], dim=0)
-    return fn(x)
 
 
 class LowRankTTQLinear(nn.Module):
@@ -93,7 +88,7 @@ class LowRankTTQLinear(nn.Module):
         return ttq_lowrank_forward(x, res, self.lr_b, self.lr_a, self.spec, self.scale_spec, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -178,7 +173,7 @@ class OnlineLowRankTTQLinear(nn.Module):
         return ttq_lowrank_forward(x, residual(w, b, a), b, a, self.spec, self.scale_spec, self.bias, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ttq.formats.affine import QuantSpec
 from ttq.methods.pruning import ORDERS, SCORES, check_n_m, check_sparsity, prune_ttq
 from ttq.methods.scaling import ScaleSpec
+from ttq.nn.linear import per_sequence
 
 
 class TTQPruneLinear(nn.Module):
@@ -56,9 +57,7 @@ class TTQPruneLinear(nn.Module):
         return F.linear(x, self.effective_weight(x).to(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and x.shape[0] > 1:  # (B, T, d): one mask per sequence
-            return torch.cat([self._forward_one(xi[None]) for xi in x], dim=0)
-        return self._forward_one(x)
+        return per_sequence(self._forward_one, x)  # one mask per sequence
 
     def extra_repr(self) -> str:
         pat = f"n_m={self.n_m[0]}:{self.n_m[1]}" if self.n_m else f"sparsity={self.sparsity}"

@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain")
+COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain", "qtime")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,76 @@
+"""Quantization time of each method on one model (issue 4): calibration + ``quantize_`` for
+static methods, the extra forward time of quantizing at every prompt for test-time methods."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ttq.calibrate import calibrate
+from ttq.config import RTNConfig
+from ttq.eval.table import Cell
+from ttq.patch.walker import quantize_, restore_
+
+
+def is_test_time(config) -> bool:
+    """Quantizes inside every forward (TTQ, online AWP, pruning, online low-rank) rather than once."""
+    return config is not None and not isinstance(config, RTNConfig) and not config.needs_calibration
+
+
+@torch.no_grad()
+def _forward_seconds(model, window: torch.Tensor, repeats: int) -> float:
+    model(window, use_cache=False)  # warm-up (and, for test-time methods, any lazy setup)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(window, use_cache=False)
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor, repeats: int = 3,
+                       eval_datasets: tuple[str, ...] = (), data_dir=None, source: str = "local") -> list[dict]:
+    """One row per cell: ``calib_seconds`` (fresh, not from the disk cache; shared by cells with the
+    same calibration spec and counted in each), ``quantize_seconds`` (``quantize_`` itself), and for
+    test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus unquantized."""
+    fp = _forward_seconds(model, window, repeats)
+    calib: dict = {}
+    rows = []
+    for cell in cells:
+        cfg = cell.config
+        row = {"method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "calib_seconds": 0.0,
+               "quantize_seconds": 0.0, "per_prompt_seconds": None, "fp_forward_seconds": fp, "seqlen": window.shape[1]}
+        stats = None
+        if cfg.needs_calibration:
+            if cfg.calib not in calib:
+                calib.clear()
+                t0 = time.perf_counter()
+                stats = calibrate(model, tokenizer, cfg.calib, p=getattr(getattr(cfg, "scale", None), "p", 2.0),
+                                  eval_datasets=eval_datasets, data_dir=data_dir, source=source, model_key=None)
+                calib[cfg.calib] = (stats, time.perf_counter() - t0)
+            stats, row["calib_seconds"] = calib[cfg.calib]
+        t0 = time.perf_counter()
+        quantize_(model, cfg, calibration=stats)
+        row["quantize_seconds"] = time.perf_counter() - t0
+        try:
+            if is_test_time(cfg):
+                row["per_prompt_seconds"] = max(_forward_seconds(model, window, repeats) - fp, 0.0)
+        finally:
+            restore_(model)
+        row["total_seconds"] = row["calib_seconds"] + row["quantize_seconds"]
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], model_key: str) -> str:
+    seqlen = rows[0]["seqlen"] if rows else 0
+    fp = rows[0]["fp_forward_seconds"] if rows else 0.0
+    lines = [f"Model {model_key}; one unquantized forward of a {seqlen}-token window: {fp:.2f} s", "",
+             "| Method | q | g | calibration s | quantize_ s | once, total s | per prompt of "
+             f"{seqlen} tokens, s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pp = "-" if r["per_prompt_seconds"] is None else f"{r['per_prompt_seconds']:.2f}"
+        lines.append(f"| {r['method']} | {r['bits']} | {r['group_size']} | {r['calib_seconds']:.1f} | "
+                     f"{r['quantize_seconds']:.2f} | {r['total_seconds']:.1f} | {pp} |")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Tests of the quantization-time table (src/ttq/eval/qtime.py) and ``ttq qtime`` on stories260K."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import shared_dir
+from ttq.cli import main
+from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, PruneConfig, RTNConfig, TTQConfig
+from ttq.eval.qtime import is_test_time
+from ttq.formats.affine import QuantSpec
+
+DATA = shared_dir() / "data"
+
+
+def test_is_test_time() -> None:
+    q = QuantSpec(bits=3, group_size=32)
+    cs = CalibSpec(dataset="wikitext2", n_tokens=512, seqlen=128)
+    assert is_test_time(TTQConfig(quant=q)) and is_test_time(AWPConfig(quant=q, online=True))
+    assert is_test_time(PruneConfig(sparsity=0.5))
+    assert not any(is_test_time(c) for c in (RTNConfig(quant=q), AWQConfig(quant=q, calib=cs), GPTQConfig(quant=q, calib=cs)))
+
+
+def test_qtime_cli(stories_dir, tmp_path, capsys):
+    if not (DATA / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip("shared data missing")
+    out = tmp_path / "qt"
+    rc = main(["qtime", "--model", str(stories_dir), "--seqlen", "128", "--methods", "rtn,awq,gptq,ttq", "--rank", "0",
+               "--calib", "wikitext2:512", "--repeats", "1", "--data-dir", str(DATA), "--out", str(out)])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(rows) == {"RTN", "AWQ (WT2 Calib, 2^9)", "GPTQ (WT2 Calib, 2^9)", "TTQ (r=0)"}
+    awq, gptq = rows["AWQ (WT2 Calib, 2^9)"], rows["GPTQ (WT2 Calib, 2^9)"]
+    assert awq["calib_seconds"] > 0 and awq["calib_seconds"] == gptq["calib_seconds"]  # one calibration, shared
+    assert rows["RTN"]["calib_seconds"] == 0 and rows["RTN"]["per_prompt_seconds"] is None
+    assert rows["TTQ (r=0)"]["per_prompt_seconds"] is not None and rows["TTQ (r=0)"]["per_prompt_seconds"] >= 0
+    for r in rows.values():
+        assert r["total_seconds"] == pytest.approx(r["calib_seconds"] + r["quantize_seconds"])
+    assert "| GPTQ (WT2 Calib, 2^9) | 3 | 32 |" in capsys.readouterr().out
+
+
+def test_qtime_bad_input(stories_dir, capsys):
+    assert main(["qtime", "--model", str(stories_dir), "--methods", "fp"]) == 2
+    assert "'fp' has nothing to time" in capsys.readouterr().err
+    assert main(["qtime", "--model", str(stories_dir), "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -71,3 +71,31 @@ def quantization_seconds(model: nn.Module) -> float:
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of packed codes + scales + zeros currently held (prompt mode)."""
     return sum(m.packed.nbytes() for m in ttq_layers(model) if m.packed is not None)
+
+
+def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:
+    """Replace the output head (``model.get_output_embeddings()``) by a packed RTN copy.
+
+    Opt-in and outside the paper's setting (which keeps the head in full precision): it
+    speeds decoding of small models whose head is a large share of the weights read per
+    token.  :func:`ttq.patch.restore_` puts the original head back.
+
+    Args:
+        model: a transformers causal LM.
+        bits, group_size: RTN codes of the head (8-bit keeps the logits close to full precision).
+        layout: packed layout (None = best for the device).
+    Returns:
+        the new head module.
+    """
+    from ttq.formats.affine import QuantSpec
+    from ttq.nn.packed_head import PackedHeadLinear
+
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, PackedHeadLinear):
+        raise ValueError("the LM head is already quantized; call ttq.restore_(model) first")
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"the model has no nn.Linear output head to quantize (found {type(head).__name__})")
+    new = PackedHeadLinear(head, QuantSpec(bits=bits, group_size=group_size), layout=layout)
+    model.set_output_embeddings(new)
+    return new

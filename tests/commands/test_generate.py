@@ -9,7 +9,8 @@ import pytest
 from ttq.cli import main
 
 
-@pytest.mark.parametrize("method,extra", [("ttq", ["--bits", "3", "--rank", "4"]), ("fp", []), ("rtn", ["--bits", "4"])])
+@pytest.mark.parametrize("method,extra", [("ttq", ["--bits", "3", "--rank", "4"]), ("fp", []), ("rtn", ["--bits", "4"]),
+                                          ("ttq", ["--lm-head-bits", "8", "--layout", "u8"])])
 def test_generate_streams_text_and_speeds(stories_dir, capsys, method, extra):
     rc = main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                "--method", method, *extra])
@@ -22,6 +23,7 @@ def test_generate_streams_text_and_speeds(stories_dir, capsys, method, extra):
     assert int(m.group(1)) >= 4 and 1 <= int(m.group(3)) <= 8
     assert float(m.group(2)) > 0 and float(m.group(4)) > 0
     assert (f"[{method}" in out) and (("mode=prompt" in out) == (method == "ttq"))
+    assert ("head 8-bit]" in out) == ("--lm-head-bits" in extra)
 
 
 def test_generate_greedy_is_deterministic(stories_dir, capsys):

@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="part c base dtype")
     p.add_argument("--prompt-tokens", type=int, default=None, help="part c (default 512, quick 128)")
     p.add_argument("--new-tokens", type=int, default=None, help="part c (default 128, quick 32)")
+    p.add_argument("--lm-head-bits", type=int, default=0,
+                   help="part c: also time the widest TTQ rows with the LM head packed to this many bits (RTN; 0 = no)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="prefix of .md / .json outputs (default: print only)")
     p.set_defaults(func=run)
@@ -62,7 +64,8 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     """Markdown table of ``rows`` with ``cols`` = [(key, header, format)]."""
     head = "| " + " | ".join(h for _, h, _ in cols) + " |"
     sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(format(r[k], f) if f else str(r[k]) for k, _, f in cols) + " |" for r in rows]
+    body = ["| " + " | ".join("-" if r[k] is None else format(r[k], f) if f else str(r[k]) for k, _, f in cols) + " |"
+            for r in rows]
     return "\n".join([head, sep] + body)
 
 
@@ -125,7 +128,8 @@ def run(args) -> int:
         rows = bench.bench_generation(
             model, tok, prompt_tokens=args.prompt_tokens or (128 if quick else 512),
             new_tokens=args.new_tokens or (32 if quick else 128), bits=bits, ranks=ranks,
-            group_size=args.group_size[0], repeats=rep or (1 if quick else 3), stat=args.stat)
+            group_size=args.group_size[0], repeats=rep or (1 if quick else 3), stat=args.stat,
+            head_bits=args.lm_head_bits)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]
@@ -135,7 +139,8 @@ def run(args) -> int:
             ("prefill_tps", "prefill tok/s", ".1f"), ("decode_tps", "decode tok/s", ".2f"),
             ("decode_vs_fp32", "decode x fp32", ".2f"), ("decode_vs_bf16", "decode x bf16", ".2f"),
             ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
-            ("peak_rss_mb", "peak RSS MB", ".0f"), ("same_as_fp32", "same tokens as fp32", "")]))
+            ("peak_rss_mb", "peak RSS MB", ".0f"), ("same_as_fp32", "same tokens as fp32", ""),
+            ("same_as_reference", "same tokens as reference path", "")]))
     emit(f"(finished; {_environment(args.threads)})")
     if args.out:
         prefix = Path(args.out)

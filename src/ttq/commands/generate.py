@@ -31,17 +31,22 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="prompt", choices=("prompt", "per_sequence"), help="TTQ runtime mode")
     p.add_argument("--refresh-every", type=int, default=0, help="prompt mode: re-quantize every N tokens (0 = never)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--lm-head-bits", type=int, default=0,
+                   help="also pack the LM head with RTN at this many bits (faster decode, changes logits; 0 = keep it)")
+    p.add_argument("--layout", default=None, help="packed layout of prompt-mode TTQ layers (default: best for the device)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     add_scale_args(p)
     p.set_defaults(func=run)
 
 
 def quantize_for_generation(model, method: str, bits: int, group_size: int, rank: int, scale, mode: str,
-                            refresh_every: int) -> None:
-    """Apply ``method`` to ``model`` in place (``fp`` leaves it as is)."""
+                            refresh_every: int, head_bits: int = 0, layout: str | None = None) -> None:
+    """Apply ``method`` to ``model`` in place (``fp`` leaves the blocks as is); ``head_bits`` packs the LM head."""
     import ttq
     from ttq import runtime
 
+    if head_bits:
+        runtime.quantize_lm_head(model, bits=head_bits, group_size=group_size)
     if method == "fp":
         return
     spec = ttq.QuantSpec(bits=bits, group_size=group_size)
@@ -49,7 +54,7 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
         ttq.quantize_(model, ttq.RTNConfig(quant=spec))
         return
     ttq.quantize_(model, ttq.TTQConfig(quant=spec, scale=scale, rank=rank))
-    runtime.set_mode(model, mode, refresh_every=refresh_every)
+    runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout)
 
 
 def run(args) -> int:
@@ -65,7 +70,7 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     quantize_for_generation(model, args.method, args.bits, args.group_size, args.rank, scale_from_args(args),
-                            args.mode, args.refresh_every)
+                            args.mode, args.refresh_every, args.lm_head_bits, args.layout)
     if args.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
@@ -75,7 +80,8 @@ def run(args) -> int:
     t = timed_generate(model, ids.to(args.device), args.max_new_tokens, streamer=streamer, exact=False)
     sys.stdout.flush()
     print(f"\n[{args.method}{'' if args.method == 'fp' else f' {args.bits}-bit g={args.group_size}'}"
-          f"{f' r={args.rank} mode={args.mode}' if args.method == 'ttq' else ''}] "
+          f"{f' r={args.rank} mode={args.mode}' if args.method == 'ttq' else ''}"
+          f"{f' head {args.lm_head_bits}-bit' if args.lm_head_bits else ''}] "
           f"prefill: {t.prompt_tokens} tokens in {t.prefill_s:.3f} s ({t.prefill_tps:.1f} tokens/s); "
           f"decode: {t.new_tokens} tokens in {t.decode_s:.3f} s ({t.decode_tps:.1f} tokens/s)")
     return 0

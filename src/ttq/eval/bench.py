@@ -276,10 +276,13 @@ def prompt_ids(tokenizer, n_tokens: int, data_dir=None) -> torch.Tensor:
     return ids
 
 
-def generation_configs(bits=(4, 3, 2), ranks=(0, 16)) -> list[tuple[str, str, int, int]]:
-    """(label, kind, bits, rank) rows of part (c): fp32, bf16, then TTQ per bits x rank."""
+def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0) -> list[tuple[str, str, int, int]]:
+    """(label, kind, bits, rank) rows of part (c): fp32, bf16, then TTQ per bits x rank; with
+    ``head_bits`` also the widest TTQ rows with the LM head packed to that many bits (kind ``ttq+head``)."""
     rows = [("fp32", "fp32", 0, 0), ("bf16", "bf16", 0, 0)]
     rows += [(f"ttq {b}-bit r={r}", "ttq", b, r) for r in ranks for b in bits]
+    if head_bits:
+        rows += [(f"ttq {max(bits)}-bit r={r} + head {head_bits}-bit", "ttq+head", max(bits), r) for r in ranks]
     return rows
 
 
@@ -294,18 +297,20 @@ def bench_generation(
     repeats: int = 3,
     data_dir=None,
     stat: str = "median",
+    head_bits: int = 0,
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
     TTQ rows run in prompt mode: the prefill quantizes every layer once (its time is reported as
     ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
+    ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`).
     """
     import ttq
     from ttq import runtime
 
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    for label, kind, b, r in generation_configs(bits, ranks):
+    for label, kind, b, r in generation_configs(bits, ranks, head_bits):
         gc.collect()
         reset_peak_rss()
         if kind == "fp32":
@@ -316,21 +321,27 @@ def bench_generation(
             m = copy.deepcopy(model)
             ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
             runtime.set_mode(m, "prompt")
+            if kind == "ttq+head":
+                runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size)
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
         runs, quant = [], []
         for _ in range(repeats):
-            if kind == "ttq":
+            if kind != "fp32" and kind != "bf16":
                 runtime.reset(m)
             runs.append(timed_generate(m, ids, new_tokens))
-            if kind == "ttq":
+            if kind != "fp32" and kind != "bf16":
                 quant.append(runtime.quantization_seconds(m))
+        same_ref = None
+        if kind not in ("fp32", "bf16"):  # the oracle: dequantize-then-matmul decode on the same packed weights
+            runtime.set_mode(m, "prompt", reference=True)
+            same_ref = bool(torch.equal(timed_generate(m, ids, new_tokens).output_ids, runs[0].output_ids))
         pre = STATS[stat]([t.prefill_s for t in runs])
         dec = STATS[stat]([t.decode_s for t in runs])
         n_new = runs[0].new_tokens
         row = dict(config=label, prompt_tokens=prompt_tokens, new_tokens=n_new, prefill_s=pre, decode_s=dec,
                    prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
                    quant_s=STATS[stat](quant) if quant else float("nan"), peak_rss_mb=peak_rss_mb(),
-                   output_ids=runs[0].output_ids)
+                   output_ids=runs[0].output_ids, same_as_reference=same_ref)
         row["quant_over_prefill"] = row["quant_s"] / pre if quant else float("nan")
         rows.append(row)
         if m is not model:

@@ -1,0 +1,60 @@
+"""The opt-in packed LM head (src/ttq/nn/packed_head.py, ttq.runtime.quantize_lm_head) on stories260K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ttq
+from ttq import runtime
+from ttq.formats.affine import QuantSpec, qdq
+from ttq.nn.packed_head import PackedHeadLinear
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_matches_rtn_reference(stories_model, bits):
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = stories_model(ids).logits
+        head = stories_model.get_output_embeddings()
+        h = stories_model.model(ids).last_hidden_state
+        rtn = F.linear(h, qdq(head.weight, QuantSpec(bits=bits, group_size=32)))
+        new = runtime.quantize_lm_head(stories_model, bits=bits, group_size=32)
+        out = stories_model(ids).logits
+    assert isinstance(stories_model.get_output_embeddings(), PackedHeadLinear) and new.packed.bits == bits
+    # the packed kernel computes the RTN head exactly (up to float summation order)
+    assert torch.allclose(out, rtn, rtol=1e-4, atol=1e-4 * rtn.abs().max().item())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (0.01 if bits == 8 else 0.2)
+    assert ttq.restore_(stories_model) == 1
+    assert type(stories_model.get_output_embeddings()) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(stories_model(ids).logits, ref)
+
+
+def test_head_with_ttq_blocks_generates_same_as_reference(stories_model):
+    """Quantized head + prompt-mode TTQ blocks: the packed decode gives the reference's greedy tokens."""
+    ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(1))
+    ttq.quantize_(stories_model, ttq.TTQConfig(quant=QuantSpec(bits=4, group_size=32)))
+    runtime.quantize_lm_head(stories_model, bits=8)
+    runtime.set_mode(stories_model, "prompt")
+    fast = stories_model.generate(ids, max_new_tokens=12, do_sample=False)
+    runtime.set_mode(stories_model, "prompt", reference=True)
+    ref = stories_model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(fast, ref)
+    assert ttq.restore_(stories_model) > 1
+
+
+def test_head_bad_input(stories_model):
+    runtime.quantize_lm_head(stories_model)
+    with pytest.raises(ValueError, match="already quantized"):
+        runtime.quantize_lm_head(stories_model)
+    with pytest.raises(ValueError, match="no nn.Linear output head"):
+        runtime.quantize_lm_head(nn.Sequential(nn.Linear(4, 4)))
+    ttq.restore_(stories_model)
+    with pytest.raises(ValueError, match="bits"):
+        runtime.quantize_lm_head(stories_model, bits=1)
+    with pytest.raises(ValueError, match="integer format"):
+        PackedHeadLinear(nn.Linear(32, 8), QuantSpec(bits=4, group_size=32, fmt="nf4"))

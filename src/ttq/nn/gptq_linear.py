@@ -5,19 +5,20 @@ columns *in the permuted order*, so its codes, scales and zeros only
 describe ``W_hat[:, perm]``.  :class:`PermutedQuantLinear` keeps them in that
 layout with ``perm`` and un-permutes the dequantized weight once.  It is
 deliberately not a :class:`~ttq.nn.linear.StaticQuantLinear`: packed kernels
-that read ``codes`` in natural column order must not pick it up.
+that read ``codes`` in natural column order must not pick it up (both share the
+weight cache of :class:`~ttq.nn.linear.DequantCachedLinear`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ttq.formats.affine import QuantSpec, dequantize
+from ttq.nn.linear import DequantCachedLinear
 
 
-class PermutedQuantLinear(nn.Module):
+class PermutedQuantLinear(DequantCachedLinear):
     """Static quantized linear with column permutation: ``W_hat = dequant(codes)[:, argsort(perm)] / s``."""
 
     def __init__(
@@ -41,20 +42,12 @@ class PermutedQuantLinear(nn.Module):
         self.bias = original.bias
         self.original = original
         self._dtype = original.weight.dtype
-        self._w_cache: torch.Tensor | None = None
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Effective weight (d_out, d_in) in natural column order and the layer dtype."""
-        if self._w_cache is None:
-            w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size, fmt=self.spec.fmt)
-            w = w[:, torch.argsort(self.perm)]
-            if self.input_scale is not None:
-                w = w / self.input_scale
-            self._w_cache = w.to(self._dtype)
-        return self._w_cache
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+    def _dequantize(self) -> torch.Tensor:
+        """Effective weight (d_out, d_in) float32 in natural column order."""
+        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size, fmt=self.spec.fmt)
+        w = w[:, torch.argsort(self.perm)]
+        return w / self.input_scale if self.input_scale is not None else w
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -68,7 +68,30 @@ def per_sequence(fn, x: torch.Tensor) -> torch.Tensor:
     return fn(x)
 
 
-class StaticQuantLinear(nn.Module):
+class DequantCachedLinear(nn.Module):
+    """Base of static quantized layers: the effective weight (``_dequantize()``, subclass hook) is
+    computed once, in the layer dtype, and dropped whenever the module moves (``.to``/``.cuda``)."""
+
+    _w_cache: torch.Tensor | None = None
+
+    def _dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Effective weight (d_out, d_in) in the layer dtype, on the codes' device."""
+        if self._w_cache is None:
+            self._w_cache = self._dequantize().to(self._dtype)
+        return self._w_cache
+
+    def _apply(self, fn, recurse=True):  # device/dtype moves invalidate the cached weight
+        self._w_cache = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+
+class StaticQuantLinear(DequantCachedLinear):
     """A linear layer with weights quantized once (codes, scale, zero; optional input scale)."""
 
     def __init__(
@@ -91,19 +114,11 @@ class StaticQuantLinear(nn.Module):
         self.bias = original.bias
         self._dtype = original.weight.dtype
         self.original = original if keep_original else None
-        self._w_cache: torch.Tensor | None = None
 
-    def dequantized_weight(self) -> torch.Tensor:
-        """Effective weight ``dequant(codes) diag(s)^-1`` (d_out, d_in) in the layer dtype."""
-        if self._w_cache is None:
-            w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size, fmt=self.spec.fmt)
-            if self.input_scale is not None:
-                w = w / self.input_scale
-            self._w_cache = w.to(self._dtype)
-        return self._w_cache
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+    def _dequantize(self) -> torch.Tensor:
+        """``dequant(codes) diag(s)^-1`` (d_out, d_in) float32."""
+        w = dequantize(self.codes, self.scale, self.zero, self.spec.group_size, fmt=self.spec.fmt)
+        return w / self.input_scale if self.input_scale is not None else w
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -77,12 +77,16 @@ def plot_histograms(best: dict[int, list[dict]], path: str, title: str = "") -> 
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - optional dependency
         raise ImportError("plots need matplotlib: pip install 'ttq[plots]'") from e
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key in zip(axes, ("alpha", "lam", "p")):
+    forms = sorted({r.get("form", "norm") for rows in best.values() for r in rows})
+    # lambda means different things per form (shrinkage fraction vs absolute): one panel each
+    panels = [("alpha", None, "alpha"), ("p", None, "p")] + [
+        ("lam", f, "lam (shrinkage fraction)" if f == "shrinkage" else f"lam ({f} form, absolute)") for f in forms]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, form, xlabel) in zip(axes, panels):
         for q, rows in sorted(best.items()):
-            vals = [r[key] for r in rows]
-            ax.hist(vals, bins=12, alpha=0.5, label=f"q={q}")
-        ax.set_xlabel(key)
+            vals = [r[key] for r in rows if form is None or r.get("form", "norm") == form]
+            ax.hist(vals, bins=12, alpha=0.5, label=f"q={q} ({len(vals)})")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("count in top settings")
         ax.legend()
     if title:

@@ -10,6 +10,7 @@ import torch
 
 from ttq.cli import main
 from ttq.eval import bench
+from ttq.formats.affine import QuantSpec
 
 
 def test_shapes_cover_appendix_h_and_smollm2():
@@ -33,7 +34,11 @@ def test_quantization_and_matmul_rows():
     r = rows[0]
     assert r["quant_over_fp32"] == pytest.approx(r["quant_ms"] / r["fp32_gemv_ms"])
     rows = bench.bench_matmul(shapes, bits=[4, 2], group_sizes=[32], ranks=[0, 4], repeats=2)
-    assert [(r["bits"], r["rank"]) for r in rows] == [(4, 0), (4, 4), (2, 0), (2, 4)]
+    assert [(r["bits"], r["rank"]) for r in rows if r["layout"] not in bench.OPT_IN_LAYOUTS] == [(4, 0), (4, 4),
+                                                                                                 (2, 0), (2, 4)]
+    extra = bench._opt_in_layouts(QuantSpec(bits=4, group_size=32), (64, 96))  # cpu_q4_i8 rows where VNNI exists
+    assert [(r["bits"], r["rank"], r["layout"]) for r in rows if r["layout"] in bench.OPT_IN_LAYOUTS] == [
+        (4, rank, lay) for rank in (0, 4) for lay in extra]
     for r in rows:
         assert r["speedup_fp32"] == pytest.approx(r["fp32_ms"] / r["ms"])
         assert r["mbytes"] > 0
@@ -55,7 +60,8 @@ def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "## (a)" in text and "## (b)" in text and "## (c)" in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert len(data["quantization"]) == 4 and len(data["matmul"]) == 4
+    assert len(data["quantization"]) == 4
+    assert len([r for r in data["matmul"] if r["layout"] not in bench.OPT_IN_LAYOUTS]) == 4
     gen = {r["config"]: r for r in data["generation"]}
     assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 + head 8-bit"]
     assert gen["fp32"]["same_as_reference"] is None

@@ -8,7 +8,8 @@ only formats them:
   matrix-vector product ``F.linear`` of the same layer;
 * :func:`bench_matmul` (b): decode products (bs = 1 by default) on packed
   weights, with the ``x / s`` prescale and optionally the rank-r term, vs fp32
-  and bf16 ``F.linear``;
+  and bf16 ``F.linear`` (one row per combination for the default kernel, plus
+  one per available opt-in layout such as ``cpu_q4_i8``, told apart by ``layout``);
 * :func:`bench_generation` (c): end-to-end ``model.generate`` with a prompt of
   ``prompt_tokens`` and ``new_tokens`` greedy tokens: prefill and decode
   tokens/s, whole-model prompt-mode quantization time, peak RSS.
@@ -130,6 +131,23 @@ def _cycled(fn: Callable[[int], object]) -> Callable[[], object]:
     return call
 
 
+OPT_IN_LAYOUTS = ("cpu_q4_i8",)  # not chosen by layout=None (not bit-exact); part (b) times them as extra rows
+
+
+def _opt_in_layouts(spec: QuantSpec, shape: tuple[int, int]) -> list[str]:
+    """The :data:`OPT_IN_LAYOUTS` that can pack ``spec`` for a float32 CPU weight of ``shape``."""
+    from ttq.kernels.api import select_layout
+
+    ok = []
+    for lay in OPT_IN_LAYOUTS:
+        try:
+            select_layout(spec, shape, "cpu", torch.float32, lay)
+            ok.append(lay)
+        except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
+            pass
+    return ok
+
+
 def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20,
                  stat: str = "median", cold: bool = True) -> list[dict]:
     """Part (b): packed product time (prescale included, rank-r term when r > 0) vs fp32 / bf16 F.linear.
@@ -158,18 +176,19 @@ def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch
                 spec = QuantSpec(bits=b, group_size=g)
                 for r in ranks:
                     lb, la = factors[r]
-                    packed = pack_ttq(w, s, spec, lb, la)
-                    n = _n_copies(packed.nbytes(), cold)
-                    pws = [packed] + [PackedWeight(packed.layout, packed.bits, packed.group_size, packed.shape,
-                                                   packed.qweight.clone(), packed.scale.clone(),
-                                                   None if packed.zero is None else packed.zero.clone(), packed.fmt)
-                                      for _ in range(n - 1)]
-                    t = median_time(_cycled(lambda i: packed_linear(x, pws[i % len(pws)], s, None, lb, la)),
-                                    repeats, stat=stat)
-                    rows.append(dict(shape=name, d_out=d_out, d_in=d_in, batch=batch, bits=b, group_size=g, rank=r,
-                                     layout=packed.layout, ms=t * 1e3, fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3,
-                                     speedup_fp32=t32 / t, speedup_bf16=t16 / t, mbytes=packed.nbytes() / 1e6))
-                    del pws
+                    for lay in [None] + _opt_in_layouts(spec, (d_out, d_in)):  # default kernel, then opt-in ones
+                        packed = pack_ttq(w, s, spec, lb, la, layout=lay)
+                        n = _n_copies(packed.nbytes(), cold)
+                        pws = [packed] + [PackedWeight(packed.layout, packed.bits, packed.group_size, packed.shape,
+                                                       packed.qweight.clone(), packed.scale.clone(),
+                                                       None if packed.zero is None else packed.zero.clone(),
+                                                       packed.fmt) for _ in range(n - 1)]
+                        t = median_time(_cycled(lambda i: packed_linear(x, pws[i % len(pws)], s, None, lb, la)),
+                                        repeats, stat=stat)
+                        rows.append(dict(shape=name, d_out=d_out, d_in=d_in, batch=batch, bits=b, group_size=g,
+                                         rank=r, layout=packed.layout, ms=t * 1e3, fp32_ms=t32 * 1e3, bf16_ms=t16 * 1e3,
+                                         speedup_fp32=t32 / t, speedup_bf16=t16 / t, mbytes=packed.nbytes() / 1e6))
+                        del pws
         del w
         gc.collect()
     return rows

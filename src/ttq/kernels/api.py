@@ -23,6 +23,10 @@ layout          tensors (all row-major, contiguous)
                 past d_in hold 0.
 ``cpu_q4``      qweight uint8 (d_out, 16 * ceil(d_in / 32)); per block of 32 columns,
                 byte j holds column 32 i + j (low nibble) and 32 i + 16 + j (high nibble).
+``cpu_q4_i8``   the ``cpu_q4`` tensors (same packing); opt-in (priority below ``cpu_q4``, never
+                picked by ``layout=None``): bits 4, g a multiple of 32 or -1, AVX-512 VNNI only.
+                The product rounds ``x / s`` to int8 per 32 columns (absmax / 127), so results
+                are not bit-identical to the reference (~0.5% relative on Gaussian inputs).
 ``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per block of 64 columns,
                 byte j holds column 64 i + 16 k + j in bits 2k..2k+1, k = 0..3.
 ``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per block of 128 columns,

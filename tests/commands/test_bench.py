@@ -55,7 +55,7 @@ def test_timed_generate_splits_prefill_and_decode(stories_model):
 def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["bench", "--parts", "a,b,c", "--shapes", "smollm2", "--bits", "4", "--ranks", "0", "--repeats", "1",
-               "--model", str(stories_dir), "--prompt-tokens", "16", "--new-tokens", "4", "--lm-head-bits", "8", "--out", str(out)])
+               "--model", str(stories_dir), "--prompt-tokens", "16", "--new-tokens", "4", "--lm-head-bits", "8", "--gen-layouts", "u8", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "## (a)" in text and "## (b)" in text and "## (c)" in text
@@ -63,7 +63,8 @@ def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     assert len(data["quantization"]) == 4
     assert len([r for r in data["matmul"] if r["layout"] not in bench.OPT_IN_LAYOUTS]) == 4
     gen = {r["config"]: r for r in data["generation"]}
-    assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 + head 8-bit"]
+    assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 + head 8-bit", "ttq 4-bit r=0 + head 8-bit [u8]"]
+    assert gen["ttq 4-bit r=0 + head 8-bit [u8]"]["same_as_reference"] is True
     assert gen["fp32"]["same_as_reference"] is None
     # packed decode gives the dequantize-then-matmul oracle's greedy tokens (same quantized weights)
     assert gen["ttq 4-bit r=0"]["same_as_reference"] is True and gen["ttq 4-bit r=0 + head 8-bit"]["same_as_reference"] is True

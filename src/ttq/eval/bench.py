@@ -295,13 +295,19 @@ def prompt_ids(tokenizer, n_tokens: int, data_dir=None) -> torch.Tensor:
     return ids
 
 
-def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0) -> list[tuple[str, str, int, int]]:
-    """(label, kind, bits, rank) rows of part (c): fp32, bf16, then TTQ per bits x rank; with
-    ``head_bits`` also the widest TTQ rows with the LM head packed to that many bits (kind ``ttq+head``)."""
-    rows = [("fp32", "fp32", 0, 0), ("bf16", "bf16", 0, 0)]
-    rows += [(f"ttq {b}-bit r={r}", "ttq", b, r) for r in ranks for b in bits]
+def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0,
+                       layouts: tuple[str, ...] = ()) -> list[tuple[str, str, int, int, str | None]]:
+    """(label, kind, bits, rank, layout) rows of part (c): fp32, bf16, then TTQ per bits x rank (default
+    layout); with ``head_bits`` also the widest TTQ rows with the LM head packed to that many bits
+    (kind ``ttq+head``); per extra ``layouts`` entry the widest TTQ rows (with the packed head if asked)
+    in that layout."""
+    rows = [("fp32", "fp32", 0, 0, None), ("bf16", "bf16", 0, 0, None)]
+    rows += [(f"ttq {b}-bit r={r}", "ttq", b, r, None) for r in ranks for b in bits]
+    head = f" + head {head_bits}-bit" if head_bits else ""
+    kind = "ttq+head" if head_bits else "ttq"
     if head_bits:
-        rows += [(f"ttq {max(bits)}-bit r={r} + head {head_bits}-bit", "ttq+head", max(bits), r) for r in ranks]
+        rows += [(f"ttq {max(bits)}-bit r={r}{head}", kind, max(bits), r, None) for r in ranks]
+    rows += [(f"ttq {max(bits)}-bit r={r}{head} [{lay}]", kind, max(bits), r, lay) for lay in layouts for r in ranks]
     return rows
 
 
@@ -317,19 +323,21 @@ def bench_generation(
     data_dir=None,
     stat: str = "median",
     head_bits: int = 0,
+    layouts: tuple[str, ...] = (),
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
     TTQ rows run in prompt mode: the prefill quantizes every layer once (its time is reported as
     ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
-    ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`).
+    ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`);
+    ``layouts`` adds rows decoding through those packed layouts (e.g. the opt-in ``cpu_q4_i8``).
     """
     import ttq
     from ttq import runtime
 
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    for label, kind, b, r in generation_configs(bits, ranks, head_bits):
+    for label, kind, b, r, lay in generation_configs(bits, ranks, head_bits, layouts):
         gc.collect()
         reset_peak_rss()
         if kind == "fp32":
@@ -339,7 +347,7 @@ def bench_generation(
         else:
             m = copy.deepcopy(model)
             ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
-            runtime.set_mode(m, "prompt")
+            runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size)
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
@@ -352,7 +360,7 @@ def bench_generation(
                 quant.append(runtime.quantization_seconds(m))
         same_ref = None
         if kind not in ("fp32", "bf16"):  # the oracle: dequantize-then-matmul decode on the same packed weights
-            runtime.set_mode(m, "prompt", reference=True)
+            runtime.set_mode(m, "prompt", layout=lay, reference=True)
             same_ref = bool(torch.equal(timed_generate(m, ids, new_tokens).output_ids, runs[0].output_ids))
         pre = STATS[stat]([t.prefill_s for t in runs])
         dec = STATS[stat]([t.decode_s for t in runs])

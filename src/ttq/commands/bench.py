@@ -95,14 +95,14 @@ def run(args) -> int:
     bits = args.bits if not quick or args.bits != [4, 3, 2] else [4, 2]
     ranks = args.ranks if not quick or args.ranks != [0, 16] else [0]
     rep = args.repeats
-    out: list[str] = [f"# ttq bench\n\n{_environment(args.threads)}; statistic: {args.stat} of the repeats\n"]
+    out: list[str] = []
     data: dict = {"environment": _environment(args.threads)}
 
     def emit(text: str) -> None:
         print(text + "\n", flush=True)
         out.append(text + "\n")
 
-    emit(out[0].strip())
+    emit(f"# ttq bench\n\n{_environment(args.threads)}; statistic: {args.stat} of the repeats")
     if "a" in args.parts:
         rows = bench.bench_quantization(shapes, bits=[4], group_sizes=args.group_size, repeats=rep or (3 if quick else 5),
                                         stat=args.stat)

@@ -106,7 +106,9 @@ def _dense_product(xs: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
         w_blk = _ops().dequant(packed.qweight[r0:r1], packed.scale[r0:r1], packed.zero[r0:r1], packed.bits, g,
                                r1 - r0, d_in, False)  # (rows, d_in)
         torch.mm(w_blk, xs_t, out=y_t[r0:r1])
-    return y_t.t()
+    # row-major like F.linear's output: downstream ops (SDPA) choose kernels by stride, and a
+    # transposed result made them round differently from the reference path
+    return y_t.t().contiguous()
 
 
 def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:

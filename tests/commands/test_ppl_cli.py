@@ -85,3 +85,18 @@ def test_config_rows_and_bad_config(stories_dir, data_dir, tmp_path, capsys):
         rc = main(["ppl", "--model", str(stories_dir), "--methods", "fp", "--datasets", "wikitext2", "--data-dir", data_dir,
                    "--cache", "", "--out", str(out), "--config", bad])
         assert rc == 2 and msg in capsys.readouterr().err
+
+
+def test_ppl_with_packed_lm_head(stories_dir, data_dir, tmp_path):
+    """--lm-head-bits: every row (FP too) uses the RTN head; 8-bit stays close to FP, 2-bit does not."""
+    ppl = {}
+    for bits in (0, 8, 2):
+        out = tmp_path / f"h{bits}"
+        rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "2", "--bits", "3",
+                   "--methods", "fp,ttq", "--rank", "0", "--datasets", "wikitext2", "--data-dir", data_dir,
+                   "--cache", str(tmp_path / "cache"), "--lm-head-bits", str(bits), "--out", str(out)])
+        assert rc == 0
+        ppl[bits] = {r["method"]: r["ppl"] for r in json.loads(out.with_suffix(".json").read_text())}
+    assert ppl[8]["FP"] != ppl[0]["FP"] and abs(ppl[8]["FP"] / ppl[0]["FP"] - 1) < 0.01
+    assert ppl[2]["FP"] > 1.1 * ppl[0]["FP"]  # separate cache rows per head setting
+    assert ppl[8]["TTQ (r=0)"] != ppl[0]["TTQ (r=0)"]

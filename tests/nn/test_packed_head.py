@@ -58,3 +58,11 @@ def test_head_bad_input(stories_model):
         runtime.quantize_lm_head(stories_model, bits=1)
     with pytest.raises(ValueError, match="integer format"):
         PackedHeadLinear(nn.Linear(32, 8), QuantSpec(bits=4, group_size=32, fmt="nf4"))
+
+
+def test_restore_blocks_only_keeps_the_head(stories_model):
+    n = len(ttq.quantize_(stories_model, ttq.RTNConfig(quant=QuantSpec(bits=4, group_size=32))))
+    runtime.quantize_lm_head(stories_model)
+    assert ttq.restore_(stories_model, blocks_only=True) == n
+    assert isinstance(stories_model.get_output_embeddings(), PackedHeadLinear)
+    assert ttq.restore_(stories_model) == 1

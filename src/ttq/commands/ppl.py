@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="symmetric integer format (eqs. 29-30)")
     p.add_argument("--fmt", default="int", help="number format: int, nf4, fp4, nvfp4, mxfp4 (the last four are 4-bit)")
     add_scale_args(p)
+    p.add_argument("--lm-head-bits", type=int, default=0,
+                   help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--max-windows", type=int, default=16, help="windows per dataset (0 = all)")
     p.add_argument("--data-dir", default=None, help="folder with wikitext2/, ptb/, c4/ (default: ../shared/data or $TTQ_DATA_DIR)")
@@ -67,6 +69,11 @@ def run(args) -> int:
         raise ValueError("nothing to evaluate: --methods selected no rows")
     windows = dataset_windows(tok, args.datasets, seqlen, args.max_windows or None, args.data_dir, args.data_source)
     key = model_id(args.model, args.gguf_file)
+    if args.lm_head_bits:
+        from ttq.runtime import quantize_lm_head
+
+        quantize_lm_head(model, bits=args.lm_head_bits, layout="u8")  # reference path: exact RTN head for any seqlen
+        key += f"|lm_head-rtn{args.lm_head_bits}-g32"  # its own cache rows
     results = run_cells(model, tok, key, cells, windows, Path(args.cache) if args.cache else None,
                         args.data_dir, args.data_source)
     table = f"Model {key}, seqlen {seqlen}, scale {scale}\n\n" + markdown_tables(results, args.datasets)

@@ -57,7 +57,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
             if is_test_time(cfg):
                 row["per_prompt_seconds"] = max(_forward_seconds(model, window, repeats) - fp, 0.0)
         finally:
-            restore_(model)
+            restore_(model, blocks_only=True)
         row["total_seconds"] = row["calib_seconds"] + row["quantize_seconds"]
         rows.append(row)
     return rows

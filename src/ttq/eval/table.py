@@ -162,7 +162,7 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(row, indent=1))
     finally:
-        restore_(model)
+        restore_(model, blocks_only=True)
 
 
 def fmt_ppl(x: float) -> str:
@@ -226,5 +226,5 @@ def forward_overhead(model, window: torch.Tensor, config, repeats: int = 3) -> d
         model(window, use_cache=False)
         q = timed()
     finally:
-        restore_(model)
+        restore_(model, blocks_only=True)
     return {"fp_seconds": fp, "quantized_seconds": q, "ratio": q / fp, "seqlen": window.shape[1]}

@@ -164,10 +164,17 @@ def quantize_(
     return plan
 
 
-def restore_(model: nn.Module) -> int:
-    """Put back the original ``nn.Linear`` wherever a quantized module kept it; returns how many."""
+def restore_(model: nn.Module, blocks_only: bool = False) -> int:
+    """Put back the original ``nn.Linear`` wherever a quantized module kept it; returns how many.
+
+    ``blocks_only`` leaves modules outside the decoder blocks (a packed LM head) as they are:
+    the exact inverse of :func:`quantize_`.
+    """
     n = 0
+    prefix = find_blocks(model)[0] + "." if blocks_only else ""
     for name, mod in list(model.named_modules()):
+        if not name.startswith(prefix):
+            continue
         orig = getattr(mod, "original", None)
         if isinstance(orig, nn.Linear) and mod is not orig:
             _set(model, name, orig)

@@ -131,7 +131,25 @@ def _cycled(fn: Callable[[int], object]) -> Callable[[], object]:
     return call
 
 
-OPT_IN_LAYOUTS = ("cpu_q4_i8",)  # not chosen by layout=None (not bit-exact); part (b) times them as extra rows
+OPT_IN_LAYOUTS = ("cpu_q4_i8", "cpu_q8_i8")  # not chosen by layout=None (not bit-exact); part (b) times them
+I8_HEAD_LAYOUTS = {4: "cpu_q4_i8", 5: "cpu_q8_i8", 6: "cpu_q8_i8", 7: "cpu_q8_i8", 8: "cpu_q8_i8"}  # head bits -> i8 layout
+
+
+def _head_layout(lay: str | None, head_bits: int, group_size: int, model) -> str | None:
+    """The packed head's layout for a part (c) row decoding through ``lay``: the int8-activation
+    layout of ``head_bits`` when ``lay`` ends with ``_i8`` and it can pack the head, else None (default)."""
+    from ttq.kernels.api import select_layout
+
+    head_lay = I8_HEAD_LAYOUTS.get(head_bits) if lay is not None and lay.endswith("_i8") else None
+    head = model.get_output_embeddings()
+    if head_lay is None or not isinstance(head, torch.nn.Linear):
+        return None
+    try:
+        select_layout(QuantSpec(bits=head_bits, group_size=group_size), tuple(head.weight.shape),
+                      head.weight.device.type, head.weight.dtype, head_lay)
+    except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
+        return None
+    return head_lay
 
 
 def _opt_in_layouts(spec: QuantSpec, shape: tuple[int, int]) -> list[str]:
@@ -349,7 +367,8 @@ def bench_generation(
             ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None)
             if kind == "ttq+head":
-                runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size)
+                runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
+                                         layout=_head_layout(lay, head_bits, group_size, m))
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
         runs, quant = [], []
         for _ in range(repeats):

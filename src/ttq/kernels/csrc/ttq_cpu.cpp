@@ -5,7 +5,8 @@
 //   bits 2 (cpu_q2): 16 bytes / 64 columns, byte j bits 2k..2k+1 = col 16 k + j;
 //   bits 3 (cpu_q3): 48 bytes / 128 columns, 16 little-endian 24-bit lanes, lane j bits 3k..3k+2 = col 16 k + j;
 //   bits 5..8 (cpu_q8): 16 bytes / 16 columns, one code per byte.
-// cpu_q4_i8 reads cpu_q4 codes with int8-rounded activations (AVX-512 VNNI; see packed_mm_q4i8).
+// cpu_q4_i8 / cpu_q8_i8 read cpu_q4 / cpu_q8 codes with int8-rounded activations (AVX-512 VNNI; see
+// packed_mm_q4i8, packed_mm_q8i8).
 // Codes are clamp(round((w * s - Z) / S), 0, 2^q - 1) with S = (max - min) / (2^q - 1), Z = min per
 // group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
 // computes them in float32.  Group sizes must be multiples of 16 or cover the whole row.
@@ -558,7 +559,23 @@ struct I8Acts {
   std::vector<float> sx, e, xsum;    // N x nbp each; zero past the row
   std::vector<int32_t> gfirst, gidx; // per window: first group, 16 block -> group offsets
   bool perm = false;                 // gidx is not the identity (g > 32 or one group)
+  std::vector<int32_t> cq;           // cpu_q8_i8 only: N x nbp, centre * sum of the block's xq
 };
+
+// Per window of 16 blocks: its first group and the 16 block -> group offsets (A.nb, A.nw set).
+inline void i8_group_index(int64_t g, int64_t n_groups, I8Acts& A) {
+  A.gfirst.assign(A.nw, 0);
+  A.gidx.assign(A.nw * 16, 0);
+  A.perm = false;
+  for (int64_t w = 0; w < A.nw; ++w) {
+    auto grp = [&](int64_t blk) { return std::min<int64_t>(blk * 32 / g, n_groups - 1); };
+    A.gfirst[w] = (int32_t)grp(w * 16);
+    for (int k = 0; k < 16; ++k) {
+      A.gidx[w * 16 + k] = (int32_t)(grp(w * 16 + k) - A.gfirst[w]);
+      if (A.gidx[w * 16 + k] != k && w * 16 + k < A.nb) A.perm = true;
+    }
+  }
+}
 
 // xs: N rows of d_in prescaled float inputs (row stride d_in).
 inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g, int64_t n_groups, I8Acts& A) {
@@ -596,17 +613,7 @@ inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g
       A.e[b * nbp + k] = 8.0f * (xsum - sx * (float)qsum);
     }
   }
-  A.gfirst.assign(A.nw, 0);
-  A.gidx.assign(A.nw * 16, 0);
-  A.perm = false;
-  for (int64_t w = 0; w < A.nw; ++w) {
-    auto grp = [&](int64_t blk) { return std::min<int64_t>(blk * 32 / g, n_groups - 1); };
-    A.gfirst[w] = (int32_t)grp(w * 16);
-    for (int k = 0; k < 16; ++k) {
-      A.gidx[w * 16 + k] = (int32_t)(grp(w * 16 + k) - A.gfirst[w]);
-      if (A.gidx[w * 16 + k] != k && w * 16 + k < A.nb) A.perm = true;
-    }
-  }
+  i8_group_index(g, n_groups, A);
 }
 
 // The 16 per-block values of a group parameter row (S or Z) for window w.
@@ -718,6 +725,176 @@ void i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int
   for (int64_t r = r0; r < r1; ++r) {
     float o1[N];
     i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
+    for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
+  }
+}
+
+// ---------------------------------------------------------------- cpu_q8_i8: 8-bit codes x int8 activations
+// The cpu_q8 layout (one code byte per column, natural order) read with _mm512_dpbusd_epi32.  x / s is
+// rounded to int8 per block of 32 columns exactly as for cpu_q4_i8, but stored in natural column order
+// (byte c = column c, rows zero padded to windows of 512 columns).  One 64-byte load of a row's codes
+// covers 2 blocks; dpbusd gives 16 dword lanes of 4 columns each and a pair-add tree over the 8 loads
+// of a window turns them into the 16 block dot products.  With w s = S q + Z per group and codes centred
+// at c = 2^(bits-1) (in integers: d_b - c sum_{i in b} xq_i, exact):
+//   y = sum_b S_g(b) [sx_b sum_{i in b} (q_i - c) xq_i + c xsum_b] + sum_b Z_g(b) xsum_b,
+// so only the S (q - c) part of each weight sees the int8 rounding of x.
+inline void q8i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g, int64_t n_groups, int centre,
+                               I8Acts& A) {
+  A.nb = (d_in + 31) / 32;
+  A.nw = (A.nb + 15) / 16;
+  A.nbp = A.nw * 16;
+  const int64_t nbp = A.nbp;
+  A.xq.assign(n * nbp * 32, 0);
+  A.sx.assign(n * nbp, 0.0f);
+  A.e.assign(n * nbp, 0.0f);
+  A.xsum.assign(n * nbp, 0.0f);
+  A.cq.assign(n * nbp, 0);
+  for (int64_t b = 0; b < n; ++b) {
+    const float* xr = xs + b * d_in;
+    int8_t* qr = A.xq.data() + b * nbp * 32;
+    for (int64_t k = 0; k < A.nb; ++k) {
+      const int64_t c = k * 32;
+      const __m512 v0 = load16<float>(xr + c, tail_mask(d_in - c));
+      const __m512 v1 = c + 16 < d_in ? load16<float>(xr + c + 16, tail_mask(d_in - c - 16)) : _mm512_setzero_ps();
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float sx = amax / 127.0f;
+      __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
+      if (sx > 0.0f) {  // xq = round-half-even(x / sx), as torch.round(x / sx)
+        const __m512 d = _mm512_set1_ps(sx);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v0, d), rnd));
+        q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v1, d), rnd));
+      }
+      _mm_storeu_si128((__m128i*)(qr + c), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128((__m128i*)(qr + c + 16), _mm512_cvtsepi32_epi8(q1));
+      const float xsum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+      const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      A.sx[b * nbp + k] = sx;
+      A.xsum[b * nbp + k] = xsum;
+      A.e[b * nbp + k] = (float)centre * xsum;
+      A.cq[b * nbp + k] = centre * qsum;
+    }
+  }
+  i8_group_index(g, n_groups, A);
+}
+
+// y[b, r0 + r] for R rows and N tokens; out is N x R.  rb: bytes per row (16 ceil(d_in / 16)).
+template <typename ST, int R, int N>
+inline void q8i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A,
+                      int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, float* out) {
+  const int64_t nbp = A.nbp;
+  const int64_t nch = (rb + 63) / 64;  // 64-byte loads per row (the last may be partial)
+  const int8_t* xq = A.xq.data() + t0 * nbp * 32;  // tokens t0 .. t0 + N - 1
+  const float* sxp = A.sx.data() + t0 * nbp;
+  const float* ep = A.e.data() + t0 * nbp;
+  const float* xsp = A.xsum.data() + t0 * nbp;
+  const int32_t* cqp = A.cq.data() + t0 * nbp;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512 facc[R][N];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < N; ++b) facc[r][b] = _mm512_setzero_ps();
+  constexpr int64_t PF = 1024, SPF = 64;  // prefetch distances: bytes ahead in the codes, groups ahead in S / Z
+  const uint8_t* qt = q + r0 * rb;        // the tile's R rows are contiguous
+  for (int64_t w = 0; w < A.nw; ++w) {
+    const int64_t c0 = w * 8;
+    const int nc = (int)std::min<int64_t>(8, nch - c0);  // >= 1: every window holds a column < d_in
+    for (int r = 0; r < R; ++r) {
+      const int64_t o = A.gfirst[w] + SPF;
+      if (o < n_groups) {
+        _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + o), _MM_HINT_T0);
+      }
+    }
+    // pair-add tree over the window's (up to) 8 loads: p = level 1 (2 loads), h = level 2 (4 loads)
+    __m512i h[2][R][N];
+    for (int hh = 0; hh < 2; ++hh) {
+      __m512i p[2][R][N];
+      for (int k = 0; k < 2; ++k) {
+        const int c = hh * 4 + k * 2;  // first of the pair's two loads within the window
+        if (c >= nc) {
+          for (int r = 0; r < R; ++r)
+            for (int b = 0; b < N; ++b) p[k][r][b] = zero;
+          continue;
+        }
+        __m512i u[2][R][N];
+        for (int m = 0; m < 2; ++m) {
+          const int64_t kc = c0 + c + m;  // load index within the row
+          if (c + m >= nc) {
+            for (int r = 0; r < R; ++r)
+              for (int b = 0; b < N; ++b) u[m][r][b] = zero;
+            continue;
+          }
+          __m512i xv[N];
+          for (int b = 0; b < N; ++b) xv[b] = _mm512_loadu_si512((const void*)(xq + b * nbp * 32 + kc * 64));
+          const bool full = (kc + 1) * 64 <= rb;
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* pr = qt + r * rb + kc * 64;
+            __m512i v;
+            if (full) {
+              _mm_prefetch((const char*)(pr + PF), _MM_HINT_T0);  // never faults; rows are contiguous
+              v = _mm512_loadu_si512((const void*)pr);
+            } else {  // the row's last load: read only its bytes
+              v = _mm512_maskz_loadu_epi8((((__mmask64)1) << (rb - kc * 64)) - 1, pr);
+            }
+            for (int b = 0; b < N; ++b) u[m][r][b] = _mm512_dpbusd_epi32(zero, v, xv[b]);
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int b = 0; b < N; ++b) p[k][r][b] = i8_pair_add(u[0][r][b], u[1][r][b]);
+      }
+      for (int r = 0; r < R; ++r)
+        for (int b = 0; b < N; ++b)
+          h[hh][r][b] = hh * 4 < nc ? i8_pair_add(p[0][r][b], p[1][r][b]) : zero;
+    }
+    __m512 sxv[N], ev[N], xsv[N];
+    __m512i cqv[N];
+    for (int b = 0; b < N; ++b) {
+      sxv[b] = _mm512_loadu_ps(sxp + b * nbp + w * 16);
+      ev[b] = _mm512_loadu_ps(ep + b * nbp + w * 16);
+      xsv[b] = _mm512_loadu_ps(xsp + b * nbp + w * 16);
+      cqv[b] = _mm512_loadu_si512((const void*)(cqp + b * nbp + w * 16));
+    }
+    for (int r = 0; r < R; ++r) {
+      const ST* srow = sc + (r0 + r) * n_groups;
+      const ST* zrow = zr + (r0 + r) * n_groups;
+      const __m512 S = i8_params(srow, n_groups, A, w), Z = i8_params(zrow, n_groups, A, w);
+      for (int b = 0; b < N; ++b) {
+        // lane j = block 16 w + j: sum (q - c) xq, exact in int32
+        const __m512i d = _mm512_sub_epi32(i8_pair_add(h[0][r][b], h[1][r][b]), cqv[b]);
+        facc[r][b] = _mm512_fmadd_ps(S, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sxv[b], ev[b]), facc[r][b]);
+        facc[r][b] = _mm512_fmadd_ps(Z, xsv[b], facc[r][b]);
+      }
+    }
+  }
+  for (int64_t k0 = 0; k0 < rank; k0 += 16) {  // rank-r term B t
+    const __mmask16 k = tail_mask(rank - k0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
+      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
+    }
+  }
+  for (int b = 0; b < N; ++b)
+    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
+}
+
+template <typename ST, int N>
+void q8i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t d_in, const I8Acts& A,
+               int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y,
+               int64_t d_out) {
+  // one row per tile (R = 1): with 1 thread and cold weights, R = 2 / 4 took 1.5x / 1.6x the time of
+  // R = 1 on 49152 x 576 and 1.4x / 1.7x on 4096 x 4096 (batch 1, 8-bit g = 32)
+  constexpr int R = 1;
+  const int64_t rb = row_bytes(8, d_in);
+  int64_t r = r0;
+  float out[N * R];
+  for (; r + R <= r1; r += R) {
+    q8i8_tile<ST, R, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, out);
+    for (int b = 0; b < N; ++b)
+      for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
+  }
+  for (; r < r1; ++r) {
+    float o1[N];
+    q8i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
     for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
   }
 }
@@ -1026,7 +1203,85 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
 #endif
 }
 
-// 1 when packed_mm_q4i8 is compiled (AVX-512 VNNI) and the running CPU has avx512_vnni.
+// cpu_q8_i8 product: y (n, d_out) = deq(q) (x / s) + B (A x) + bias with x / s rounded to int8 per 32
+// columns (see q8i8_quantize_acts).  Same arguments as packed_mm for the cpu_q8 layout (bits 5..8).
+at::Tensor packed_mm_q8i8(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                          const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out,
+                          int64_t d_in, const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                          const c10::optional<at::Tensor>& a_) {
+#if TTQ_VNNI
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.packed_mm_q8i8: x must be (n, d_in)");
+  TORCH_CHECK(bits >= 5 && bits <= 8, "ttq_cpu.packed_mm_q8i8: bits must be in 5..8 (the cpu_q8 layout), got ", bits);
+  g = std::min(g, d_in);
+  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in),
+              "ttq_cpu.packed_mm_q8i8: group size must be a multiple of 32 or cover the row, got ", g);
+  const int64_t n = x_.size(0);
+  const int64_t n_groups = (d_in + g - 1) / g;
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
+              q.size(1) == row_bytes(8, d_in), "ttq_cpu.packed_mm_q8i8: qweight is not a cpu_q8 tensor of this shape");
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
+              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
+              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
+              "ttq_cpu.packed_mm_q8i8: scale/zero must be contiguous (d_out, n_groups) float32 or float16");
+  const at::Tensor x = x_.contiguous();
+  const bool has_s = s_.has_value();
+  at::Tensor s = has_s ? s_->to(at::kFloat).contiguous() : at::Tensor();
+  const int64_t rank = (b_.has_value() && a_.has_value()) ? b_->size(1) : 0;
+  at::Tensor bmat = rank ? b_->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor amat = rank ? a_->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor bias = bias_.has_value() ? bias_->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(!rank || (bmat.size(0) == d_out && amat.size(0) == rank && amat.size(1) == d_in),
+              "ttq_cpu.packed_mm_q8i8: low-rank factors must be (d_out, r) and (r, d_in)");
+  // prologue: xf = x (float32), xs = x / s, t = A x, int8 activations
+  const int64_t rs = std::max<int64_t>(rank, 1);
+  std::vector<float> xf(n * d_in), xs(n * d_in), tv(n * rs);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ttq_packed_mm_q8i8_x", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n * d_in; ++i) xf[i] = static_cast<float>(xp[i]);
+  });
+  const float* sp = has_s ? s.data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < n; ++b) {
+    for (int64_t i = 0; i < d_in; ++i) xs[b * d_in + i] = has_s ? xf[b * d_in + i] / sp[i] : xf[b * d_in + i];
+    for (int64_t k = 0; k < rank; ++k) tv[b * rs + k] = dot_f32(amat.data_ptr<float>() + k * d_in, xf.data() + b * d_in, d_in);
+  }
+  I8Acts acts;
+  q8i8_quantize_acts(xs.data(), n, d_in, g, n_groups, 1 << (bits - 1), acts);
+  at::Tensor y = at::empty({n, d_out}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
+  const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
+  auto run = [&](auto st_tag) {
+    using ST = decltype(st_tag);
+    const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
+    const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
+    at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t b0 = 0; b0 < n; b0 += 4) {
+        const int64_t nb = std::min<int64_t>(4, n - b0);
+        const float* tb = tv.data() + b0 * rs;
+        float* yb = yp + b0 * d_out;
+        switch (nb) {
+          case 1: q8i8_rows<ST, 1>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          case 2: q8i8_rows<ST, 2>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          case 3: q8i8_rows<ST, 3>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          default: q8i8_rows<ST, 4>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+        }
+      }
+      if (biasp)
+        for (int64_t b = 0; b < n; ++b)
+          for (int64_t r = r0; r < r1; ++r) yp[b * d_out + r] += biasp[r];
+    });
+  };
+  if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+#else
+  TORCH_CHECK(false, "ttq_cpu.packed_mm_q8i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
+  return at::Tensor();
+#endif
+}
+
+// 1 when packed_mm_q4i8 / packed_mm_q8i8 are compiled (AVX-512 VNNI) and the running CPU has avx512_vnni.
 int64_t has_vnni() {
 #if TTQ_VNNI
   return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
@@ -1049,6 +1304,8 @@ TORCH_LIBRARY(ttq_cpu, m) {
   m.def("has_avx512() -> int");
   m.def("packed_mm_q4i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int group, int d_out,"
         " int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
+  m.def("packed_mm_q8i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int bits, int group,"
+        " int d_out, int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
   m.def("has_vnni() -> int");
 }
 
@@ -1058,6 +1315,7 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
   m.impl("packed_mm", &packed_mm);
   m.impl("dequant", &dequant);
   m.impl("packed_mm_q4i8", &packed_mm_q4i8);
+  m.impl("packed_mm_q8i8", &packed_mm_q8i8);
 }
 
 TORCH_LIBRARY_IMPL(ttq_cpu, CompositeExplicitAutograd, m) {

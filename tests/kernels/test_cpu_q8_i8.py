@@ -1,0 +1,288 @@
+"""The opt-in ``cpu_q8_i8`` kernel (ttq.kernels.cpu_q8_i8, packed_mm_q8i8 in csrc/ttq_cpu.cpp).
+
+Two references:
+
+* :func:`i8_reference` rounds ``x / s`` to int8 exactly as the kernel does (per 32 columns,
+  ``sx = absmax / 127``, round half to even) and evaluates the kernel's algebra in float64
+  with codes centred at ``c = 2^(bits-1)``:
+  ``y = sum_i S (q_i - c) sx xq_i + sum_i (Z + c S) x_i / s_i``.  The integer path is exact,
+  so the kernel matches it up to float32 summation order (bound 1e-5 relative).
+* ``reference_linear`` (dequantize the same codes, float32 ``F.linear``).  Rounding ``x / s``
+  to int8 moves each input by ``|d_i| <= sx / 2`` and only the ``S (q - c)`` part of each
+  weight sees it, so ``|y_r - y_ref_r| <= sum_i |S (q_i - c)| sx_b(i) / 2`` (checked
+  elementwise); on Gaussian layers the relative error is ~0.5-1% (bound 2e-2 asserted).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttq.formats.affine import QuantSpec
+from ttq.kernels import cpu_build
+from ttq.kernels.api import pack_ttq, packed_linear, registered_layouts, select_layout, unpack
+from ttq.kernels.reference import reference_linear
+from ttq.methods.lowrank import svd_factors
+
+_OK = cpu_build.load()
+if _OK:
+    from ttq.kernels.cpu_i8 import vnni_available
+
+    _OK = vnni_available()
+pytestmark = pytest.mark.skipif(not _OK, reason="ttq C++ CPU kernels with AVX-512 VNNI unavailable")
+
+LAYOUT = "cpu_q8_i8"
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _int8_acts(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq * sx (..., d_in) float64, sx per column (..., d_in)) as the kernel rounds ``xs``."""
+    d_in = xs.shape[-1]
+    nb = -(-d_in // 32)
+    xp = torch.zeros(*xs.shape[:-1], nb * 32)
+    xp[..., :d_in] = xs
+    xb = xp.reshape(*xs.shape[:-1], nb, 32)  # (..., nb, 32)
+    sx = xb.abs().amax(-1, keepdim=True) / 127  # float32, as the kernel
+    xq = torch.where(sx > 0, torch.round(xb / torch.where(sx > 0, sx, torch.ones_like(sx))), torch.zeros_like(xb))
+    xd = (xq.double() * sx.double()).reshape(*xs.shape[:-1], nb * 32)[..., :d_in]
+    return xd, sx.expand_as(xb).reshape(*xs.shape[:-1], nb * 32)[..., :d_in].double()
+
+
+def _params(packed):
+    codes, scale, zero = unpack(packed)
+    d_in = packed.shape[1]
+    g = d_in if packed.group_size == -1 or packed.group_size >= d_in else packed.group_size
+    gi = torch.arange(d_in) // g
+    return codes.double(), scale[:, gi].double(), zero[:, gi].double()  # per column (d_out, d_in)
+
+
+def i8_reference(x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
+    """The kernel's result in float64 (int8-rounded x / s, exact zero-point and rank-r terms)."""
+    xf = x.float()
+    xs = xf / s.float() if s is not None else xf
+    xd, _ = _int8_acts(xs)
+    q, S, Z = _params(packed)
+    c = 2 ** (packed.bits - 1)
+    y = xd @ (S * (q - c)).T + xs.double() @ (Z + c * S).T
+    if b is not None:
+        y = y + (xf.double() @ a.double().T) @ b.double().T
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def worst_case_error(x, packed, s=None) -> torch.Tensor:
+    """sum_i |S (q_i - c)| sx_b(i) / 2 per output: the largest |y - y_ref| int8 rounding can cause."""
+    xf = x.float()
+    xs = xf / s.float() if s is not None else xf
+    _, sx = _int8_acts(xs)
+    q, S, _ = _params(packed)
+    return (sx / 2) @ (S * (q - 2 ** (packed.bits - 1))).abs().T
+
+
+def _case(d_out, d_in, seed, dtype=torch.float32, s_kind="ones"):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(d_out, d_in, generator=g) * 0.05).to(dtype)
+    if s_kind == "ones":
+        s = torch.ones(d_in)
+    elif s_kind == "random":
+        s = torch.rand(d_in, generator=g) * 2 + 0.1
+    else:  # extreme: 14 decades
+        s = torch.rand(d_in, generator=g) * 2 + 0.1
+        s[::7] = 1e-7
+        s[3::11] = 1e7
+    return w, s, g
+
+
+# (d_out, d_in, group_size): row tails of 16 / 48 bytes in the last 64-byte load, windows of 512 columns
+# partly filled, one group per row, groups spanning several blocks / windows, the LM head's 576 columns
+SHAPES = [(45, 300, 32), (37, 200, -1), (33, 1000, 64), (19, 96, 96), (70, 576, 32), (23, 528, 32),
+          (6, 1040, 160), (5, 4096, 128), (3, 16, -1)]
+
+
+@pytest.mark.parametrize("d_out,d_in,group_size", SHAPES)
+@pytest.mark.parametrize("n_tokens", [1, 3, 5])
+@pytest.mark.parametrize("s_kind", ["ones", "random"])
+def test_integer_path_is_exact(d_out, d_in, group_size, n_tokens, s_kind):
+    w, s, g = _case(d_out, d_in, d_in + n_tokens, s_kind=s_kind)
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=group_size), layout=LAYOUT)
+    x = torch.randn(n_tokens, d_in, generator=g)
+    y = packed_linear(x, packed, s)
+    assert y.shape == (n_tokens, d_out) and y.dtype == torch.float32
+    assert _rel(y, i8_reference(x, packed, s)) < 1e-5  # float32 sums in another order
+
+
+@pytest.mark.parametrize("bits", [5, 6, 7])
+def test_narrower_codes_share_the_layout(bits):
+    w, s, g = _case(29, 448, bits, s_kind="random")
+    packed = pack_ttq(w, s, QuantSpec(bits=bits, group_size=64), layout=LAYOUT)
+    assert int(unpack(packed)[0].max()) == 2 ** bits - 1
+    x = torch.randn(3, 448, generator=g)
+    assert _rel(packed_linear(x, packed, s), i8_reference(x, packed, s)) < 1e-5
+
+
+@pytest.mark.parametrize("d_out,d_in,group_size", SHAPES[:6])
+def test_error_vs_exact_reference_is_int8_rounding(d_out, d_in, group_size):
+    w, s, g = _case(d_out, d_in, 3 * d_in)
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=group_size), layout=LAYOUT)
+    x = torch.randn(3, d_in, generator=g)
+    y, y_ref = packed_linear(x, packed, s), reference_linear(x, packed, s)
+    rel = _rel(y, y_ref)
+    assert 1e-4 < rel < 2e-2  # nonzero (x really is rounded) and small
+    bound = worst_case_error(x, packed, s)
+    assert ((y.double() - y_ref.double()).abs() <= bound + 1e-5 * y_ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3, 32])
+def test_batches_up_to_small_batch(n_tokens):
+    w, s, g = _case(41, 576, 12, s_kind="random")
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), layout=LAYOUT)
+    x = torch.randn(n_tokens, 576, generator=g)
+    y = packed_linear(x, packed, s)
+    assert _rel(y, i8_reference(x, packed, s)) < 1e-5
+    for i in (0, n_tokens - 1):  # each token's result does not depend on the others in its tile
+        assert _rel(y[i:i + 1], packed_linear(x[i:i + 1], packed, s)) < 1e-6
+
+
+def test_large_batch_uses_exact_path():
+    w, s, g = _case(40, 300, 1, s_kind="random")
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), layout=LAYOUT)
+    x = torch.randn(2, 20, 300, generator=g)  # 40 tokens > cpu.SMALL_BATCH
+    y = packed_linear(x, packed, s)
+    assert y.shape == (2, 20, 40)
+    assert _rel(y, reference_linear(x, packed, s)) < 1e-5
+
+
+def test_packed_tensors_are_cpu_q8():
+    w, s, _ = _case(37, 200, 2, s_kind="random")
+    spec = QuantSpec(bits=8, group_size=32)
+    pi, p8 = pack_ttq(w, s, spec, layout=LAYOUT), pack_ttq(w, s, spec, layout="cpu_q8")
+    assert pi.layout == LAYOUT and p8.layout == "cpu_q8"
+    assert pi.qweight.shape == (37, 208)  # rows padded to 16 columns
+    assert torch.equal(pi.qweight, p8.qweight) and torch.equal(pi.scale, p8.scale) and torch.equal(pi.zero, p8.zero)
+    for ti, t8 in zip(unpack(pi), unpack(p8)):
+        assert torch.equal(ti, t8)
+    out = pack_ttq(w * 2, s, spec, layout=LAYOUT, out=pi)  # pack_into reuses the buffers
+    assert out.qweight.data_ptr() == pi.qweight.data_ptr()
+    assert torch.equal(out.scale, pack_ttq(w * 2, s, spec, layout="cpu_q8").scale)
+
+
+def test_zero_range_groups():
+    w, s, g = _case(9, 128, 4)
+    w[:, :32] = 0.3  # every row's first group is constant: S = 0, W_hat = Z exactly
+    w[2] = -1.0  # a whole constant row
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), layout=LAYOUT)
+    assert (unpack(packed)[1][:, 0] == 0).all()
+    x = torch.randn(1, 128, generator=g)
+    y = packed_linear(x, packed, s)
+    assert _rel(y, i8_reference(x, packed, s)) < 1e-5
+    assert abs(y[0, 2].item() - (-x.sum()).item()) < 1e-4  # constant row: only the exact zero-point term
+
+
+def test_zero_input_block_and_zero_input():
+    w, s, g = _case(8, 96, 5)
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), layout=LAYOUT)
+    x = torch.randn(1, 96, generator=g)
+    x[0, 32:64] = 0  # absmax 0: sx = 0, the block contributes nothing
+    assert _rel(packed_linear(x, packed, s), i8_reference(x, packed, s)) < 1e-5
+    assert torch.equal(packed_linear(torch.zeros(1, 96), packed, s), torch.zeros(1, 8))
+
+
+def test_extreme_scale():
+    w, s, g = _case(21, 300, 6, s_kind="extreme")
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), layout=LAYOUT)
+    x = torch.randn(2, 300, generator=g)
+    y = packed_linear(x, packed, s)
+    assert torch.isfinite(y).all()
+    # x / s spans 14 decades: the float32 zero-point term cancels against the rest; the exact cpu_q8
+    # kernel is 5e-5..8e-5 off a float64 product here (seeds 6..11), this one 2e-5..3e-5
+    assert _rel(y, i8_reference(x, packed, s)) < 1e-4
+    bound = worst_case_error(x, packed, s)
+    y_ref = reference_linear(x, packed, s)
+    assert ((y.double() - y_ref.double()).abs() <= bound + 1e-5 * y_ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_weights_and_inputs(dtype):
+    w, s, g = _case(33, 320, 7, dtype=dtype, s_kind="random")
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=64), layout=LAYOUT)
+    x = torch.randn(3, 320, generator=g).to(dtype)
+    y = packed_linear(x, packed, s)
+    assert y.dtype == dtype and y.shape == (3, 33)
+    eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # output rounding to x's dtype
+    assert _rel(y, i8_reference(x, packed, s)) < eps
+
+
+def test_lowrank_and_bias():
+    w, s, g = _case(48, 256, 8, s_kind="random")
+    b, a = (f.contiguous() for f in svd_factors(w, 16))
+    bias = torch.randn(48, generator=g)
+    packed = pack_ttq(w, s, QuantSpec(bits=8, group_size=32), b, a, layout=LAYOUT)
+    for n in (1, 3):
+        x = torch.randn(n, 256, generator=g)
+        y = packed_linear(x, packed, s, bias, b, a)
+        assert _rel(y, i8_reference(x, packed, s, bias, b, a)) < 1e-5
+        y_ref = reference_linear(x, packed, s, bias, b, a)
+        bound = worst_case_error(x, packed, s)
+        assert ((y.double() - y_ref.double()).abs() <= bound + 1e-5 * y_ref.abs().max()).all()
+
+
+def test_packed_lm_head():
+    from ttq import runtime
+    import torch.nn as nn
+
+    torch.manual_seed(13)
+    model = nn.Module()
+    head = nn.Linear(96, 70, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    model.set_output_embeddings = lambda m: setattr(model, "lm_head", m)
+    model.lm_head = head
+    new = runtime.quantize_lm_head(model, bits=8, group_size=32, layout=LAYOUT)
+    assert new.packed.layout == LAYOUT and model.lm_head is new
+    x = torch.randn(2, 96)
+    y = new(x)
+    assert _rel(y, i8_reference(x, new.packed, torch.ones(96))) < 1e-5
+    assert _rel(y, head(x)) < 2e-2  # 8-bit codes + int8 activations stay close to the float head
+
+
+def test_default_selection_keeps_exact_kernel():
+    assert LAYOUT in registered_layouts("cpu")
+    spec = QuantSpec(bits=8, group_size=32)
+    assert select_layout(spec, (64, 576), "cpu", torch.float32) == "cpu_q8"
+    w, s, _ = _case(16, 128, 10)
+    assert pack_ttq(w, s, spec).layout == "cpu_q8"
+    assert pack_ttq(w, s, spec, strict=True).layout == "cpu_q8"
+
+
+@pytest.mark.parametrize("bits,group_size,match", [(4, 32, "5..8-bit"), (2, 32, "5..8-bit"), (8, 16, "multiple of 32"),
+                                                   (8, 48, "multiple of 32")])
+def test_unsupported_combinations_raise(bits, group_size, match):
+    w, s, _ = _case(8, 128, 11)
+    with pytest.raises(ValueError, match=match):
+        pack_ttq(w, s, QuantSpec(bits=bits, group_size=group_size), layout=LAYOUT)
+    # layout=None is unaffected: another kernel (or the reference) serves it
+    assert pack_ttq(w, s, QuantSpec(bits=bits, group_size=group_size)).layout != LAYOUT
+
+
+def test_codebook_format_raises():
+    w, s, _ = _case(8, 128, 12)
+    with pytest.raises(ValueError, match="codebook"):
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=32, fmt="nf4"), layout=LAYOUT)
+
+
+def test_bench_generation_head_layout():
+    import torch.nn as nn
+
+    from ttq.eval.bench import _head_layout
+
+    model = nn.Module()
+    model.lm_head = nn.Linear(96, 64, bias=False)
+    model.get_output_embeddings = lambda: model.lm_head
+    assert _head_layout("cpu_q4_i8", 8, 32, model) == LAYOUT  # an "_i8" row packs the head with int8 activations
+    assert _head_layout("cpu_q4_i8", 4, 32, model) == "cpu_q4_i8"
+    assert _head_layout("cpu_q4_i8", 8, 16, model) is None  # g = 16: cpu_q8_i8 cannot, the default layout serves
+    assert _head_layout("cpu_q4", 8, 32, model) is None
+    assert _head_layout(None, 8, 32, model) is None

@@ -43,3 +43,14 @@ def test_run_cells_caches_and_resumes(stories_model, tmp_path, monkeypatch):
     md = markdown_tables(again, ["wikitext2"])
     assert "| RTN |" in md and "| TTQ (r=0) |" in md and "FP (WT2:" in md
     assert json.loads(next(tmp_path.glob("*.json")).read_text())["n_windows"] == 2
+
+
+def test_forward_overhead_restores_the_model(stories_model):
+    from ttq.config import TTQConfig
+    from ttq.eval.table import forward_overhead
+    from ttq.nn import TTQLinear
+
+    o = forward_overhead(stories_model, torch.randint(0, 500, (1, 64)), TTQConfig(), repeats=1)
+    assert o["fp_seconds"] > 0 and o["quantized_seconds"] > 0 and o["seqlen"] == 64
+    assert o["ratio"] == pytest.approx(o["quantized_seconds"] / o["fp_seconds"])
+    assert not any(isinstance(m, TTQLinear) for m in stories_model.modules())

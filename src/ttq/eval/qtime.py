@@ -9,7 +9,7 @@ import torch
 
 from ttq.calibrate import calibrate
 from ttq.config import RTNConfig
-from ttq.eval.table import Cell
+from ttq.eval.table import Cell, forward_seconds
 from ttq.patch.walker import quantize_, restore_
 
 
@@ -18,23 +18,12 @@ def is_test_time(config) -> bool:
     return config is not None and not isinstance(config, RTNConfig) and not config.needs_calibration
 
 
-@torch.no_grad()
-def _forward_seconds(model, window: torch.Tensor, repeats: int) -> float:
-    model(window, use_cache=False)  # warm-up (and, for test-time methods, any lazy setup)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(window, use_cache=False)
-        ts.append(time.perf_counter() - t0)
-    return sorted(ts)[len(ts) // 2]
-
-
 def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor, repeats: int = 3,
                        eval_datasets: tuple[str, ...] = (), data_dir=None, source: str = "local") -> list[dict]:
     """One row per cell: ``calib_seconds`` (fresh, not from the disk cache; shared by cells with the
     same calibration spec and counted in each), ``quantize_seconds`` (``quantize_`` itself), and for
     test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus unquantized."""
-    fp = _forward_seconds(model, window, repeats)
+    fp = forward_seconds(model, window, repeats)
     calib: dict = {}
     rows = []
     for cell in cells:
@@ -55,7 +44,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         row["quantize_seconds"] = time.perf_counter() - t0
         try:
             if is_test_time(cfg):
-                row["per_prompt_seconds"] = max(_forward_seconds(model, window, repeats) - fp, 0.0)
+                row["per_prompt_seconds"] = max(forward_seconds(model, window, repeats) - fp, 0.0)
         finally:
             restore_(model, blocks_only=True)
         row["total_seconds"] = row["calib_seconds"] + row["quantize_seconds"]

@@ -208,23 +208,24 @@ def markdown_tables(results: list[dict], datasets: list[str]) -> str:
 
 
 @torch.no_grad()
+def forward_seconds(model, window: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time of ``repeats`` forwards of ``window`` (1, seqlen), after one warm-up forward
+    (which also does any lazy setup of test-time methods)."""
+    model(window, use_cache=False)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(window, use_cache=False)
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
 def forward_overhead(model, window: torch.Tensor, config, repeats: int = 3) -> dict:
     """Median wall time of one forward of ``window`` (1, seqlen): unquantized vs quantized with ``config``."""
-
-    def timed() -> float:
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(window, use_cache=False)
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
-
-    model(window, use_cache=False)  # warm-up
-    fp = timed()
+    fp = forward_seconds(model, window, repeats)
     quantize_(model, config)
     try:
-        model(window, use_cache=False)
-        q = timed()
+        q = forward_seconds(model, window, repeats)
     finally:
         restore_(model, blocks_only=True)
     return {"fp_seconds": fp, "quantized_seconds": q, "ratio": q / fp, "seqlen": window.shape[1]}

@@ -1,19 +1,21 @@
-"""The opt-in ``cpu_q4_i8`` layout: ``cpu_q4`` codes read with int8 activations (AVX-512 VNNI).
+"""The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI).
 
-The packed tensors are exactly those of ``cpu_q4`` (same packer, same bytes); only the
-product differs.  Per call, ``x / s`` is rounded to int8 per block of 32 columns
-(symmetric, scale ``sx = absmax / 127``) and the 4-bit codes are multiplied with
-``_mm512_dpbusd_epi32``; the zero-point term ``sum_g Z_g sum_{i in g} x_i / s_i`` and
-the rank-r term ``B (A x)`` stay in float32.  Only the ``S (q - 8)`` part of each weight
-sees the int8 rounding, so ``|y - y_exact| <= sum_i |S_g(i) (q_i - 8)| sx_b(i) / 2``
-(about 0.3-0.5% relative error on random layers, see tests/kernels/test_cpu_i8.py); the
-results are therefore not bit-identical to the ``u8`` reference, which is why
-``layout=None`` keeps choosing the exact float kernel (``cpu_q4``, priority 10 > 5).
+Each reads the packed tensors of its base layout (``cpu_q4`` / ``cpu_q8``: same packer, same
+bytes); only the product differs.  Per call, ``x / s`` is rounded to int8 per block of 32
+columns (symmetric, scale ``sx = absmax / 127``) and the unsigned codes are multiplied with
+``_mm512_dpbusd_epi32`` (``packed_mm_q4i8`` / ``packed_mm_q8i8`` in csrc/ttq_cpu.cpp).  Codes
+are centred at ``c = 2^(bits-1)``; the zero-point term ``sum_g (Z_g + c S_g) sum_{i in g} x_i / s_i``
+and the rank-r term ``B (A x)`` stay in float32, so only the ``S (q - c)`` part of each weight
+sees the int8 rounding: ``|y - y_exact| <= sum_i |S_g(i) (q_i - c)| sx_b(i) / 2`` (about
+0.3-1% relative error on random layers, see tests/kernels/test_cpu_i8.py).  The results are
+therefore not bit-identical to the ``u8`` reference, which is why ``layout=None`` keeps
+choosing the exact float kernel (``cpu_q4`` / ``cpu_q8``, priority 10 > 5).
 
-Served: bits 4, group sizes that are multiples of 32 or one group per row, float32 /
-bfloat16 / float16 weights and activations; batches above ``cpu.SMALL_BATCH`` tokens use
-the exact dense path of :mod:`ttq.kernels.cpu`.  Offered only when the extension was built
-with AVX-512 VNNI and the running CPU has ``avx512_vnni``.
+Served: the base layout's bits (4 for ``cpu_q4_i8``, 5..8 for ``cpu_q8_i8``), group sizes that
+are multiples of 32 or one group per row, float32 / bfloat16 / float16 weights and
+activations; batches above ``cpu.SMALL_BATCH`` tokens use the exact dense path of
+:mod:`ttq.kernels.cpu`.  Offered only when the extension was built with AVX-512 VNNI and the
+running CPU has ``avx512_vnni``.
 """
 
 from __future__ import annotations
@@ -26,78 +28,94 @@ from ttq.formats.affine import QuantSpec, effective_group_size
 from ttq.kernels import cpu, cpu_build
 from ttq.kernels.api import PackedWeight, register_kernel
 
-LAYOUT = "cpu_q4_i8"
-BASE_LAYOUT = "cpu_q4"  # the packing it shares
-PRIORITY = 5  # below cpu_q4's 10: never picked by layout=None while cpu_q4 serves the combination
+PRIORITY = 5  # below the base layouts' 10: never picked by layout=None while the exact kernel serves
 BLOCK = 32  # columns per int8 activation scale
 
 
 def vnni_available() -> bool:
-    """True when the compiled extension has the VNNI kernel and this CPU can run it."""
+    """True when the compiled extension has the VNNI kernels and this CPU can run them."""
     return cpu_build.load() and bool(torch.ops.ttq_cpu.has_vnni())
 
 
-def check_supported(spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
-    """None when ``cpu_q4_i8`` serves (spec, weight shape, dtype), else why not."""
-    if getattr(spec, "fmt", "int") != "int":
-        return f"format {spec.fmt!r} is a codebook format (reference layout only)"
-    if spec.bits != 4:
-        return f"{LAYOUT} holds 4-bit codes, not {spec.bits}"
-    d_in = shape[1]
-    g = effective_group_size(d_in, spec.group_size)
-    if g % BLOCK and g < d_in:
-        return (f"group size {spec.group_size} is not a multiple of {BLOCK} (int8 activations are scaled per "
-                f"{BLOCK} columns; use a multiple of {BLOCK} or -1)")
-    why = cpu.check_supported(BASE_LAYOUT, spec, shape, dtype)
-    if why is not None:
-        return why
-    if not vnni_available():
-        return "this CPU or build lacks AVX-512 VNNI (avx512_vnni)"
-    return None
+@dataclasses.dataclass(frozen=True)
+class CpuI8Kernel:
+    """``base`` packing, int8-activation VNNI product ``op``, ``base`` unpacking.
 
+    Attributes:
+        layout: the layout name this kernel registers.
+        base: the exact layout whose packed tensors it reads (its bits are the bits served).
+        op: the ``torch.ops.ttq_cpu`` product.
+        op_takes_bits: the op takes ``bits`` after ``zero`` (several code widths share the base layout).
+    """
 
-def linear(x: torch.Tensor, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
-    """``deq(packed) @ (x / s) + B (A x) + bias`` with int8-rounded ``x / s``; (..., d_in) -> (..., d_out)."""
-    d_out, d_in = packed.shape
-    x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
-    if x2.shape[0] > cpu.SMALL_BATCH:  # prefill: the exact blocked-dequantize path
-        return cpu.linear(x, packed, s, bias, b, a)
-    has_lr = b is not None and b.shape[1] > 0
-    g = effective_group_size(d_in, packed.group_size)
-    y = torch.ops.ttq_cpu.packed_mm_q4i8(x2, s, packed.qweight, packed.scale, packed.zero, g, d_out, d_in, bias,
-                                         b if has_lr else None, a if has_lr else None)  # (n, d_out) in x's dtype
-    return y.reshape(*x.shape[:-1], d_out)
+    layout: str
+    base: str
+    op: str
+    op_takes_bits: bool
 
-
-class CpuQ4I8Kernel:
-    """``cpu_q4`` packing, int8-activation VNNI product, ``cpu_q4`` unpacking."""
-
-    layout = LAYOUT
+    def check_supported(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+        """None when this layout serves (spec, weight shape, dtype), else why not."""
+        if getattr(spec, "fmt", "int") != "int":
+            return f"format {spec.fmt!r} is a codebook format (reference layout only)"
+        bits = cpu.LAYOUT_BITS[self.base]
+        if spec.bits not in bits:
+            held = f"{bits[0]}-bit" if len(bits) == 1 else f"{bits[0]}..{bits[-1]}-bit"
+            return f"{self.layout} holds {held} codes (the {self.base} layout), not {spec.bits}"
+        d_in = shape[1]
+        g = effective_group_size(d_in, spec.group_size)
+        if g % BLOCK and g < d_in:
+            return (f"group size {spec.group_size} is not a multiple of {BLOCK} (int8 activations are scaled per "
+                    f"{BLOCK} columns; use a multiple of {BLOCK} or -1)")
+        why = cpu.check_supported(self.base, spec, shape, dtype)
+        if why is not None:
+            return why
+        if not vnni_available():
+            return "this CPU or build lacks AVX-512 VNNI (avx512_vnni)"
+        return None
 
     def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
-        return check_supported(spec, shape, dtype)
+        return self.check_supported(spec, shape, dtype)
 
     def _check(self, spec: QuantSpec, w: torch.Tensor) -> None:
-        why = check_supported(spec, tuple(w.shape), w.dtype)
+        why = self.check_supported(spec, tuple(w.shape), w.dtype)
         if why is not None:
-            raise ValueError(f"layout {LAYOUT!r} cannot pack this weight: {why}")
+            raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
 
     def pack(self, w, s, spec, b, a) -> PackedWeight:
         self._check(spec, w)
-        return cpu.pack(LAYOUT, w, s, spec, b, a)
+        return cpu.pack(self.layout, w, s, spec, b, a)
 
     def pack_into(self, out, w, s, spec, b, a) -> PackedWeight:
         self._check(spec, w)
         return cpu.pack_into(out, w, s, spec, b, a)
 
-    def linear(self, x, packed, s, bias, b, a) -> torch.Tensor:
+    def linear(self, x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
+        """``deq(packed) @ (x / s) + B (A x) + bias`` with int8-rounded ``x / s``; (..., d_in) -> (..., d_out)."""
         if not vnni_available():
-            raise RuntimeError(f"packed weight in layout {LAYOUT!r} needs the ttq C++ extension with AVX-512 VNNI "
-                               f"({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
-        return linear(x, packed, s, bias, b, a)
+            raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
+                               f"VNNI ({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
+        d_out, d_in = packed.shape
+        x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
+        if x2.shape[0] > cpu.SMALL_BATCH:  # prefill: the exact blocked-dequantize path
+            return cpu.linear(x, packed, s, bias, b, a)
+        has_lr = b is not None and b.shape[1] > 0
+        g = effective_group_size(d_in, packed.group_size)
+        bits = (packed.bits,) if self.op_takes_bits else ()
+        y = getattr(torch.ops.ttq_cpu, self.op)(x2, s, packed.qweight, packed.scale, packed.zero, *bits, g, d_out,
+                                                d_in, bias, b if has_lr else None,
+                                                a if has_lr else None)  # (n, d_out) in x's dtype
+        return y.reshape(*x.shape[:-1], d_out)
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return cpu.unpack(dataclasses.replace(packed, layout=BASE_LAYOUT))
+        return cpu.unpack(dataclasses.replace(packed, layout=self.base))
 
 
-register_kernel(LAYOUT, "cpu", priority=PRIORITY)(CpuQ4I8Kernel())
+KERNELS = {
+    k.layout: k
+    for k in (
+        CpuI8Kernel("cpu_q4_i8", "cpu_q4", "packed_mm_q4i8", op_takes_bits=False),
+        CpuI8Kernel("cpu_q8_i8", "cpu_q8", "packed_mm_q8i8", op_takes_bits=True),
+    )
+}
+for _layout, _kernel in KERNELS.items():
+    register_kernel(_layout, "cpu", priority=PRIORITY)(_kernel)

@@ -540,22 +540,23 @@ void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits,
 
 #endif  // TTQ_AVX512
 
-// ---------------------------------------------------------------- cpu_q4_i8: 4-bit codes x int8 activations
-// The cpu_q4 layout read with AVX-512 VNNI integer dot products (llama.cpp's Q4 x Q8 idea).  Per call,
-// x / s is rounded to int8 per block of 32 columns (sx = absmax / 127, xq = round(x / s / sx)), stored
-// per span of 4 blocks (128 columns) as 64 bytes "low" (columns 0..15 of the 4 blocks) then 64 bytes
-// "high" (columns 16..31): the order of the nibbles of 64 packed bytes.  With w s = S q + Z per group
-// and codes centred at 8:
-//   y = sum_b S_g(b) [sx_b sum_{i in b} q_i xq_i + e_b] + sum_b Z_g(b) xsum_b,
-//   e_b = 8 (xsum_b - sx_b sum_{i in b} xq_i),  xsum_b = sum_{i in b} x_i / s_i (exact float),
-// i.e. only the S (q - 8) part sees the int8 rounding of x.  Group sizes: multiples of 32 or one
-// group per row (block b uses group min(32 b / g, n_groups - 1)).
+// ---------------------------------------------------------------- int8-activation layouts (AVX-512 VNNI)
+// cpu_q4_i8 and cpu_q8_i8 read cpu_q4 / cpu_q8 codes with _mm512_dpbusd_epi32 (llama.cpp's Q4 x Q8 idea).
+// Per call, x / s is rounded to int8 per block of 32 columns (sx = absmax / 127, xq = round(x / s / sx)).
+// With w s = S q + Z per group and codes centred at c = 2^(bits-1):
+//   y = sum_b S_g(b) [sx_b sum_{i in b} (q_i - c) xq_i + c xsum_b] + sum_b Z_g(b) xsum_b,
+//   xsum_b = sum_{i in b} x_i / s_i (exact float),
+// i.e. only the S (q - c) part sees the int8 rounding of x.  Group sizes: multiples of 32 or one group
+// per row (block b uses group min(32 b / g, n_groups - 1)).  The two layouts share the activation
+// rounding, the per-window S / Z / sx / xsum epilogue, the rank-r term and the op's setup; only the
+// inner code-loading loop (q4i8_tile, q8i8_tile) differs.
 #if TTQ_AVX512 && defined(__AVX512VNNI__)
 #define TTQ_VNNI 1
+#define TTQ_ALWAYS_INLINE inline __attribute__((always_inline))
 
 struct I8Acts {
   int64_t nb = 0, nw = 0, nbp = 0;  // blocks of 32 columns, windows of 16 blocks, padded blocks (16 nw)
-  std::vector<int8_t> xq;            // N x (nbp * 32) codes, span order (see above)
+  std::vector<int8_t> xq;            // N x (nbp * 32) codes (span order for cpu_q4_i8, natural for cpu_q8_i8)
   std::vector<float> sx, e, xsum;    // N x nbp each; zero past the row
   std::vector<int32_t> gfirst, gidx; // per window: first group, 16 block -> group offsets
   bool perm = false;                 // gidx is not the identity (g > 32 or one group)
@@ -577,8 +578,14 @@ inline void i8_group_index(int64_t g, int64_t n_groups, I8Acts& A) {
   }
 }
 
-// xs: N rows of d_in prescaled float inputs (row stride d_in).
-inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g, int64_t n_groups, I8Acts& A) {
+// xs: N rows of d_in prescaled float inputs (row stride d_in); centre = 2^(bits-1).
+// SpanOrder (cpu_q4_i8): xq stored per span of 4 blocks (128 columns) as 64 bytes "low" (columns 0..15
+// of the 4 blocks) then 64 bytes "high" (columns 16..31), the order of the nibbles of 64 packed bytes, and
+// the centre folded into e_b = c (xsum_b - sx_b sum xq).  Otherwise (cpu_q8_i8): byte c = column c (rows
+// zero padded to windows of 512 columns), e_b = c xsum_b and cq_b = c sum xq, subtracted in integers.
+template <bool SpanOrder>
+inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g, int64_t n_groups, int centre,
+                             I8Acts& A) {
   A.nb = (d_in + 31) / 32;
   A.nw = (A.nb + 15) / 16;
   A.nbp = A.nw * 16;
@@ -587,6 +594,7 @@ inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g
   A.sx.assign(n * nbp, 0.0f);
   A.e.assign(n * nbp, 0.0f);
   A.xsum.assign(n * nbp, 0.0f);
+  if (!SpanOrder) A.cq.assign(n * nbp, 0);
   for (int64_t b = 0; b < n; ++b) {
     const float* xr = xs + b * d_in;
     int8_t* qr = A.xq.data() + b * nbp * 32;
@@ -603,14 +611,19 @@ inline void i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g
         q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v0, d), rnd));
         q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v1, d), rnd));
       }
-      int8_t* dst = qr + (k / 4) * 128 + (k % 4) * 16;
+      int8_t* dst = SpanOrder ? qr + (k / 4) * 128 + (k % 4) * 16 : qr + c;
       _mm_storeu_si128((__m128i*)dst, _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128((__m128i*)(dst + 64), _mm512_cvtsepi32_epi8(q1));
+      _mm_storeu_si128((__m128i*)(dst + (SpanOrder ? 64 : 16)), _mm512_cvtsepi32_epi8(q1));
       const float xsum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
       const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
       A.sx[b * nbp + k] = sx;
       A.xsum[b * nbp + k] = xsum;
-      A.e[b * nbp + k] = 8.0f * (xsum - sx * (float)qsum);
+      if (SpanOrder) {
+        A.e[b * nbp + k] = (float)centre * (xsum - sx * (float)qsum);
+      } else {
+        A.e[b * nbp + k] = (float)centre * xsum;
+        A.cq[b * nbp + k] = centre * qsum;
+      }
     }
   }
   i8_group_index(g, n_groups, A);
@@ -631,32 +644,80 @@ inline __m512i i8_pair_add(__m512i a, __m512i b) {
   return _mm512_add_epi32(_mm512_permutex2var_epi32(a, ev, b), _mm512_permutex2var_epi32(a, od, b));
 }
 
-// y[b, r0 + r] for R rows and N tokens; out is N x R.
+// Software prefetch distances (measured, 1 thread): bytes ahead in each row's code stream, and groups
+// ahead in its scale / zero streams (the hardware prefetcher alone left 4096 x 11008 2x slower).
+constexpr int64_t I8_PF = 1024, I8_SPF = 64;
+
+// Prefetch the scale / zero entries I8_SPF groups past window w's first group for the tile's R rows.
+template <typename ST, int R>
+TTQ_ALWAYS_INLINE void i8_prefetch_params(const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A, int64_t w,
+                                          int64_t r0) {
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = A.gfirst[w] + I8_SPF;
+    if (o < n_groups) {
+      _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + o), _MM_HINT_T0);
+      _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + o), _MM_HINT_T0);
+    }
+  }
+}
+
+// Window w's epilogue: dot[r][b] lane j = the integer dot product of block 16 w + j with its centring
+// already applied (sum_i (q_i - c) xq_i, or sum_i q_i xq_i with the centre in e); adds
+// S (dot sx + e) + Z xsum to facc for the tile's R rows (from r0) and N tokens (from t0).
 template <typename ST, int R, int N>
-inline void i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A,
-                    int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, float* out) {
+TTQ_ALWAYS_INLINE void i8_window_accum(__m512 (&facc)[R][N], const __m512i (&dot)[R][N], const ST* sc, const ST* zr,
+                                       int64_t n_groups, const I8Acts& A, int64_t t0, int64_t w, int64_t r0) {
+  const int64_t nbp = A.nbp, o = t0 * nbp + w * 16;
+  __m512 sxv[N], ev[N], xsv[N];
+  for (int b = 0; b < N; ++b) {
+    sxv[b] = _mm512_loadu_ps(A.sx.data() + o + b * nbp);
+    ev[b] = _mm512_loadu_ps(A.e.data() + o + b * nbp);
+    xsv[b] = _mm512_loadu_ps(A.xsum.data() + o + b * nbp);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 S = i8_params(sc + (r0 + r) * n_groups, n_groups, A, w);
+    const __m512 Z = i8_params(zr + (r0 + r) * n_groups, n_groups, A, w);
+    for (int b = 0; b < N; ++b) {
+      facc[r][b] = _mm512_fmadd_ps(S, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][b]), sxv[b], ev[b]), facc[r][b]);
+      facc[r][b] = _mm512_fmadd_ps(Z, xsv[b], facc[r][b]);
+    }
+  }
+}
+
+// The tile's end: facc += B t (rank-r term), then out[b * R + r] = the sum of facc[r][b]'s lanes.
+template <int R, int N>
+TTQ_ALWAYS_INLINE void i8_finish(__m512 (&facc)[R][N], const float* bmat, const float* tv, int64_t rank, int64_t r0,
+                                 float* out) {
+  for (int64_t k0 = 0; k0 < rank; k0 += 16) {
+    const __mmask16 k = tail_mask(rank - k0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
+      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
+    }
+  }
+  for (int b = 0; b < N; ++b)
+    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
+}
+
+template <int R, int N>
+TTQ_ALWAYS_INLINE void i8_zero(__m512 (&facc)[R][N]) {
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < N; ++b) facc[r][b] = _mm512_setzero_ps();
+}
+
+// cpu_q4_i8: y[b, r0 + r] for R rows and N tokens; out is N x R.  rb: bytes per row.  One 64-byte load
+// covers a span of 4 blocks (low / high nibbles against the span's low / high int8 halves).
+template <typename ST, int R, int N>
+inline void q4i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A,
+                      int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, float* out) {
   const int64_t nbp = A.nbp, nb = A.nb;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const int8_t* xq = A.xq.data() + t0 * nbp * 32;  // tokens t0 .. t0 + N - 1
-  const float* sxp = A.sx.data() + t0 * nbp;
-  const float* ep = A.e.data() + t0 * nbp;
-  const float* xsp = A.xsum.data() + t0 * nbp;
   __m512 facc[R][N];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < N; ++b) facc[r][b] = _mm512_setzero_ps();
-  // software prefetch distances (measured, 1 thread): bytes ahead in each row's code stream, and
-  // groups ahead in its scale / zero streams (the hardware prefetcher alone left 4096 x 11008 2x slower)
-  constexpr int64_t PF = 1024, SPF = 64;
+  i8_zero(facc);
   for (int64_t w = 0; w < A.nw; ++w) {
     const bool full = (w + 1) * 16 <= nb;
-    if (full)
-      for (int r = 0; r < R; ++r) {
-        const int64_t o = A.gfirst[w] + SPF;
-        if (o < n_groups) {
-          _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + o), _MM_HINT_T0);
-          _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + o), _MM_HINT_T0);
-        }
-      }
+    if (full) i8_prefetch_params<ST, R>(sc, zr, n_groups, A, w, r0);
     __m512i half[2][R][N];
     for (int h = 0; h < 2; ++h) {
       __m512i u[2][R][N];
@@ -671,7 +732,7 @@ inline void i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, in
           const uint8_t* p = q + (r0 + r) * rb + blk0 * 16;
           __m512i v;
           if (full) {
-            if (blk0 * 16 + PF < rb) _mm_prefetch((const char*)(p + PF), _MM_HINT_T0);
+            if (blk0 * 16 + I8_PF < rb) _mm_prefetch((const char*)(p + I8_PF), _MM_HINT_T0);
             v = _mm512_loadu_si512((const void*)p);
           } else if (blk0 < nb) {  // the row's last span: read only its bytes
             const int64_t nbytes = std::min<int64_t>(4, nb - blk0) * 16;
@@ -688,123 +749,32 @@ inline void i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, in
       for (int r = 0; r < R; ++r)
         for (int b = 0; b < N; ++b) half[h][r][b] = i8_pair_add(u[0][r][b], u[1][r][b]);
     }
-    __m512 sxv[N], ev[N], xsv[N];
-    for (int b = 0; b < N; ++b) {
-      sxv[b] = _mm512_loadu_ps(sxp + b * nbp + w * 16);
-      ev[b] = _mm512_loadu_ps(ep + b * nbp + w * 16);
-      xsv[b] = _mm512_loadu_ps(xsp + b * nbp + w * 16);
-    }
-    for (int r = 0; r < R; ++r) {
-      const ST* srow = sc + (r0 + r) * n_groups;
-      const ST* zrow = zr + (r0 + r) * n_groups;
-      const __m512 S = i8_params(srow, n_groups, A, w), Z = i8_params(zrow, n_groups, A, w);
-      for (int b = 0; b < N; ++b) {
-        const __m512 d = _mm512_cvtepi32_ps(i8_pair_add(half[0][r][b], half[1][r][b]));  // lane j = block 16 w + j
-        facc[r][b] = _mm512_fmadd_ps(S, _mm512_fmadd_ps(d, sxv[b], ev[b]), facc[r][b]);
-        facc[r][b] = _mm512_fmadd_ps(Z, xsv[b], facc[r][b]);
-      }
-    }
+    __m512i dot[R][N];  // lane j = block 16 w + j: sum q xq (the centre 8 is in e)
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < N; ++b) dot[r][b] = i8_pair_add(half[0][r][b], half[1][r][b]);
+    i8_window_accum<ST, R, N>(facc, dot, sc, zr, n_groups, A, t0, w, r0);
   }
-  for (int64_t k0 = 0; k0 < rank; k0 += 16) {  // rank-r term B t
-    const __mmask16 k = tail_mask(rank - k0);
-    for (int r = 0; r < R; ++r) {
-      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
-      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
-    }
-  }
-  for (int b = 0; b < N; ++b)
-    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
+  i8_finish(facc, bmat, tv, rank, r0, out);
 }
 
-template <typename ST, int N>
-void i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t d_in, const I8Acts& A,
-             int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y, int64_t d_out) {
-  // one row per tile (R = 1): more rows per tile (more concurrent code / scale / zero streams) measured
-  // slower on 4096 x 4096 and 4096 x 11008 with 1 thread (R = 2: 1.4x, R = 4: 1.8x the time, cold weights)
-  const int64_t rb = row_bytes(4, d_in);
-  for (int64_t r = r0; r < r1; ++r) {
-    float o1[N];
-    i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
-    for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
-  }
-}
-
-// ---------------------------------------------------------------- cpu_q8_i8: 8-bit codes x int8 activations
-// The cpu_q8 layout (one code byte per column, natural order) read with _mm512_dpbusd_epi32.  x / s is
-// rounded to int8 per block of 32 columns exactly as for cpu_q4_i8, but stored in natural column order
-// (byte c = column c, rows zero padded to windows of 512 columns).  One 64-byte load of a row's codes
-// covers 2 blocks; dpbusd gives 16 dword lanes of 4 columns each and a pair-add tree over the 8 loads
-// of a window turns them into the 16 block dot products.  With w s = S q + Z per group and codes centred
-// at c = 2^(bits-1) (in integers: d_b - c sum_{i in b} xq_i, exact):
-//   y = sum_b S_g(b) [sx_b sum_{i in b} (q_i - c) xq_i + c xsum_b] + sum_b Z_g(b) xsum_b,
-// so only the S (q - c) part of each weight sees the int8 rounding of x.
-inline void q8i8_quantize_acts(const float* xs, int64_t n, int64_t d_in, int64_t g, int64_t n_groups, int centre,
-                               I8Acts& A) {
-  A.nb = (d_in + 31) / 32;
-  A.nw = (A.nb + 15) / 16;
-  A.nbp = A.nw * 16;
-  const int64_t nbp = A.nbp;
-  A.xq.assign(n * nbp * 32, 0);
-  A.sx.assign(n * nbp, 0.0f);
-  A.e.assign(n * nbp, 0.0f);
-  A.xsum.assign(n * nbp, 0.0f);
-  A.cq.assign(n * nbp, 0);
-  for (int64_t b = 0; b < n; ++b) {
-    const float* xr = xs + b * d_in;
-    int8_t* qr = A.xq.data() + b * nbp * 32;
-    for (int64_t k = 0; k < A.nb; ++k) {
-      const int64_t c = k * 32;
-      const __m512 v0 = load16<float>(xr + c, tail_mask(d_in - c));
-      const __m512 v1 = c + 16 < d_in ? load16<float>(xr + c + 16, tail_mask(d_in - c - 16)) : _mm512_setzero_ps();
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-      const float sx = amax / 127.0f;
-      __m512i q0 = _mm512_setzero_si512(), q1 = _mm512_setzero_si512();
-      if (sx > 0.0f) {  // xq = round-half-even(x / sx), as torch.round(x / sx)
-        const __m512 d = _mm512_set1_ps(sx);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v0, d), rnd));
-        q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(v1, d), rnd));
-      }
-      _mm_storeu_si128((__m128i*)(qr + c), _mm512_cvtsepi32_epi8(q0));
-      _mm_storeu_si128((__m128i*)(qr + c + 16), _mm512_cvtsepi32_epi8(q1));
-      const float xsum = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
-      const int32_t qsum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-      A.sx[b * nbp + k] = sx;
-      A.xsum[b * nbp + k] = xsum;
-      A.e[b * nbp + k] = (float)centre * xsum;
-      A.cq[b * nbp + k] = centre * qsum;
-    }
-  }
-  i8_group_index(g, n_groups, A);
-}
-
-// y[b, r0 + r] for R rows and N tokens; out is N x R.  rb: bytes per row (16 ceil(d_in / 16)).
+// cpu_q8_i8: y[b, r0 + r] for R rows and N tokens; out is N x R.  rb: bytes per row (16 ceil(d_in / 16)).
+// One 64-byte load of a row's codes covers 2 blocks; dpbusd gives 16 dword lanes of 4 columns each and a
+// pair-add tree over the 8 loads of a window turns them into the 16 block dot products.
 template <typename ST, int R, int N>
 inline void q8i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A,
                       int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, float* out) {
   const int64_t nbp = A.nbp;
   const int64_t nch = (rb + 63) / 64;  // 64-byte loads per row (the last may be partial)
   const int8_t* xq = A.xq.data() + t0 * nbp * 32;  // tokens t0 .. t0 + N - 1
-  const float* sxp = A.sx.data() + t0 * nbp;
-  const float* ep = A.e.data() + t0 * nbp;
-  const float* xsp = A.xsum.data() + t0 * nbp;
   const int32_t* cqp = A.cq.data() + t0 * nbp;
   const __m512i zero = _mm512_setzero_si512();
   __m512 facc[R][N];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < N; ++b) facc[r][b] = _mm512_setzero_ps();
-  constexpr int64_t PF = 1024, SPF = 64;  // prefetch distances: bytes ahead in the codes, groups ahead in S / Z
-  const uint8_t* qt = q + r0 * rb;        // the tile's R rows are contiguous
+  i8_zero(facc);
+  const uint8_t* qt = q + r0 * rb;  // the tile's R rows are contiguous
   for (int64_t w = 0; w < A.nw; ++w) {
     const int64_t c0 = w * 8;
     const int nc = (int)std::min<int64_t>(8, nch - c0);  // >= 1: every window holds a column < d_in
-    for (int r = 0; r < R; ++r) {
-      const int64_t o = A.gfirst[w] + SPF;
-      if (o < n_groups) {
-        _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + o), _MM_HINT_T0);
-        _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + o), _MM_HINT_T0);
-      }
-    }
+    i8_prefetch_params<ST, R>(sc, zr, n_groups, A, w, r0);
     // pair-add tree over the window's (up to) 8 loads: p = level 1 (2 loads), h = level 2 (4 loads)
     __m512i h[2][R][N];
     for (int hh = 0; hh < 2; ++hh) {
@@ -831,7 +801,7 @@ inline void q8i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
             const uint8_t* pr = qt + r * rb + kc * 64;
             __m512i v;
             if (full) {
-              _mm_prefetch((const char*)(pr + PF), _MM_HINT_T0);  // never faults; rows are contiguous
+              _mm_prefetch((const char*)(pr + I8_PF), _MM_HINT_T0);  // never faults; rows are contiguous
               v = _mm512_loadu_si512((const void*)pr);
             } else {  // the row's last load: read only its bytes
               v = _mm512_maskz_loadu_epi8((((__mmask64)1) << (rb - kc * 64)) - 1, pr);
@@ -846,55 +816,30 @@ inline void q8i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
         for (int b = 0; b < N; ++b)
           h[hh][r][b] = hh * 4 < nc ? i8_pair_add(p[0][r][b], p[1][r][b]) : zero;
     }
-    __m512 sxv[N], ev[N], xsv[N];
-    __m512i cqv[N];
+    __m512i dot[R][N];  // lane j = block 16 w + j: sum (q - c) xq, exact in int32
     for (int b = 0; b < N; ++b) {
-      sxv[b] = _mm512_loadu_ps(sxp + b * nbp + w * 16);
-      ev[b] = _mm512_loadu_ps(ep + b * nbp + w * 16);
-      xsv[b] = _mm512_loadu_ps(xsp + b * nbp + w * 16);
-      cqv[b] = _mm512_loadu_si512((const void*)(cqp + b * nbp + w * 16));
+      const __m512i cqv = _mm512_loadu_si512((const void*)(cqp + b * nbp + w * 16));
+      for (int r = 0; r < R; ++r) dot[r][b] = _mm512_sub_epi32(i8_pair_add(h[0][r][b], h[1][r][b]), cqv);
     }
-    for (int r = 0; r < R; ++r) {
-      const ST* srow = sc + (r0 + r) * n_groups;
-      const ST* zrow = zr + (r0 + r) * n_groups;
-      const __m512 S = i8_params(srow, n_groups, A, w), Z = i8_params(zrow, n_groups, A, w);
-      for (int b = 0; b < N; ++b) {
-        // lane j = block 16 w + j: sum (q - c) xq, exact in int32
-        const __m512i d = _mm512_sub_epi32(i8_pair_add(h[0][r][b], h[1][r][b]), cqv[b]);
-        facc[r][b] = _mm512_fmadd_ps(S, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sxv[b], ev[b]), facc[r][b]);
-        facc[r][b] = _mm512_fmadd_ps(Z, xsv[b], facc[r][b]);
-      }
-    }
+    i8_window_accum<ST, R, N>(facc, dot, sc, zr, n_groups, A, t0, w, r0);
   }
-  for (int64_t k0 = 0; k0 < rank; k0 += 16) {  // rank-r term B t
-    const __mmask16 k = tail_mask(rank - k0);
-    for (int r = 0; r < R; ++r) {
-      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
-      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
-    }
-  }
-  for (int b = 0; b < N; ++b)
-    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
+  i8_finish(facc, bmat, tv, rank, r0, out);
 }
 
-template <typename ST, int N>
-void q8i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t d_in, const I8Acts& A,
-               int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y,
-               int64_t d_out) {
-  // one row per tile (R = 1): with 1 thread and cold weights, R = 2 / 4 took 1.5x / 1.6x the time of
-  // R = 1 on 49152 x 576 and 1.4x / 1.7x on 4096 x 4096 (batch 1, 8-bit g = 32)
-  constexpr int R = 1;
-  const int64_t rb = row_bytes(8, d_in);
-  int64_t r = r0;
-  float out[N * R];
-  for (; r + R <= r1; r += R) {
-    q8i8_tile<ST, R, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, out);
-    for (int b = 0; b < N; ++b)
-      for (int i = 0; i < R; ++i) y[b * d_out + r + i] = out[b * R + i];
-  }
-  for (; r < r1; ++r) {
+// y[t0 + b, r] for rows r0 .. r1 - 1 and N tokens with CB-bit codes (4: cpu_q4_i8, 8: cpu_q8_i8).  One row
+// per tile (R = 1): with 1 thread and cold weights, more rows per tile (more concurrent code / scale /
+// zero streams) measured slower: cpu_q4_i8 R = 2 / 4 took 1.4x / 1.8x the time on 4096 x 4096 and
+// 4096 x 11008; cpu_q8_i8 R = 2 / 4 took 1.5x / 1.6x on 49152 x 576 and 1.4x / 1.7x on 4096 x 4096.
+template <int CB, typename ST, int N>
+void i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t d_in, const I8Acts& A,
+             int64_t t0, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y, int64_t d_out) {
+  const int64_t rb = row_bytes(CB, d_in);
+  for (int64_t r = r0; r < r1; ++r) {
     float o1[N];
-    q8i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
+    if constexpr (CB == 4)
+      q4i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
+    else
+      q8i8_tile<ST, 1, N>(q, rb, sc, zr, n_groups, A, t0, bmat, tv, rank, r, o1);
     for (int b = 0; b < N; ++b) y[b * d_out + r] = o1[b];
   }
 }
@@ -1126,25 +1071,30 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& 
 
 int64_t has_avx512() { return TTQ_AVX512; }
 
-// cpu_q4_i8 product: y (n, d_out) = deq(q) (x / s) + B (A x) + bias with x / s rounded to int8 per 32
-// columns (see i8_quantize_acts).  Same arguments as packed_mm for 4-bit codes.
-at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
-                          const at::Tensor& sc, const at::Tensor& zr, int64_t g, int64_t d_out, int64_t d_in,
-                          const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
-                          const c10::optional<at::Tensor>& a_) {
 #if TTQ_VNNI
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.packed_mm_q4i8: x must be (n, d_in)");
+// The int8-activation product shared by packed_mm_q4i8 (CB = 4) and packed_mm_q8i8 (CB = 8, bits 5..8):
+// y (n, d_out) = deq(q) (x / s) + B (A x) + bias with x / s rounded to int8 per 32 columns (see
+// i8_quantize_acts).  op names the calling op in error messages.
+template <int CB>
+at::Tensor i8_packed_mm(const char* op, const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                        const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out,
+                        int64_t d_in, const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                        const c10::optional<at::Tensor>& a_) {
+  const char* base = CB == 4 ? "cpu_q4" : "cpu_q8";
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.", op, ": x must be (n, d_in)");
+  TORCH_CHECK(CB == 4 || (bits >= 5 && bits <= 8), "ttq_cpu.", op, ": bits must be in 5..8 (the cpu_q8 layout), got ",
+              bits);
   g = std::min(g, d_in);
-  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in),
-              "ttq_cpu.packed_mm_q4i8: group size must be a multiple of 32 or cover the row, got ", g);
+  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in), "ttq_cpu.", op,
+              ": group size must be a multiple of 32 or cover the row, got ", g);
   const int64_t n = x_.size(0);
   const int64_t n_groups = (d_in + g - 1) / g;
   TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
-              q.size(1) == row_bytes(4, d_in), "ttq_cpu.packed_mm_q4i8: qweight is not a cpu_q4 tensor of this shape");
+              q.size(1) == row_bytes(CB, d_in), "ttq_cpu.", op, ": qweight is not a ", base, " tensor of this shape");
   TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
               zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
               (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
-              "ttq_cpu.packed_mm_q4i8: scale/zero must be contiguous (d_out, n_groups) float32 or float16");
+              "ttq_cpu.", op, ": scale/zero must be contiguous (d_out, n_groups) float32 or float16");
   const at::Tensor x = x_.contiguous();
   const bool has_s = s_.has_value();
   at::Tensor s = has_s ? s_->to(at::kFloat).contiguous() : at::Tensor();
@@ -1153,11 +1103,11 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
   at::Tensor amat = rank ? a_->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor bias = bias_.has_value() ? bias_->to(at::kFloat).contiguous() : at::Tensor();
   TORCH_CHECK(!rank || (bmat.size(0) == d_out && amat.size(0) == rank && amat.size(1) == d_in),
-              "ttq_cpu.packed_mm_q4i8: low-rank factors must be (d_out, r) and (r, d_in)");
+              "ttq_cpu.", op, ": low-rank factors must be (d_out, r) and (r, d_in)");
   // prologue: xf = x (float32), xs = x / s, t = A x, int8 activations
   const int64_t rs = std::max<int64_t>(rank, 1);
   std::vector<float> xf(n * d_in), xs(n * d_in), tv(n * rs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ttq_packed_mm_q4i8_x", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ttq_packed_mm_i8_x", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n * d_in; ++i) xf[i] = static_cast<float>(xp[i]);
   });
@@ -1167,7 +1117,7 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
     for (int64_t k = 0; k < rank; ++k) tv[b * rs + k] = dot_f32(amat.data_ptr<float>() + k * d_in, xf.data() + b * d_in, d_in);
   }
   I8Acts acts;
-  i8_quantize_acts(xs.data(), n, d_in, g, n_groups, acts);
+  i8_quantize_acts<CB == 4>(xs.data(), n, d_in, g, n_groups, 1 << (CB == 4 ? 3 : bits - 1), acts);
   at::Tensor y = at::empty({n, d_out}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -1184,10 +1134,10 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
         const float* tb = tv.data() + b0 * rs;
         float* yb = yp + b0 * d_out;
         switch (nb) {
-          case 1: i8_rows<ST, 1>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          case 2: i8_rows<ST, 2>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          case 3: i8_rows<ST, 3>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          default: i8_rows<ST, 4>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          case 1: i8_rows<CB, ST, 1>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          case 2: i8_rows<CB, ST, 2>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          case 3: i8_rows<CB, ST, 3>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
+          default: i8_rows<CB, ST, 4>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
         }
       }
       if (biasp)
@@ -1197,84 +1147,29 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
   };
   if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+#endif  // TTQ_VNNI
+
+// cpu_q4_i8 product (see i8_packed_mm).  Same arguments as packed_mm for 4-bit codes.
+at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                          const at::Tensor& sc, const at::Tensor& zr, int64_t g, int64_t d_out, int64_t d_in,
+                          const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                          const c10::optional<at::Tensor>& a_) {
+#if TTQ_VNNI
+  return i8_packed_mm<4>("packed_mm_q4i8", x_, s_, q, sc, zr, 4, g, d_out, d_in, bias_, b_, a_);
 #else
   TORCH_CHECK(false, "ttq_cpu.packed_mm_q4i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
   return at::Tensor();
 #endif
 }
 
-// cpu_q8_i8 product: y (n, d_out) = deq(q) (x / s) + B (A x) + bias with x / s rounded to int8 per 32
-// columns (see q8i8_quantize_acts).  Same arguments as packed_mm for the cpu_q8 layout (bits 5..8).
+// cpu_q8_i8 product (see i8_packed_mm).  Same arguments as packed_mm for the cpu_q8 layout (bits 5..8).
 at::Tensor packed_mm_q8i8(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
                           const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out,
                           int64_t d_in, const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
                           const c10::optional<at::Tensor>& a_) {
 #if TTQ_VNNI
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.packed_mm_q8i8: x must be (n, d_in)");
-  TORCH_CHECK(bits >= 5 && bits <= 8, "ttq_cpu.packed_mm_q8i8: bits must be in 5..8 (the cpu_q8 layout), got ", bits);
-  g = std::min(g, d_in);
-  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in),
-              "ttq_cpu.packed_mm_q8i8: group size must be a multiple of 32 or cover the row, got ", g);
-  const int64_t n = x_.size(0);
-  const int64_t n_groups = (d_in + g - 1) / g;
-  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
-              q.size(1) == row_bytes(8, d_in), "ttq_cpu.packed_mm_q8i8: qweight is not a cpu_q8 tensor of this shape");
-  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
-              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
-              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
-              "ttq_cpu.packed_mm_q8i8: scale/zero must be contiguous (d_out, n_groups) float32 or float16");
-  const at::Tensor x = x_.contiguous();
-  const bool has_s = s_.has_value();
-  at::Tensor s = has_s ? s_->to(at::kFloat).contiguous() : at::Tensor();
-  const int64_t rank = (b_.has_value() && a_.has_value()) ? b_->size(1) : 0;
-  at::Tensor bmat = rank ? b_->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor amat = rank ? a_->to(at::kFloat).contiguous() : at::Tensor();
-  at::Tensor bias = bias_.has_value() ? bias_->to(at::kFloat).contiguous() : at::Tensor();
-  TORCH_CHECK(!rank || (bmat.size(0) == d_out && amat.size(0) == rank && amat.size(1) == d_in),
-              "ttq_cpu.packed_mm_q8i8: low-rank factors must be (d_out, r) and (r, d_in)");
-  // prologue: xf = x (float32), xs = x / s, t = A x, int8 activations
-  const int64_t rs = std::max<int64_t>(rank, 1);
-  std::vector<float> xf(n * d_in), xs(n * d_in), tv(n * rs);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "ttq_packed_mm_q8i8_x", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < n * d_in; ++i) xf[i] = static_cast<float>(xp[i]);
-  });
-  const float* sp = has_s ? s.data_ptr<float>() : nullptr;
-  for (int64_t b = 0; b < n; ++b) {
-    for (int64_t i = 0; i < d_in; ++i) xs[b * d_in + i] = has_s ? xf[b * d_in + i] / sp[i] : xf[b * d_in + i];
-    for (int64_t k = 0; k < rank; ++k) tv[b * rs + k] = dot_f32(amat.data_ptr<float>() + k * d_in, xf.data() + b * d_in, d_in);
-  }
-  I8Acts acts;
-  q8i8_quantize_acts(xs.data(), n, d_in, g, n_groups, 1 << (bits - 1), acts);
-  at::Tensor y = at::empty({n, d_out}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
-  const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
-  auto run = [&](auto st_tag) {
-    using ST = decltype(st_tag);
-    const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
-    const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
-    at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
-      for (int64_t b0 = 0; b0 < n; b0 += 4) {
-        const int64_t nb = std::min<int64_t>(4, n - b0);
-        const float* tb = tv.data() + b0 * rs;
-        float* yb = yp + b0 * d_out;
-        switch (nb) {
-          case 1: q8i8_rows<ST, 1>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          case 2: q8i8_rows<ST, 2>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          case 3: q8i8_rows<ST, 3>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-          default: q8i8_rows<ST, 4>(qp, scp, zrp, n_groups, d_in, acts, b0, bp, tb, rank, r0, r1, yb, d_out); break;
-        }
-      }
-      if (biasp)
-        for (int64_t b = 0; b < n; ++b)
-          for (int64_t r = r0; r < r1; ++r) yp[b * d_out + r] += biasp[r];
-    });
-  };
-  if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return i8_packed_mm<8>("packed_mm_q8i8", x_, s_, q, sc, zr, bits, g, d_out, d_in, bias_, b_, a_);
 #else
   TORCH_CHECK(false, "ttq_cpu.packed_mm_q8i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
   return at::Tensor();

@@ -39,6 +39,13 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--form", default=d.form, choices=FORMS, help=f"form of the diagonal (default {d.form})")
 
 
+def add_data_args(p: argparse.ArgumentParser, sources: bool = True) -> None:
+    """``--data-dir`` (and ``--data-source``): where the evaluation/calibration texts come from."""
+    p.add_argument("--data-dir", default=None, help="folder with wikitext2/, ptb/, c4/ (default: ../shared/data or $TTQ_DATA_DIR)")
+    if sources:
+        p.add_argument("--data-source", default="local", choices=("local", "hf"), help="local files or the HF hub")
+
+
 def scale_from_args(args):
     from ttq.methods.scaling import ScaleSpec
 

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+from ttq.commands.common import DTYPES, add_data_args, add_model_args, add_scale_args, int_list, scale_from_args, str_list
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ def add_parser(sub) -> None:
     add_scale_args(p)
     p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--max-windows", type=int, default=16, help="evaluation windows per dataset (0 = all)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--data-source", default="local", choices=("local", "hf"))
+    add_data_args(p)
     p.add_argument("--out", default="results/domain", help="prefix of the .md/.json outputs")
     p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_model_args, int_list, str_list
+from ttq.commands.common import DTYPES, add_data_args, add_model_args, int_list, str_list
 
 
 def _floats(s: str) -> list[float]:
@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=4)
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--data-dir", default=None)
+    add_data_args(p, sources=False)
     p.add_argument("--out", default="results/hparams")
     p.add_argument("--plot", action="store_true", help="write <out>.png histograms (needs matplotlib)")
     p.set_defaults(func=run)

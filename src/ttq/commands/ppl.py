@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+from ttq.commands.common import DTYPES, add_data_args, add_model_args, add_scale_args, int_list, scale_from_args, str_list
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def add_parser(sub) -> None:
                    help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--max-windows", type=int, default=16, help="windows per dataset (0 = all)")
-    p.add_argument("--data-dir", default=None, help="folder with wikitext2/, ptb/, c4/ (default: ../shared/data or $TTQ_DATA_DIR)")
-    p.add_argument("--data-source", default="local", choices=("local", "hf"))
+    add_data_args(p)
     p.add_argument("--out", default="results/ppl", help="prefix of the .md/.csv/.json outputs")
     p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")
     p.add_argument("--overhead", action="store_true", help="also time one TTQ forward vs the unquantized forward")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+from ttq.commands.common import DTYPES, add_data_args, add_model_args, add_scale_args, int_list, scale_from_args, str_list
 from ttq.commands.ppl import _calib_list, _config_cell
 
 
@@ -24,8 +24,7 @@ def add_parser(sub) -> None:
     add_scale_args(p)
     p.add_argument("--seqlen", type=int, default=2048, help="calibration and prompt window length")
     p.add_argument("--repeats", type=int, default=3, help="forwards per timing (median)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--data-source", default="local", choices=("local", "hf"))
+    add_data_args(p)
     p.add_argument("--out", default="results/qtime", help="prefix of the .md/.json outputs")
     p.set_defaults(func=run)
 

@@ -17,6 +17,26 @@ from ttq.patch.walker import block_linears
 logger = logging.getLogger(__name__)
 
 
+def _calib_text(calib: CalibSpec, eval_datasets: tuple[str, ...], data_dir, source: str) -> str:
+    """The calibration text, refused if it overlaps any of ``eval_datasets``' evaluation texts."""
+    check_dataset(calib.dataset)
+    text = load_text(calib.dataset, calibration=True, data_dir=data_dir, source=source)
+    for name in eval_datasets:
+        check_disjoint(text, load_text(name, data_dir=data_dir, source=source), calib.dataset, name)
+    return text
+
+
+def calibration_tokens(
+    tokenizer, calib: CalibSpec, eval_datasets: tuple[str, ...] = (), data_dir=None, source: str = "local"
+) -> torch.Tensor:
+    """The calibration windows of ``calib``: token ids (n_windows, seqlen), as :func:`calibrate` draws them.
+
+    This is the ``calibration=`` of configs with ``sequential=True`` (block-by-block calibration).
+    """
+    ids = tokenize(tokenizer, _calib_text(calib, eval_datasets, data_dir, source))
+    return calibration_windows(ids, calib.n_tokens, calib.seqlen, calib.seed)
+
+
 def calibrate(
     model,
     tokenizer,
@@ -33,10 +53,7 @@ def calibrate(
     Refuses calibration text that overlaps any of ``eval_datasets``' evaluation
     texts.  With ``model_key`` the result is cached under the ttq cache dir.
     """
-    check_dataset(calib.dataset)
-    text = load_text(calib.dataset, calibration=True, data_dir=data_dir, source=source)
-    for name in eval_datasets:
-        check_disjoint(text, load_text(name, data_dir=data_dir, source=source), calib.dataset, name)
+    text = _calib_text(calib, eval_datasets, data_dir, source)
     path = None
     if model_key:
         key = hashlib.sha256(f"{model_key}|{calib}|{p}|{source}|{len(text)}".encode()).hexdigest()[:20]

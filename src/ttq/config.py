@@ -97,6 +97,9 @@ class GPTQConfig:
 
     ``scale`` (optional) runs GPTQ on ``W diag(s)`` with the calibration l_p diagonal ``s``
     (AWQ/TTQ scaling with a fixed alpha) and ``diag(s)^-1 H diag(s)^-1``.
+    ``sequential`` takes block ``i``'s Hessians from the outputs of the already quantized
+    blocks ``0..i-1`` (reference GPTQ; :mod:`ttq.patch.sequential`): ``quantize_`` then
+    needs the calibration token windows, not per-layer statistics.
     """
 
     name: ClassVar[str] = "gptq"
@@ -108,8 +111,11 @@ class GPTQConfig:
     act_order: bool = False
     static_groups: bool = False
     scale: ScaleSpec | None = None
+    sequential: bool = field(default=False, metadata={"omit_default": True})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sequential, bool):
+            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
         if not 0.0 < self.damp <= 1.0:
             raise ValueError(f"damp (relative Hessian damping) must be in (0, 1], got {self.damp!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -153,8 +159,16 @@ _NESTED = {"quant": QuantSpec, "scale": ScaleSpec, "calib": CalibSpec}
 
 
 def config_to_dict(config: Any) -> dict:
-    """``{"method": name, **fields}``, JSON-able."""
-    return {"method": config.name, **dataclasses.asdict(config)}
+    """``{"method": name, **fields}``, JSON-able.
+
+    A field declared with ``metadata={"omit_default": True}`` is left out while it has its
+    default, so adding such a field keeps the dicts (and result-cache keys) of existing configs.
+    """
+    d = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        if f.metadata.get("omit_default") and d[f.name] == f.default:
+            del d[f.name]
+    return {"method": config.name, **d}
 
 
 def config_from_dict(d: dict) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ttq.calibrate import calibrate
+from ttq.calibrate import calibrate, calibration_tokens
 from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, RTNConfig, TTQConfig, config_to_dict
 from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
 from ttq.eval.ppl import perplexity
@@ -133,7 +133,9 @@ def run_cells(
 def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress):
     calibration = None
     cfg = cell.config
-    if cfg is not None and getattr(cfg, "needs_calibration", False):
+    if cfg is not None and getattr(cfg, "sequential", False):  # block-by-block: quantize_ takes the token windows
+        calibration = calibration_tokens(tokenizer, cfg.calib, eval_datasets=tuple(windows), data_dir=data_dir, source=source)
+    elif cfg is not None and getattr(cfg, "needs_calibration", False):
         if cfg.calib not in calib_cache:
             calib_cache.clear()  # keep one set in memory
             scale = getattr(cfg, "scale", None)

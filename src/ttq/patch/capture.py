@@ -48,6 +48,37 @@ def capture_inputs(modules: dict[str, nn.Module], fn) -> Iterator[None]:
             h.remove()
 
 
+class LayerStatsAccumulator:
+    """``fn(name, x)`` for :func:`capture_inputs` that sums each layer's ``LayerCalib`` over forwards.
+
+    Consecutive calls with the very same input tensor (q/k/v, gate/up) share one computation.
+
+    Args:
+        p: exponent of the l_p channel statistic.
+    """
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.stats: dict[str, LayerCalib] = {}
+        self._last: list = [None, None, None]  # [input tensor (kept alive, so never aliased), stats, gram]
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        last = self._last
+        if x is not last[0]:
+            x2 = x.reshape(-1, x.shape[-1]).float()  # (B, T, d) -> (B*T, d)
+            last[:] = [x, ChannelStats.from_activations(x2, self.p), x2.T @ x2]
+        st, gram = last[1], last[2]
+        if name in self.stats:
+            self.stats[name] = LayerCalib(self.stats[name].stats.merge(st), self.stats[name].gram + gram)
+        else:
+            self.stats[name] = LayerCalib(st, gram.clone())
+
+    def result(self) -> dict[str, LayerCalib]:
+        """The accumulated ``{name: LayerCalib}`` (drops the reference to the last input)."""
+        self._last[:] = [None, None, None]
+        return self.stats
+
+
 @torch.no_grad()
 def collect_layer_stats(
     model: nn.Module, modules: dict[str, nn.Module], windows: torch.Tensor, p: float, progress: bool = False
@@ -55,27 +86,14 @@ def collect_layer_stats(
     """Run ``windows`` (n, seqlen) token ids through ``model``; per-layer ``LayerCalib``."""
     if windows.numel() == 0:
         raise ValueError("calibration needs at least one window of tokens")
-    acc: dict[str, LayerCalib] = {}
-    last: list = [None, None, None]  # [input tensor (kept alive, so never aliased), stats, gram]
-
-    def add(name: str, x: torch.Tensor) -> None:
-        if x is not last[0]:
-            x2 = x.reshape(-1, x.shape[-1]).float()  # (B, T, d) -> (B*T, d)
-            last[:] = [x, ChannelStats.from_activations(x2, p), x2.T @ x2]
-        st, gram = last[1], last[2]
-        if name in acc:
-            acc[name] = LayerCalib(acc[name].stats.merge(st), acc[name].gram + gram)
-        else:
-            acc[name] = LayerCalib(st, gram.clone())
-
+    acc = LayerStatsAccumulator(p)
     device = next(model.parameters()).device
     rows = range(windows.shape[0])
     if progress:
         from tqdm.auto import tqdm
 
         rows = tqdm(rows, desc="calibrating", unit="window")
-    with capture_inputs(modules, add):
+    with capture_inputs(modules, acc):
         for i in rows:
             model(windows[i : i + 1].to(device), use_cache=False, logits_to_keep=1)
-    last[:] = [None, None, None]
-    return acc
+    return acc.result()

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 logger = logging.getLogger(__name__)
@@ -107,12 +108,49 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+def _plan(linears: Mapping[str, nn.Linear], config: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{name: config}`` of the layers to replace: the first matching override wins, None skips."""
+    plan = {}
+    for name in linears:
+        cfg = config
+        for pat, ocfg in (overrides or {}).items():
+            if fnmatch.fnmatchcase(name, pat):
+                cfg = ocfg
+                break
+        if cfg is not None:
+            plan[name] = cfg
+    return plan
+
+
+def replace_linears(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    plan: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None,
+    progress: bool = False,
+) -> None:
+    """Build every planned layer's module with its handler, then swap them all in (an error leaves the model untouched)."""
+    items = list(plan.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="quantizing", unit="layer")
+    new = {}
+    for name, cfg in items:
+        calib = None if calibration is None else calibration.get(name)
+        if getattr(cfg, "needs_calibration", False) and calib is None:
+            raise ValueError(f"no calibration statistics for layer {name!r}")
+        new[name] = HANDLERS[type(cfg)](linears[name], cfg, calib)
+    for name, mod in new.items():
+        _set(model, name, mod)
+
+
 def quantize_(
     model: nn.Module,
     config: Any,
     filter_fn: FilterFn | None = None,
     overrides: Mapping[str, Any] | None = None,
-    calibration: Mapping[str, Any] | None = None,
+    calibration: Mapping[str, Any] | torch.Tensor | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Replace the decoder-block linears of ``model`` in place.
@@ -123,7 +161,10 @@ def quantize_(
         filter_fn: ``(name, module) -> bool``; only matching layers are quantized.
         overrides: ``{pattern: config or None}``; the first pattern matching a
             layer name replaces ``config`` for it (None leaves it unquantized).
-        calibration: ``{name: layer calibration}`` for methods that need it.
+        calibration: ``{name: layer calibration}`` for methods that need it; for configs
+            with ``sequential=True`` the calibration token ids instead, an integer tensor
+            (n_windows, seqlen) (:func:`ttq.calibrate.calibration_tokens`), calibrated block
+            by block (:mod:`ttq.patch.sequential`).
         progress: show a progress bar.
     Returns:
         ``{name: config used}`` for every replaced layer.
@@ -133,33 +174,32 @@ def quantize_(
         if filter_fn is None:
             raise ValueError("the decoder blocks hold no (unquantized) nn.Linear; nothing to quantize")
         raise ValueError("no linear layer of the decoder blocks matched the filter; nothing to quantize")
-    plan = {}
-    for name in linears:
-        cfg = config
-        for pat, ocfg in (overrides or {}).items():
-            if fnmatch.fnmatchcase(name, pat):
-                cfg = ocfg
-                break
-        if cfg is not None:
-            plan[name] = cfg
+    plan = _plan(linears, config, overrides)
     for cfg in set(plan.values()):
         if type(cfg) not in HANDLERS:
             raise ValueError(f"no handler registered for config {type(cfg).__name__}")
-        if getattr(cfg, "needs_calibration", False) and calibration is None:
-            raise ValueError(f"method {cfg.name!r} needs calibration data; pass calibration= (see ttq.calibrate)")
-    items = list(plan.items())
-    if progress:
-        from tqdm.auto import tqdm
+    sequential = any(getattr(cfg, "sequential", False) for cfg in plan.values())
+    is_tokens = isinstance(calibration, torch.Tensor)
+    if sequential or is_tokens:
+        if not sequential:
+            raise ValueError(
+                "calibration token windows are for configs with sequential=True; pass per-layer statistics "
+                "(ttq.calibrate.calibrate) for the others"
+            )
+        if not is_tokens or calibration.ndim != 2 or calibration.dtype.is_floating_point or calibration.numel() == 0:
+            got = f"tensor of shape {tuple(calibration.shape)}, dtype {calibration.dtype}" if is_tokens else type(calibration).__name__
+            raise ValueError(
+                "sequential calibration (sequential=True) needs calibration= the calibration token ids, a non-empty "
+                f"integer tensor (n_windows, seqlen) (see ttq.calibrate.calibration_tokens); got {got}"
+            )
+        from ttq.patch.sequential import sequential_replace
 
-        items = tqdm(items, desc="quantizing", unit="layer")
-    new = {}  # built first, swapped in after: an error on any layer leaves the model untouched
-    for name, cfg in items:
-        calib = None if calibration is None else calibration.get(name)
-        if getattr(cfg, "needs_calibration", False) and calib is None:
-            raise ValueError(f"no calibration statistics for layer {name!r}")
-        new[name] = HANDLERS[type(cfg)](linears[name], cfg, calib)
-    for name, mod in new.items():
-        _set(model, name, mod)
+        sequential_replace(model, linears, plan, calibration, progress=progress)
+    else:
+        for cfg in set(plan.values()):
+            if getattr(cfg, "needs_calibration", False) and calibration is None:
+                raise ValueError(f"method {cfg.name!r} needs calibration data; pass calibration= (see ttq.calibrate)")
+        replace_linears(model, linears, plan, calibration, progress)
     logger.info("quantized %d linear layers", len(plan))
     return plan
 

@@ -35,7 +35,8 @@ def test_qtime_cli(stories_dir, tmp_path, capsys):
     awq, gptq = rows["AWQ (WT2 Calib, 2^9)"], rows["GPTQ (WT2 Calib, 2^9)"]
     assert awq["calib_seconds"] > 0 and awq["calib_seconds"] == gptq["calib_seconds"]  # one calibration, shared
     assert rows["RTN"]["calib_seconds"] == 0 and rows["RTN"]["per_prompt_seconds"] is None
-    assert rows["TTQ (r=0)"]["per_prompt_seconds"] is not None and rows["TTQ (r=0)"]["per_prompt_seconds"] >= 0
+    t = rows["TTQ (r=0)"]
+    assert t["per_prompt_seconds"] == pytest.approx(t["quantized_forward_seconds"] - t["fp_forward_seconds"])
     for r in rows.values():
         assert r["total_seconds"] == pytest.approx(r["calib_seconds"] + r["quantize_seconds"])
     assert "| GPTQ (WT2 Calib, 2^9) | 3 | 32 |" in capsys.readouterr().out

@@ -22,7 +22,9 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
                        eval_datasets: tuple[str, ...] = (), data_dir=None, source: str = "local") -> list[dict]:
     """One row per cell: ``calib_seconds`` (fresh, not from the disk cache; shared by cells with the
     same calibration spec and counted in each), ``quantize_seconds`` (``quantize_`` itself), and for
-    test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus unquantized."""
+    test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus an unquantized
+    forward timed right after it (medians of ``repeats``; it can come out slightly negative when the
+    cost is below the timing noise)."""
     fp = forward_seconds(model, window, repeats)
     calib: dict = {}
     rows = []
@@ -43,10 +45,13 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         quantize_(model, cfg, calibration=stats)
         row["quantize_seconds"] = time.perf_counter() - t0
         try:
-            if is_test_time(cfg):
-                row["per_prompt_seconds"] = max(forward_seconds(model, window, repeats) - fp, 0.0)
+            q = forward_seconds(model, window, repeats) if is_test_time(cfg) else None
         finally:
             restore_(model, blocks_only=True)
+        if q is not None:  # paired with an unquantized forward timed right after, so machine drift cancels
+            row["fp_forward_seconds"] = forward_seconds(model, window, repeats)
+            row["quantized_forward_seconds"] = q
+            row["per_prompt_seconds"] = q - row["fp_forward_seconds"]
         row["total_seconds"] = row["calib_seconds"] + row["quantize_seconds"]
         rows.append(row)
     return rows
@@ -57,9 +62,10 @@ def markdown(rows: list[dict], model_key: str) -> str:
     fp = rows[0]["fp_forward_seconds"] if rows else 0.0
     lines = [f"Model {model_key}; one unquantized forward of a {seqlen}-token window: {fp:.2f} s", "",
              "| Method | q | g | calibration s | quantize_ s | once, total s | per prompt of "
-             f"{seqlen} tokens, s |", "|---|---|---|---|---|---|---|"]
+             f"{seqlen} tokens, s (forward quantized vs unquantized) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        pp = "-" if r["per_prompt_seconds"] is None else f"{r['per_prompt_seconds']:.2f}"
+        pp = "-" if r["per_prompt_seconds"] is None else (
+            f"{r['per_prompt_seconds']:.2f} ({r['quantized_forward_seconds']:.2f} vs {r['fp_forward_seconds']:.2f})")
         lines.append(f"| {r['method']} | {r['bits']} | {r['group_size']} | {r['calib_seconds']:.1f} | "
                      f"{r['quantize_seconds']:.2f} | {r['total_seconds']:.1f} | {pp} |")
     return "\n".join(lines)

@@ -17,6 +17,12 @@ from ttq.patch.walker import block_linears
 logger = logging.getLogger(__name__)
 
 
+def config_p(config) -> float:
+    """The l_p norm of a config's diagonal statistic (its ``scale.p``; 2 for configs without one, e.g. GPTQ)."""
+    scale = getattr(config, "scale", None)
+    return scale.p if scale is not None else 2.0
+
+
 def _calib_text(calib: CalibSpec, eval_datasets: tuple[str, ...], data_dir, source: str) -> str:
     """The calibration text, refused if it overlaps any of ``eval_datasets``' evaluation texts."""
     check_dataset(calib.dataset)

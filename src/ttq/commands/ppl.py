@@ -71,8 +71,8 @@ def run(args) -> int:
     if args.lm_head_bits:
         from ttq.runtime import quantize_lm_head
 
-        quantize_lm_head(model, bits=args.lm_head_bits, layout="u8")  # reference path: exact RTN head for any seqlen
-        key += f"|lm_head-rtn{args.lm_head_bits}-g32"  # its own cache rows
+        head = quantize_lm_head(model, bits=args.lm_head_bits, layout="u8")  # reference path: exact RTN head
+        key += f"|lm_head-rtn{head.spec.bits}-g{head.spec.group_size}"  # its own cache rows
     results = run_cells(model, tok, key, cells, windows, Path(args.cache) if args.cache else None,
                         args.data_dir, args.data_source)
     table = f"Model {key}, seqlen {seqlen}, scale {scale}\n\n" + markdown_tables(results, args.datasets)

@@ -135,35 +135,32 @@ OPT_IN_LAYOUTS = ("cpu_q4_i8", "cpu_q8_i8")  # not chosen by layout=None (not bi
 I8_HEAD_LAYOUTS = {4: "cpu_q4_i8", 5: "cpu_q8_i8", 6: "cpu_q8_i8", 7: "cpu_q8_i8", 8: "cpu_q8_i8"}  # head bits -> i8 layout
 
 
+def _can_pack(layout: str, spec: QuantSpec, shape: tuple[int, int], device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``layout`` is registered and supports ``spec`` for a weight of ``shape`` (no logging, no raise)."""
+    from ttq.kernels.api import select_layout
+
+    try:
+        select_layout(spec, shape, device_type, dtype, layout)
+    except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
+        return False
+    return True
+
+
 def _head_layout(lay: str | None, head_bits: int, group_size: int, model) -> str | None:
     """The packed head's layout for a part (c) row decoding through ``lay``: the int8-activation
     layout of ``head_bits`` when ``lay`` ends with ``_i8`` and it can pack the head, else None (default)."""
-    from ttq.kernels.api import select_layout
-
     head_lay = I8_HEAD_LAYOUTS.get(head_bits) if lay is not None and lay.endswith("_i8") else None
     head = model.get_output_embeddings()
     if head_lay is None or not isinstance(head, torch.nn.Linear):
         return None
-    try:
-        select_layout(QuantSpec(bits=head_bits, group_size=group_size), tuple(head.weight.shape),
-                      head.weight.device.type, head.weight.dtype, head_lay)
-    except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
-        return None
-    return head_lay
+    w = head.weight
+    ok = _can_pack(head_lay, QuantSpec(bits=head_bits, group_size=group_size), tuple(w.shape), w.device.type, w.dtype)
+    return head_lay if ok else None
 
 
 def _opt_in_layouts(spec: QuantSpec, shape: tuple[int, int]) -> list[str]:
     """The :data:`OPT_IN_LAYOUTS` that can pack ``spec`` for a float32 CPU weight of ``shape``."""
-    from ttq.kernels.api import select_layout
-
-    ok = []
-    for lay in OPT_IN_LAYOUTS:
-        try:
-            select_layout(spec, shape, "cpu", torch.float32, lay)
-            ok.append(lay)
-        except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
-            pass
-    return ok
+    return [lay for lay in OPT_IN_LAYOUTS if _can_pack(lay, spec, shape, "cpu", torch.float32)]
 
 
 def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20,
@@ -369,16 +366,17 @@ def bench_generation(
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
                                          layout=_head_layout(lay, head_bits, group_size, m))
+        quantized = kind not in ("fp32", "bf16")
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
         runs, quant = [], []
         for _ in range(repeats):
-            if kind != "fp32" and kind != "bf16":
+            if quantized:
                 runtime.reset(m)
             runs.append(timed_generate(m, ids, new_tokens))
-            if kind != "fp32" and kind != "bf16":
+            if quantized:
                 quant.append(runtime.quantization_seconds(m))
         same_ref = None
-        if kind not in ("fp32", "bf16"):  # the oracle: dequantize-then-matmul decode on the same packed weights
+        if quantized:  # the oracle: dequantize-then-matmul decode on the same packed weights
             runtime.set_mode(m, "prompt", layout=lay, reference=True)
             same_ref = bool(torch.equal(timed_generate(m, ids, new_tokens).output_ids, runs[0].output_ids))
         pre = STATS[stat]([t.prefill_s for t in runs])

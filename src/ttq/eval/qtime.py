@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ttq.calibrate import calibrate
+from ttq.calibrate import calibrate, config_p
 from ttq.config import RTNConfig
 from ttq.eval.table import Cell, forward_seconds
 from ttq.patch.walker import quantize_, restore_
@@ -37,7 +37,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
             if cfg.calib not in calib:
                 calib.clear()
                 t0 = time.perf_counter()
-                stats = calibrate(model, tokenizer, cfg.calib, p=getattr(getattr(cfg, "scale", None), "p", 2.0),
+                stats = calibrate(model, tokenizer, cfg.calib, p=config_p(cfg),
                                   eval_datasets=eval_datasets, data_dir=data_dir, source=source, model_key=None)
                 calib[cfg.calib] = (stats, time.perf_counter() - t0)
             stats, row["calib_seconds"] = calib[cfg.calib]

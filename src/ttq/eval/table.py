@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ttq.calibrate import calibrate, calibration_tokens
+from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, RTNConfig, TTQConfig, config_to_dict
 from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
 from ttq.eval.ppl import perplexity
@@ -138,9 +138,8 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
     elif cfg is not None and getattr(cfg, "needs_calibration", False):
         if cfg.calib not in calib_cache:
             calib_cache.clear()  # keep one set in memory
-            scale = getattr(cfg, "scale", None)
             calib_cache[cfg.calib] = calibrate(
-                model, tokenizer, cfg.calib, p=scale.p if scale is not None else 2.0, eval_datasets=tuple(windows), data_dir=data_dir,
+                model, tokenizer, cfg.calib, p=config_p(cfg), eval_datasets=tuple(windows), data_dir=data_dir,
                 source=source, model_key=model_key, progress=progress,
             )
         calibration = calib_cache[cfg.calib]

@@ -42,3 +42,7 @@ def test_generate_bad_input(stories_dir, capsys):
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(stories_dir), "--prompt", "x", "--method", "gptq"])
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--layout", "bogus"]) == 2
+    assert "no kernel registered for layout 'bogus'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--lm-head-bits", "1"]) == 2
+    assert "bits must be an integer in 2..8, got 1" in capsys.readouterr().err

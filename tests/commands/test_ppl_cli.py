@@ -87,7 +87,7 @@ def test_config_rows_and_bad_config(stories_dir, data_dir, tmp_path, capsys):
         assert rc == 2 and msg in capsys.readouterr().err
 
 
-def test_ppl_with_packed_lm_head(stories_dir, data_dir, tmp_path):
+def test_ppl_with_packed_lm_head(stories_dir, data_dir, tmp_path, capsys):
     """--lm-head-bits: every row (FP too) uses the RTN head; 8-bit stays close to FP, 2-bit does not."""
     ppl = {}
     for bits in (0, 8, 2):
@@ -100,3 +100,7 @@ def test_ppl_with_packed_lm_head(stories_dir, data_dir, tmp_path):
     assert ppl[8]["FP"] != ppl[0]["FP"] and abs(ppl[8]["FP"] / ppl[0]["FP"] - 1) < 0.01
     assert ppl[2]["FP"] > 1.1 * ppl[0]["FP"]  # separate cache rows per head setting
     assert ppl[8]["TTQ (r=0)"] != ppl[0]["TTQ (r=0)"]
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "64", "--max-windows", "1", "--methods", "fp",
+               "--datasets", "wikitext2", "--data-dir", data_dir, "--cache", "", "--lm-head-bits", "9",
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "bits must be an integer in 2..8, got 9" in capsys.readouterr().err

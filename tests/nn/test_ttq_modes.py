@@ -133,3 +133,33 @@ def test_bad_modes(stories_model):
     lin = torch.nn.Linear(32, 16)
     with pytest.raises(ValueError, match="unknown TTQ runtime mode"):
         TTQLinear(lin, ttq.QuantSpec(bits=4, group_size=16), ttq.ScaleSpec(), mode="fast")
+
+
+@pytest.mark.parametrize("layout,rank", [("cpu_q4", 0), ("cpu_q3", 16), ("cpu_q4_i8", 16)])
+def test_decode_fast_path_equals_kernel_linear(layout, rank):
+    """Prompt mode's bound decode function returns exactly what the kernel's linear returns."""
+    from ttq.kernels import cpu_build, cpu_i8
+
+    if not cpu_build.load() or (layout.endswith("_i8") and not cpu_i8.vnni_available()):
+        pytest.skip(f"layout {layout} not available here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 40, bias=True)
+    bits = int(layout[5])
+    layer = TTQLinear(lin, ttq.QuantSpec(bits=bits, group_size=32), ttq.ScaleSpec(), rank=rank)
+    layer.set_mode("prompt", PromptOptions(layout=layout))
+    with torch.no_grad():
+        layer(torch.randn(2, 7, 96))  # prefill: quantize and bind
+        assert layer._decode is not None and layer.packed.layout == layout
+        b, a = layer._lowrank()
+        for x in (torch.randn(2, 1, 96), torch.randn(96), torch.randn(1, 1, 96).bfloat16()):
+            want = layer._kernel.linear(x, layer.packed, layer.prompt_scale, layer.bias, b, a)
+            got = layer(x)
+            assert got.shape == want.shape and got.dtype == x.dtype
+            assert torch.equal(got, want)
+        assert layer.n_quantizations == 1
+        with pytest.raises(ValueError, match="expects 96"):
+            layer(torch.randn(1, 1, 48))
+    layer.set_mode("prompt", PromptOptions(layout=layout, reference=True))
+    with torch.no_grad():
+        layer(torch.randn(2, 7, 96))
+    assert layer.packed is not None and layer._decode is None  # the reference option never binds the fast path

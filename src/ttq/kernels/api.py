@@ -130,6 +130,8 @@ class Kernel(Protocol):
 
     # Optional: ``pack_into(out, w, s, spec, b, a) -> PackedWeight`` re-quantizes into the tensors
     # of ``out`` (same layout and shape) instead of allocating; used by :func:`pack_ttq` with ``out=``.
+    # Optional: ``decoder(packed, s, bias, b, a) -> Callable | None`` returns ``x -> linear(x, packed,
+    # s, bias, b, a)`` with the arguments bound once (prompt mode's per-token fast path), or None.
 
     def linear(
         self,

@@ -130,6 +130,38 @@ def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.
     return y.to(x.dtype).reshape(*x.shape[:-1], d_out)
 
 
+def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool, fallback):
+    """``x -> deq(packed) @ (x / s) + B (A x) + bias`` through ``op`` with every argument but x bound.
+
+    The decode fast path of prompt mode: the per-call Python work (argument checks, group size,
+    low-rank test, op lookup) is done once per prompt instead of once per token and layer.
+
+    Args:
+        op: a ``torch.ops.ttq_cpu`` product overload taking (x, s, qweight, scale, zero, [bits,] g,
+            d_out, d_in, bias, b, a).
+        packed, s, bias, b, a: as for :func:`linear` (s float32 (d_in,) or None).
+        bits_arg: the op takes ``bits`` after ``zero``.
+        fallback: called with x for batches above ``SMALL_BATCH`` rows (prefill-sized inputs).
+    Returns:
+        a function of x (..., d_in) returning (..., d_out) in x's dtype.
+    """
+    d_out, d_in = packed.shape
+    has_lr = b is not None and b.shape[1] > 0
+    head = (s, packed.qweight, packed.scale, packed.zero) + ((packed.bits,) if bits_arg else ())
+    tail = (effective_group_size(d_in, packed.group_size), d_out, d_in, bias,
+            b if has_lr else None, a if has_lr else None)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape {packed.shape})")
+        x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
+        if x2.shape[0] > SMALL_BATCH:
+            return fallback(x)
+        return op(x2, *head, *tail).reshape(*x.shape[:-1], d_out)
+
+    return run
+
+
 def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-PyTorch decoding of a ``cpu_q*`` layout: (codes u8 (d_out, d_in), scale f32, zero f32)."""
     d_out, d_in = packed.shape
@@ -178,6 +210,13 @@ class CpuPackedKernel:
             raise RuntimeError(f"packed weight in layout {packed.layout!r} needs the ttq C++ extension: "
                                f"{cpu_build.error()}")
         return linear(x, packed, s, bias, b, a)
+
+    def decoder(self, packed, s, bias, b, a):
+        """:meth:`linear` with the arguments bound (see :func:`bind_small_batch`); None without the extension."""
+        if not cpu_build.load():
+            return None
+        return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True,
+                                fallback=lambda x: linear(x, packed, s, bias, b, a))
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return unpack(packed)

@@ -106,6 +106,13 @@ class CpuI8Kernel:
                                                 a if has_lr else None)  # (n, d_out) in x's dtype
         return y.reshape(*x.shape[:-1], d_out)
 
+    def decoder(self, packed, s=None, bias=None, b=None, a=None):
+        """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None without VNNI."""
+        if not vnni_available():
+            return None
+        return cpu.bind_small_batch(getattr(torch.ops.ttq_cpu, self.op).default, packed, s, bias, b, a,
+                                    bits_arg=self.op_takes_bits, fallback=lambda x: cpu.linear(x, packed, s, bias, b, a))
+
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return cpu.unpack(dataclasses.replace(packed, layout=self.base))
 

@@ -192,6 +192,7 @@ class TTQLinear(nn.Module):
         self._stats: ChannelStats | None = None  # running statistic (refresh_every > 0)
         self._steps = 0  # decode steps since the last quantization
         self._kernel = None  # the packed layout's kernel (ttq.kernels.api.get_kernel)
+        self._decode = None  # the kernel's bound decode function of x (its optional ``decoder``)
         self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
         self.n_quantizations = 0
 
@@ -213,6 +214,8 @@ class TTQLinear(nn.Module):
         self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed)
         self.prompt_scale = s
         self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
+        bind = None if o.reference else getattr(self._kernel, "decoder", None)
+        self._decode = bind(self.packed, s, self.bias, *self._lowrank()) if bind is not None else None
         self._steps = 0
         self.n_quantizations += 1
         self.quant_seconds += time.perf_counter() - t0
@@ -220,6 +223,8 @@ class TTQLinear(nn.Module):
     def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
         refresh = self.options.refresh_every
+        if tokens == 1 and not refresh and self._decode is not None:  # a decode step: the bound fast path
+            return self._decode(x)
         if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
             stats = ChannelStats.from_activations(x, self.scale_spec.p)  # all sequences share s
             self._stats = stats if refresh else None

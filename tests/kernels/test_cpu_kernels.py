@@ -189,7 +189,9 @@ from ttq.kernels.api import pack_ttq, packed_linear, unpack
 from ttq.kernels.reference import reference_linear, dequantize_packed
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import scaled_quantize
+import sys
 assert cpu_build.load(strict=True) and torch.ops.ttq_cpu.has_avx512() == 0
+assert torch.ops.ttq_cpu.has_avx2_gemm() == int(sys.argv[1])  # x86-64-v3: AVX2 GEMM; x86-64: portable loop
 g = torch.Generator().manual_seed(0)
 for bits in (2, 3, 4, 8):
     for gs in (16, 128, -1):
@@ -206,8 +208,9 @@ print("PORTABLE OK")
 
 
 @pytest.mark.slow
-def test_portable_build_without_avx512():
-    """The non-AVX-512 C++ path (built for x86-64-v3 in a separate process and cache entry)."""
+@pytest.mark.parametrize("march,avx2", [("x86-64-v3", 1), ("x86-64", 0)])
+def test_portable_build_without_avx512(march, avx2):
+    """The non-AVX-512 C++ paths (AVX2 + FMA, and plain C++), each built in a separate process and cache entry."""
     import os
     import platform
     import subprocess
@@ -215,6 +218,7 @@ def test_portable_build_without_avx512():
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
-    env = dict(os.environ, TTQ_KERNEL_MARCH="x86-64-v3")
-    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, TTQ_KERNEL_MARCH=march)
+    done = subprocess.run([sys.executable, "-c", PORTABLE_CHECK, str(avx2)], env=env, capture_output=True, text=True,
+                          timeout=600)
     assert "PORTABLE OK" in done.stdout, done.stderr[-2000:]

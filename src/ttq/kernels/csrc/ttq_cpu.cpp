@@ -80,23 +80,27 @@ inline bool half_ok(float v) {
   return a == 0.0f || (a >= 6.103515625e-05f && a <= 65504.0f);
 }
 
-// ---------------------------------------------------------------- packing of one chunk's codes
-// Generic (scalar) packer used by the portable path; the AVX-512 path packs 16 codes at once.
-inline void put_code(uint8_t* row, int bits, int64_t col, int code) {
-  const int cb = code_bits(bits);
-  const int cpb = chunks_per_block(bits);
-  const int64_t t = col / CH, j = col % CH, blk = t / cpb, slot = t % cpb;
-  uint8_t* p = row + blk * block_bytes(bits);
-  if (cb == 8) { p[j] = (uint8_t)code; return; }
-  if (cb == 4) { p[j] |= (uint8_t)(code << (4 * slot)); return; }
-  if (cb == 3) {  // 24-bit lane j at bytes 3j..3j+2
-    const uint32_t v = (uint32_t)(code & 7) << (3 * slot);
-    p[3 * j] |= (uint8_t)v;
-    p[3 * j + 1] |= (uint8_t)(v >> 8);
-    p[3 * j + 2] |= (uint8_t)(v >> 16);
-    return;
+// ---------------------------------------------------------------- packing of one block's codes
+// Portable packer (loops the compiler vectorizes): codes[16 k + j] = code of column 16 k + j of the block,
+// chunks_per_block(bits) chunks; writes the block's block_bytes(bits) bytes.  The AVX-512 path packs
+// 16 codes at once.
+inline void pack_block(const uint8_t* codes, int cb, uint8_t* p) {
+  if (cb == 8) {
+    for (int j = 0; j < CH; ++j) p[j] = codes[j];
+  } else if (cb == 4) {
+    for (int j = 0; j < CH; ++j) p[j] = (uint8_t)(codes[j] | (codes[CH + j] << 4));
+  } else if (cb == 2) {
+    for (int j = 0; j < CH; ++j)
+      p[j] = (uint8_t)(codes[j] | (codes[CH + j] << 2) | (codes[2 * CH + j] << 4) | (codes[3 * CH + j] << 6));
+  } else {  // 3-bit: 16 little-endian 24-bit lanes, lane j bits 3k..3k+2 = code of column 16 k + j
+    for (int j = 0; j < CH; ++j) {
+      uint32_t v = 0;
+      for (int k = 0; k < 8; ++k) v |= (uint32_t)(codes[CH * k + j] & 7) << (3 * k);
+      p[3 * j] = (uint8_t)v;
+      p[3 * j + 1] = (uint8_t)(v >> 8);
+      p[3 * j + 2] = (uint8_t)(v >> 16);
+    }
   }
-  p[j] |= (uint8_t)((code & 3) << (2 * slot));
 }
 
 // ---------------------------------------------------------------- quantize + pack (portable)
@@ -105,25 +109,31 @@ void quant_rows_scalar(const T* w, const float* s, int64_t r0, int64_t r1, int64
                        int64_t n_groups, bool symmetric, float nu, uint8_t* q, ST* sc, ST* zr, int* status) {
   const int qmax = (1 << bits) - 1;
   const int64_t rb = row_bytes(bits, d_in);
+  const int cb = code_bits(bits), cpb = chunks_per_block(bits), bb = block_bytes(bits);
+  const int64_t n_blocks = rb / bb, bcols = (int64_t)cpb * CH;
   std::vector<float> buf(d_in);
+  std::vector<uint8_t> codes(n_blocks * bcols, 0);  // the row's codes, zero past d_in
   for (int64_t r = r0; r < r1; ++r) {
     uint8_t* qrow = q + r * rb;
-    std::memset(qrow, 0, rb);
     for (int64_t i = 0; i < d_in; ++i) buf[i] = to_f(w[r * d_in + i]) * s[i];
     for (int64_t gi = 0; gi < n_groups; ++gi) {
       const int64_t c0 = gi * g, c1 = std::min(d_in, c0 + g);
+      // plain compares / rint (not isfinite / fmin / nearbyint) so that the loops vectorize
       float mn = buf[c0], mx = buf[c0];
+      int finite = 1;
       for (int64_t i = c0; i < c1; ++i) {
-        if (!std::isfinite(buf[i])) *status |= 1;
-        mn = std::fmin(mn, buf[i]);
-        mx = std::fmax(mx, buf[i]);
+        finite &= (int)(std::fabs(buf[i]) <= 3.4028234663852886e38f);  // false for inf and NaN
+        mn = buf[i] < mn ? buf[i] : mn;
+        mx = buf[i] > mx ? buf[i] : mx;
       }
+      if (!finite) *status |= 1;
       GroupParams p = params_from_range(mn, mx, qmax, symmetric, nu);
       const float safe = p.scale > 0 ? p.scale : 1.0f;
       for (int64_t i = c0; i < c1; ++i) {
-        float v = std::nearbyint((buf[i] - p.zero) / safe);
-        v = std::fmin(std::fmax(v, 0.0f), (float)qmax);
-        put_code(qrow, bits, i, (int)v);
+        float v = std::rint((buf[i] - p.zero) / safe);  // round half to even, as torch.round
+        v = v < 0.0f ? 0.0f : v;
+        v = v > (float)qmax ? (float)qmax : v;
+        codes[i] = (uint8_t)v;
       }
       if constexpr (sizeof(ST) == 2) {
         if (!half_ok(p.scale) || !half_ok(p.zero)) *status |= 2;
@@ -134,6 +144,7 @@ void quant_rows_scalar(const T* w, const float* s, int64_t r0, int64_t r1, int64
         zr[r * n_groups + gi] = p.zero;
       }
     }
+    for (int64_t k = 0; k < n_blocks; ++k) pack_block(codes.data() + k * bcols, cb, qrow + k * bb);
   }
 }
 

@@ -1,8 +1,8 @@
 """Build (once, cached) and load the C++ CPU kernels of ``csrc/ttq_cpu.cpp``.
 
 The extension is compiled at first use with :func:`torch.utils.cpp_extension.load`
-(``-O3 -march=native``; AVX-512 intrinsics when the CPU has them, a portable C++
-path otherwise) into ``$TTQ_CACHE_DIR`` (default ``~/.cache/ttq/kernels``), one
+(``-O3 -march=native``; AVX-512 intrinsics when the CPU has them, an AVX2 + FMA packed
+GEMM when it has those, vectorizable portable C++ otherwise) into ``$TTQ_CACHE_DIR`` (default ``~/.cache/ttq/kernels``), one
 build per (source, flags, torch, CPU) so a cache shared between machines never
 loads a binary built for another CPU.  Its ops live under ``torch.ops.ttq_cpu``.
 A failed build is logged once and remembered; callers fall back to the reference.
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "ttq_cpu.cpp"
 CACHE_ENV = "TTQ_CACHE_DIR"
-MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the portable AVX2 path
+MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
 CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")
 
 _lock = threading.Lock()

@@ -190,25 +190,25 @@ void gemm_rows_scalar(const uint8_t* q, const ST* sc, const ST* zr, int bits, in
     const uint8_t* qrow = q + r * rb;
     float acc[4] = {0, 0, 0, 0};
     float part[4][CH] = {};
-    for (int64_t t = 0; t < n_chunks; ++t) {
-      const int slot = (int)(t % cpb);
-      if (slot == 0) decode_block(qrow + (t / cpb) * bb, cb, codes);
-      const float* c = codes + slot * CH;
-      for (int64_t b = 0; b < n; ++b) {
-        const float* xb = xs + b * dpad + t * CH;
-        for (int j = 0; j < CH; ++j) part[b][j] += c[j] * xb[j];
-      }
-      if ((t + 1) % cpg == 0 || t + 1 == n_chunks) {  // the group ends with this chunk
-        const int64_t gi = t / cpg;
-        const float S = load_param(sc, r * n_groups + gi), Z = load_param(zr, r * n_groups + gi);
+    for (int64_t gi = 0; gi < n_groups; ++gi) {  // nested loops: no integer division per chunk
+      const int64_t t0 = gi * cpg, t1 = std::min(n_chunks, t0 + cpg);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int slot = (int)(t % cpb);
+        if (slot == 0 || t == t0) decode_block(qrow + (t / cpb) * bb, cb, codes);
+        const float* c = codes + slot * CH;
         for (int64_t b = 0; b < n; ++b) {
-          float d = 0;
-          for (int j = 0; j < CH; ++j) {
-            d += part[b][j];
-            part[b][j] = 0;
-          }
-          acc[b] += S * d + Z * xsum[b * n_groups + gi];
+          const float* xb = xs + b * dpad + t * CH;
+          for (int j = 0; j < CH; ++j) part[b][j] += c[j] * xb[j];
         }
+      }
+      const float S = load_param(sc, r * n_groups + gi), Z = load_param(zr, r * n_groups + gi);
+      for (int64_t b = 0; b < n; ++b) {
+        float d = 0;
+        for (int j = 0; j < CH; ++j) {
+          d += part[b][j];
+          part[b][j] = 0;
+        }
+        acc[b] += S * d + Z * xsum[b * n_groups + gi];
       }
     }
     for (int64_t b = 0; b < n; ++b) y[b * d_out + r] = acc[b];

@@ -192,17 +192,21 @@ from ttq.methods.scaling import scaled_quantize
 import sys
 assert cpu_build.load(strict=True) and torch.ops.ttq_cpu.has_avx512() == 0
 assert torch.ops.ttq_cpu.has_avx2_gemm() == int(sys.argv[1])  # x86-64-v3: AVX2 GEMM; x86-64: portable loop
+import os
 g = torch.Generator().manual_seed(0)
-for bits in (2, 3, 4, 8):
-    for gs in (16, 128, -1):
-        w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1
-        spec = QuantSpec(bits=bits, group_size=gs); p = pack_ttq(w, s, spec)
-        assert torch.equal(unpack(p)[0], scaled_quantize(w, s, spec)[0])
-        assert torch.equal(cpu.dequantize(p), dequantize_packed(p))
-        for n in (1, 5, 12):
-            x = torch.randn(n, 200, generator=g)
-            y, yr = packed_linear(x, p, s), reference_linear(x, p, s)
-            assert ((y - yr).norm() / yr.norm()).item() < 1e-5
+for half in ("0", "1"):  # float32 and float16 scale / zero
+    os.environ["TTQ_HALF_PARAMS"] = half
+    for bits in (2, 3, 4, 8):
+        for gs in (16, 128, -1):
+            w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1
+            spec = QuantSpec(bits=bits, group_size=gs); p = pack_ttq(w, s, spec)
+            assert p.scale.dtype == (torch.float16 if half == "1" and bits <= 4 else torch.float32)
+            assert torch.equal(unpack(p)[0], scaled_quantize(w, s, spec)[0])
+            assert torch.equal(cpu.dequantize(p), dequantize_packed(p))
+            for n in (1, 5, 12):
+                x = torch.randn(n, 200, generator=g)
+                y, yr = packed_linear(x, p, s), reference_linear(x, p, s)
+                assert ((y - yr).norm() / yr.norm()).item() < 1e-5
 print("PORTABLE OK")
 """
 

@@ -35,20 +35,22 @@ def set_mode(
     layout: str | None = None,
     strict: bool = False,
     reference: bool = False,
+    half_params: bool | None = None,
 ) -> int:
     """Set the runtime mode of every TTQLinear of ``model`` (dropping packed state).
 
     Args:
         model: a model quantized with ``ttq.quantize_(model, TTQConfig(...))``.
         mode: ``"per_sequence"`` or ``"prompt"``.
-        refresh_every, layout, strict, reference: :class:`ttq.nn.linear.PromptOptions`
+        refresh_every, layout, strict, reference, half_params: :class:`ttq.nn.linear.PromptOptions`
             (prompt mode only).
     Returns:
         the number of layers set.
     """
     if mode not in MODES:
         raise ValueError(f"unknown TTQ runtime mode {mode!r}; allowed: {', '.join(MODES)}")
-    options = PromptOptions(refresh_every=refresh_every, layout=layout, strict=strict, reference=reference)
+    options = PromptOptions(refresh_every=refresh_every, layout=layout, strict=strict, reference=reference,
+                            half_params=half_params)
     layers = ttq_layers(model)
     if not layers:
         raise ValueError("the model has no TTQLinear layers; quantize it first with ttq.quantize_(model, TTQConfig(...))")

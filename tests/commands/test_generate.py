@@ -10,7 +10,7 @@ from ttq.cli import main
 
 
 @pytest.mark.parametrize("method,extra", [("ttq", ["--bits", "3", "--rank", "4"]), ("fp", []), ("rtn", ["--bits", "4"]),
-                                          ("ttq", ["--lm-head-bits", "8", "--layout", "u8"])])
+                                          ("ttq", ["--lm-head-bits", "8", "--layout", "u8"]), ("ttq", ["--half-params"])])
 def test_generate_streams_text_and_speeds(stories_dir, capsys, method, extra):
     rc = main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "8",
                "--method", method, *extra])
@@ -45,4 +45,6 @@ def test_generate_bad_input(stories_dir, capsys):
     assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--layout", "bogus"]) == 2
     assert "no kernel registered for layout 'bogus'" in capsys.readouterr().err
     assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--lm-head-bits", "1"]) == 2
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--layout", "u8",
+                 "--half-params"]) == 2  # the reference layout keeps float32 scale / zero
     assert "bits must be an integer in 2..8, got 1" in capsys.readouterr().err

@@ -163,3 +163,46 @@ def test_decode_fast_path_equals_kernel_linear(layout, rank):
     with torch.no_grad():
         layer(torch.randn(2, 7, 96))
     assert layer.packed is not None and layer._decode is None  # the reference option never binds the fast path
+
+
+def test_half_params_option(monkeypatch):
+    """PromptOptions.half_params picks float16 / float32 scale-zero whatever TTQ_HALF_PARAMS says."""
+    from ttq.kernels import cpu_build
+
+    if not cpu_build.load():
+        pytest.skip("the C++ kernels are not available here")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    x, x1 = torch.randn(1, 5, 64), torch.randn(1, 1, 64)
+    with torch.no_grad():
+        for env, half, bits, want in [("0", True, 4, torch.float16), ("1", False, 4, torch.float32),
+                                      ("1", None, 4, torch.float16), ("0", None, 3, torch.float32),
+                                      ("0", True, 8, torch.float32)]:
+            monkeypatch.setenv("TTQ_HALF_PARAMS", env)
+            layer = TTQLinear(lin, ttq.QuantSpec(bits=bits, group_size=32), ttq.ScaleSpec())
+            layer.set_mode("prompt", PromptOptions(half_params=half))
+            layer(x)
+            assert layer.packed.scale.dtype == want and layer.packed.zero.dtype == want
+            fast = layer(x1)
+            layer.set_mode("prompt", PromptOptions(half_params=half, reference=True))
+            layer(x)
+            assert layer.packed.scale.dtype == want
+            torch.testing.assert_close(fast, layer(x1), rtol=1e-5, atol=1e-5)  # oracle on the same stored values
+        monkeypatch.setenv("TTQ_HALF_PARAMS", "0")
+        layer = TTQLinear(lin, ttq.QuantSpec(bits=4, group_size=32), ttq.ScaleSpec())
+        layer.set_mode("prompt", PromptOptions(half_params=True))  # env says 0: the option wins
+        layer(x)
+        first = layer.packed
+        layer(x * 2)  # a new prompt re-packs into the same float16 tensors
+        assert layer.packed.scale is first.scale and first.scale.dtype == torch.float16
+    with pytest.raises(ValueError, match="half_params must be"):
+        PromptOptions(half_params=1)
+
+
+def test_half_params_needs_a_cpu_layout(monkeypatch):
+    from ttq.kernels.api import pack_ttq
+
+    w, s = torch.randn(8, 32), torch.rand(32) + 0.5
+    with pytest.raises(ValueError, match="keeps float32 scale / zero"):
+        pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), layout="u8", half_params=True)
+    assert pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), layout="u8", half_params=False).layout == "u8"

@@ -50,6 +50,8 @@ def add_parser(sub) -> None:
                    help="part c: also time the widest TTQ rows with the LM head packed to this many bits (RTN; 0 = no)")
     p.add_argument("--gen-layouts", type=str_list, default="",
                    help="part c: extra rows for the widest TTQ config decoding through these layouts (e.g. cpu_q4_i8)")
+    p.add_argument("--half-params", action="store_true",
+                   help="part c: float16 scale/zero for bits <= 4 in prompt mode (default: TTQ_HALF_PARAMS, off)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", default=None, help="prefix of .md / .json outputs (default: print only)")
     p.set_defaults(func=run)
@@ -131,7 +133,8 @@ def run(args) -> int:
             model, tok, prompt_tokens=args.prompt_tokens or (128 if quick else 512),
             new_tokens=args.new_tokens or (32 if quick else 128), bits=bits, ranks=ranks,
             group_size=args.group_size[0], repeats=rep or (1 if quick else 3), stat=args.stat,
-            head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts))
+            head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
+            half_params=True if args.half_params else None)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]

@@ -34,13 +34,16 @@ def add_parser(sub) -> None:
     p.add_argument("--lm-head-bits", type=int, default=0,
                    help="also pack the LM head with RTN at this many bits (faster decode, changes logits; 0 = keep it)")
     p.add_argument("--layout", default=None, help="packed layout of prompt-mode TTQ layers (default: best for the device)")
+    p.add_argument("--half-params", action="store_true",
+                   help="prompt mode: float16 scale/zero for bits <= 4 (CPU layouts; fewer bytes per decode step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     add_scale_args(p)
     p.set_defaults(func=run)
 
 
 def quantize_for_generation(model, method: str, bits: int, group_size: int, rank: int, scale, mode: str,
-                            refresh_every: int, head_bits: int = 0, layout: str | None = None) -> None:
+                            refresh_every: int, head_bits: int = 0, layout: str | None = None,
+                            half_params: bool | None = None) -> None:
     """Apply ``method`` to ``model`` in place (``fp`` leaves the blocks as is); ``head_bits`` packs the LM head."""
     import ttq
     from ttq import runtime
@@ -54,7 +57,7 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
         ttq.quantize_(model, ttq.RTNConfig(quant=spec))
         return
     ttq.quantize_(model, ttq.TTQConfig(quant=spec, scale=scale, rank=rank))
-    runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout)
+    runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout, half_params=half_params)
 
 
 def run(args) -> int:
@@ -70,7 +73,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     quantize_for_generation(model, args.method, args.bits, args.group_size, args.rank, scale_from_args(args),
-                            args.mode, args.refresh_every, args.lm_head_bits, args.layout)
+                            args.mode, args.refresh_every, args.lm_head_bits, args.layout,
+                            half_params=True if args.half_params else None)
     if args.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

@@ -339,13 +339,15 @@ def bench_generation(
     stat: str = "median",
     head_bits: int = 0,
     layouts: tuple[str, ...] = (),
+    half_params: bool | None = None,
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
     TTQ rows run in prompt mode: the prefill quantizes every layer once (its time is reported as
     ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
     ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`);
-    ``layouts`` adds rows decoding through those packed layouts (e.g. the opt-in ``cpu_q4_i8``).
+    ``layouts`` adds rows decoding through those packed layouts (e.g. the opt-in ``cpu_q4_i8``);
+    ``half_params`` is passed to :func:`ttq.runtime.set_mode` (float16 scale / zero).
     """
     import ttq
     from ttq import runtime
@@ -362,7 +364,7 @@ def bench_generation(
         else:
             m = copy.deepcopy(model)
             ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
-            runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None)
+            runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
                                          layout=_head_layout(lay, head_bits, group_size, m))
@@ -377,7 +379,7 @@ def bench_generation(
                 quant.append(runtime.quantization_seconds(m))
         same_ref = None
         if quantized:  # the oracle: dequantize-then-matmul decode on the same packed weights
-            runtime.set_mode(m, "prompt", layout=lay, reference=True)
+            runtime.set_mode(m, "prompt", layout=lay, reference=True, half_params=half_params)
             same_ref = bool(torch.equal(timed_generate(m, ids, new_tokens).output_ids, runs[0].output_ids))
         pre = STATS[stat]([t.prefill_s for t in runs])
         dec = STATS[stat]([t.decode_s for t in runs])

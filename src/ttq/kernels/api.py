@@ -38,7 +38,8 @@ layout          tensors (all row-major, contiguous)
 
 For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float32, so the
 packed weights are exactly :func:`ttq.formats.affine.quantize` of ``(W - B A) * s``
-computed in float32 (the per-sequence mode's weights); with ``TTQ_HALF_PARAMS=1``
+computed in float32 (the per-sequence mode's weights); with ``half_params=True``
+(:func:`pack_ttq`, ``PromptOptions``, ``--half-params``; ``TTQ_HALF_PARAMS=1`` sets the default)
 they are stored in float16 for bits <= 4 when every value fits (fewer bytes per
 decode step; the oracle dequantizes the stored values, so kernel and oracle still
 see the same weights).  Padded columns carry code 0 and never reach the output.
@@ -130,6 +131,8 @@ class Kernel(Protocol):
 
     # Optional: ``pack_into(out, w, s, spec, b, a) -> PackedWeight`` re-quantizes into the tensors
     # of ``out`` (same layout and shape) instead of allocating; used by :func:`pack_ttq` with ``out=``.
+    # Optional: a true ``half_params`` attribute: pack / pack_into accept ``half_params`` (float16
+    # scale / zero, see :func:`pack_ttq`).
     # Optional: ``decoder(packed, s, bias, b, a) -> Callable | None`` returns ``x -> linear(x, packed,
     # s, bias, b, a)`` with the arguments bound once (prompt mode's per-token fast path), or None.
 
@@ -301,6 +304,7 @@ def pack_ttq(
     layout: str | None = None,
     strict: bool = False,
     out: PackedWeight | None = None,
+    half_params: bool | None = None,
 ) -> PackedWeight:
     """Quantize ``(W - B A) diag(s)`` groupwise and pack it.
 
@@ -315,17 +319,29 @@ def pack_ttq(
         out: a previous result for the same weight; when its layout and format match and the
             kernel has ``pack_into``, its tensors are overwritten (no new allocation) and shared
             by the returned weight.
+        half_params: store scale / zero in float16 for bits <= 4 (fewer bytes per decode step;
+            5..8-bit codes keep float32); None = the ``TTQ_HALF_PARAMS`` environment default
+            (off).  Only the ``cpu_q*`` layouts store float16; True with another layout raises.
     Returns:
         a :class:`PackedWeight`.
     """
     s = _check_ttq_args(w, s, b, a)
+    if half_params is not None and not isinstance(half_params, bool):
+        raise ValueError(f"half_params must be True, False or None, got {half_params!r}")
     name = select_layout(spec, tuple(w.shape), w.device.type, w.dtype, layout, strict)
     kernel = get_kernel(name, w.device.type)
+    kw = {}
+    if half_params is not None and getattr(kernel, "half_params", False):
+        kw["half_params"] = half_params
+    elif half_params:
+        raise ValueError(f"layout {name!r} keeps float32 scale / zero; half_params=True needs a cpu_q* layout "
+                         f"(the CPU kernels)")
     reuse = (out is not None and out.layout == name and out.shape == tuple(w.shape) and out.bits == spec.bits
-             and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into"))
+             and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into")
+             and (half_params is None or (out.scale.dtype == torch.float16) == (half_params and spec.bits <= 4)))
     if reuse:
-        return kernel.pack_into(out, w, s, spec, b, a)
-    return kernel.pack(w, s, spec, b, a)
+        return kernel.pack_into(out, w, s, spec, b, a, **kw)
+    return kernel.pack(w, s, spec, b, a, **kw)
 
 
 def packed_linear(

@@ -55,11 +55,21 @@ def half_params_enabled() -> bool:
     return os.environ.get(HALF_PARAMS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None) -> PackedWeight:
-    """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`)."""
+def wants_half(spec: QuantSpec, half_params: bool | None) -> bool:
+    """float16 scale / zero for ``spec``: bits <= 4 and ``half_params`` (None = the ``TTQ_HALF_PARAMS`` default)."""
+    return spec.bits <= 4 and (half_params_enabled() if half_params is None else bool(half_params))
+
+
+def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None,
+         half_params: bool | None = None) -> PackedWeight:
+    """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`).
+
+    ``half_params``: float16 scale / zero for bits <= 4 (None = ``TTQ_HALF_PARAMS``); kept in
+    float32 when a value does not fit float16's normal range.
+    """
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
-    half = spec.bits <= 4 and half_params_enabled()
+    half = wants_half(spec, half_params)
     q, scale, zero, status = _ops().quant_pack(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), half)
     if status & 1:
         n_bad = int((~torch.isfinite(w_res.float() * s)).sum())
@@ -69,8 +79,9 @@ def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None,
     return PackedWeight(layout, spec.bits, spec.group_size, tuple(w.shape), q, scale, zero)
 
 
-def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None) -> PackedWeight:
-    """:func:`pack` writing into ``out``'s tensors (same layout, shape, bits, group size)."""
+def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None,
+              half_params: bool | None = None) -> PackedWeight:
+    """:func:`pack` writing into ``out``'s tensors (same layout, shape, bits, group size, scale dtype)."""
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
     status = _ops().quant_pack_out(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), out.qweight, out.scale,
@@ -79,7 +90,7 @@ def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSp
         n_bad = int((~torch.isfinite(w_res.float() * s)).sum())
         raise ValueError(f"weight * scale contains {n_bad} NaN/Inf value(s); refusing to quantize")
     if status & 2:  # out holds float16 scale/zero that cannot represent these: allocate float32 ones
-        return pack(out.layout, w, s, spec, b, a)
+        return pack(out.layout, w, s, spec, b, a, half_params=False)
     return out
 
 
@@ -193,17 +204,19 @@ class CpuPackedKernel:
     def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         return check_supported(self.layout, spec, shape, dtype)
 
-    def pack(self, w, s, spec, b, a) -> PackedWeight:
-        why = check_supported(self.layout, spec, tuple(w.shape), w.dtype)
-        if why is not None:
-            raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
-        return pack(self.layout, w, s, spec, b, a)
+    half_params = True  # pack / pack_into take ``half_params`` (float16 scale / zero)
 
-    def pack_into(self, out, w, s, spec, b, a) -> PackedWeight:
+    def pack(self, w, s, spec, b, a, half_params: bool | None = None) -> PackedWeight:
         why = check_supported(self.layout, spec, tuple(w.shape), w.dtype)
         if why is not None:
             raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
-        return pack_into(out, w, s, spec, b, a)
+        return pack(self.layout, w, s, spec, b, a, half_params)
+
+    def pack_into(self, out, w, s, spec, b, a, half_params: bool | None = None) -> PackedWeight:
+        why = check_supported(self.layout, spec, tuple(w.shape), w.dtype)
+        if why is not None:
+            raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
+        return pack_into(out, w, s, spec, b, a, half_params)
 
     def linear(self, x, packed, s, bias, b, a) -> torch.Tensor:
         if not cpu_build.load():

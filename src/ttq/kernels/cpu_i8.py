@@ -81,13 +81,15 @@ class CpuI8Kernel:
         if why is not None:
             raise ValueError(f"layout {self.layout!r} cannot pack this weight: {why}")
 
-    def pack(self, w, s, spec, b, a) -> PackedWeight:
-        self._check(spec, w)
-        return cpu.pack(self.layout, w, s, spec, b, a)
+    half_params = True  # pack / pack_into take ``half_params`` (float16 scale / zero)
 
-    def pack_into(self, out, w, s, spec, b, a) -> PackedWeight:
+    def pack(self, w, s, spec, b, a, half_params: bool | None = None) -> PackedWeight:
         self._check(spec, w)
-        return cpu.pack_into(out, w, s, spec, b, a)
+        return cpu.pack(self.layout, w, s, spec, b, a, half_params)
+
+    def pack_into(self, out, w, s, spec, b, a, half_params: bool | None = None) -> PackedWeight:
+        self._check(spec, w)
+        return cpu.pack_into(out, w, s, spec, b, a, half_params)
 
     def linear(self, x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
         """``deq(packed) @ (x / s) + B (A x) + bias`` with int8-rounded ``x / s``; (..., d_in) -> (..., d_out)."""

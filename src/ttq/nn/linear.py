@@ -48,16 +48,21 @@ class PromptOptions:
         layout: packed layout for :func:`ttq.kernels.api.pack_ttq` (None = best for the device).
         strict: raise instead of falling back to the reference path when no kernel fits.
         reference: decode with the plain dequantize-then-matmul oracle on the same packed weights.
+        half_params: float16 scale / zero for bits <= 4 (CPU layouts; fewer bytes per decode step,
+            scale and zero rounded to float16); None = the ``TTQ_HALF_PARAMS`` environment default (off).
     """
 
     refresh_every: int = 0
     layout: str | None = None
     strict: bool = False
     reference: bool = False
+    half_params: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 0:
             raise ValueError(f"refresh_every must be a non-negative integer (0 = never), got {self.refresh_every!r}")
+        if self.half_params is not None and not isinstance(self.half_params, bool):
+            raise ValueError(f"half_params must be True, False or None, got {self.half_params!r}")
 
 
 def per_sequence(fn, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +216,8 @@ class TTQLinear(nn.Module):
         s = input_scale(stats, self.scale_spec)  # (d_in,)
         w = self.residual_weight() if self.rank else self.weight.detach()
         o = self.options
-        self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed)
+        self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed,
+                               half_params=o.half_params)
         self.prompt_scale = s
         self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
         bind = None if o.reference else getattr(self._kernel, "decoder", None)

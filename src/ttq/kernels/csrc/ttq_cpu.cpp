@@ -32,6 +32,7 @@
 #else
 #define TTQ_AVX512 0
 #endif
+#define TTQ_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace {
 
@@ -438,6 +439,21 @@ inline float param_at(const ST* p, int64_t i) {
 // y[b, r] for rows r0..r0+R-1 and N batch rows; xs: N x dpad prescaled inputs (zero padded);
 // xsum: N x n_groups sums of xs over each group.  The group scale is factored out of the inner
 // loop: y = sum_g S_g (sum_{i in g} c_i xs_i) + sum_g Z_g xsum_g.
+// The tile's end: facc += B t (rank-r term), then out[b * R + r] = the sum of facc[r][b]'s lanes.
+template <int R, int N>
+TTQ_ALWAYS_INLINE void tile_finish(__m512 (&facc)[R][N], const float* bmat, const float* tv, int64_t rank, int64_t r0,
+                                 float* out) {
+  for (int64_t k0 = 0; k0 < rank; k0 += 16) {
+    const __mmask16 k = tail_mask(rank - k0);
+    for (int r = 0; r < R; ++r) {
+      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
+      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
+    }
+  }
+  for (int b = 0; b < N; ++b)
+    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
+}
+
 template <typename ST, int CB, int R, int N>
 inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, int64_t n_groups, int64_t cpg,
                       int64_t n_chunks, const float* xs, int64_t dpad, const float* xsum, const float* bmat,
@@ -495,16 +511,7 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
       for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(z, load16<float>(xsum + b * n_groups + g0, k), acc[r][b]);
     }
   }
-  // rank-r term B t, 16 factors per vector, folded in before the one horizontal sum per output
-  for (int64_t k0 = 0; k0 < rank; k0 += 16) {
-    const __mmask16 k = tail_mask(rank - k0);
-    for (int r = 0; r < R; ++r) {
-      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
-      for (int b = 0; b < N; ++b) acc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), acc[r][b]);
-    }
-  }
-  for (int b = 0; b < N; ++b)
-    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(acc[r][b]);
+  tile_finish(acc, bmat, tv, rank, r0, out);  // rank-r term B t, then one horizontal sum per output
 }
 
 template <typename ST, int CB, int N>
@@ -590,7 +597,6 @@ void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits,
 // inner code-loading loop (q4i8_tile, q8i8_tile) differs.
 #if TTQ_AVX512 && defined(__AVX512VNNI__)
 #define TTQ_VNNI 1
-#define TTQ_ALWAYS_INLINE inline __attribute__((always_inline))
 
 struct I8Acts {
   int64_t nb = 0, nw = 0, nbp = 0;  // blocks of 32 columns, windows of 16 blocks, padded blocks (16 nw)
@@ -723,21 +729,6 @@ TTQ_ALWAYS_INLINE void i8_window_accum(__m512 (&facc)[R][N], const __m512i (&dot
   }
 }
 
-// The tile's end: facc += B t (rank-r term), then out[b * R + r] = the sum of facc[r][b]'s lanes.
-template <int R, int N>
-TTQ_ALWAYS_INLINE void i8_finish(__m512 (&facc)[R][N], const float* bmat, const float* tv, int64_t rank, int64_t r0,
-                                 float* out) {
-  for (int64_t k0 = 0; k0 < rank; k0 += 16) {
-    const __mmask16 k = tail_mask(rank - k0);
-    for (int r = 0; r < R; ++r) {
-      const __m512 bv = load16<float>(bmat + (r0 + r) * rank + k0, k);
-      for (int b = 0; b < N; ++b) facc[r][b] = _mm512_fmadd_ps(bv, load16<float>(tv + b * rank + k0, k), facc[r][b]);
-    }
-  }
-  for (int b = 0; b < N; ++b)
-    for (int r = 0; r < R; ++r) out[b * R + r] = _mm512_reduce_add_ps(facc[r][b]);
-}
-
 template <int R, int N>
 TTQ_ALWAYS_INLINE void i8_zero(__m512 (&facc)[R][N]) {
   for (int r = 0; r < R; ++r)
@@ -793,7 +784,7 @@ inline void q4i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
       for (int b = 0; b < N; ++b) dot[r][b] = i8_pair_add(half[0][r][b], half[1][r][b]);
     i8_window_accum<ST, R, N>(facc, dot, sc, zr, n_groups, A, t0, w, r0);
   }
-  i8_finish(facc, bmat, tv, rank, r0, out);
+  tile_finish(facc, bmat, tv, rank, r0, out);
 }
 
 // cpu_q8_i8: y[b, r0 + r] for R rows and N tokens; out is N x R.  rb: bytes per row (16 ceil(d_in / 16)).
@@ -862,7 +853,7 @@ inline void q8i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
     }
     i8_window_accum<ST, R, N>(facc, dot, sc, zr, n_groups, A, t0, w, r0);
   }
-  i8_finish(facc, bmat, tv, rank, r0, out);
+  tile_finish(facc, bmat, tv, rank, r0, out);
 }
 
 // y[t0 + b, r] for rows r0 .. r1 - 1 and N tokens with CB-bit codes (4: cpu_q4_i8, 8: cpu_q8_i8).  One row

@@ -337,8 +337,7 @@ def pack_ttq(
         raise ValueError(f"layout {name!r} keeps float32 scale / zero; half_params=True needs a cpu_q* layout "
                          f"(the CPU kernels)")
     reuse = (out is not None and out.layout == name and out.shape == tuple(w.shape) and out.bits == spec.bits
-             and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into")
-             and (half_params is None or (out.scale.dtype == torch.float16) == (half_params and spec.bits <= 4)))
+             and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into"))
     if reuse:
         return kernel.pack_into(out, w, s, spec, b, a, **kw)
     return kernel.pack(w, s, spec, b, a, **kw)

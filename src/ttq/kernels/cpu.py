@@ -84,6 +84,8 @@ def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSp
     """:func:`pack` writing into ``out``'s tensors (same layout, shape, bits, group size, scale dtype)."""
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
+    if half_params is not None and (out.scale.dtype == torch.float16) != wants_half(spec, half_params):
+        return pack(out.layout, w, s, spec, b, a, half_params)  # out holds the other scale / zero dtype
     status = _ops().quant_pack_out(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), out.qweight, out.scale,
                                    out.zero)
     if status & 1:
@@ -122,26 +124,24 @@ def _dense_product(xs: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return y_t.t().contiguous()
 
 
-def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
-    """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
+def dense_linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
+    """Large-batch (prefill) ``deq(packed) @ (x / s) + B (A x) + bias``: blocked dequantize + ``torch.mm``."""
     d_out, d_in = packed.shape
-    x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
-    has_lr = b is not None and b.shape[1] > 0
-    if x2.shape[0] <= SMALL_BATCH:
-        g = effective_group_size(d_in, packed.group_size)
-        y = _ops().packed_mm(x2, s, packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, bias,
-                             b if has_lr else None, a if has_lr else None)  # in x's dtype
-    else:
-        xf = x2.float()
-        y = _dense_product(xf / s.float() if s is not None else xf, packed)  # (n, d_out)
-        if has_lr:
-            y = y + F.linear(F.linear(xf, a.float()), b.float())
-        if bias is not None:
-            y = y + bias.float()
+    xf = x.reshape(-1, d_in).float()  # (..., d_in) -> (n, d_in)
+    y = _dense_product(xf / s.float() if s is not None else xf, packed)  # (n, d_out)
+    if b is not None and b.shape[1] > 0:
+        y = y + F.linear(F.linear(xf, a.float()), b.float())
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], d_out)
 
 
-def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool, fallback):
+def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
+    """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
+    return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True)(x)
+
+
+def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool):
     """``x -> deq(packed) @ (x / s) + B (A x) + bias`` through ``op`` with every argument but x bound.
 
     The decode fast path of prompt mode: the per-call Python work (argument checks, group size,
@@ -152,9 +152,9 @@ def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool, fa
             d_out, d_in, bias, b, a).
         packed, s, bias, b, a: as for :func:`linear` (s float32 (d_in,) or None).
         bits_arg: the op takes ``bits`` after ``zero``.
-        fallback: called with x for batches above ``SMALL_BATCH`` rows (prefill-sized inputs).
     Returns:
-        a function of x (..., d_in) returning (..., d_out) in x's dtype.
+        a function of x (..., d_in) returning (..., d_out) in x's dtype; batches above
+        ``SMALL_BATCH`` rows (prefill-sized inputs) take :func:`dense_linear`.
     """
     d_out, d_in = packed.shape
     has_lr = b is not None and b.shape[1] > 0
@@ -167,7 +167,7 @@ def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool, fa
             raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape {packed.shape})")
         x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
         if x2.shape[0] > SMALL_BATCH:
-            return fallback(x)
+            return dense_linear(x, packed, s, bias, b, a)
         return op(x2, *head, *tail).reshape(*x.shape[:-1], d_out)
 
     return run
@@ -228,8 +228,7 @@ class CpuPackedKernel:
         """:meth:`linear` with the arguments bound (see :func:`bind_small_batch`); None without the extension."""
         if not cpu_build.load():
             return None
-        return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True,
-                                fallback=lambda x: linear(x, packed, s, bias, b, a))
+        return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True)
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return unpack(packed)

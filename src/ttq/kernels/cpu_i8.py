@@ -93,27 +93,18 @@ class CpuI8Kernel:
 
     def linear(self, x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
         """``deq(packed) @ (x / s) + B (A x) + bias`` with int8-rounded ``x / s``; (..., d_in) -> (..., d_out)."""
-        if not vnni_available():
+        run = self.decoder(packed, s, bias, b, a)  # prefill-sized batches: the exact blocked-dequantize path
+        if run is None:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
                                f"VNNI ({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
-        d_out, d_in = packed.shape
-        x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
-        if x2.shape[0] > cpu.SMALL_BATCH:  # prefill: the exact blocked-dequantize path
-            return cpu.linear(x, packed, s, bias, b, a)
-        has_lr = b is not None and b.shape[1] > 0
-        g = effective_group_size(d_in, packed.group_size)
-        bits = (packed.bits,) if self.op_takes_bits else ()
-        y = getattr(torch.ops.ttq_cpu, self.op)(x2, s, packed.qweight, packed.scale, packed.zero, *bits, g, d_out,
-                                                d_in, bias, b if has_lr else None,
-                                                a if has_lr else None)  # (n, d_out) in x's dtype
-        return y.reshape(*x.shape[:-1], d_out)
+        return run(x)
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
         """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None without VNNI."""
         if not vnni_available():
             return None
         return cpu.bind_small_batch(getattr(torch.ops.ttq_cpu, self.op).default, packed, s, bias, b, a,
-                                    bits_arg=self.op_takes_bits, fallback=lambda x: cpu.linear(x, packed, s, bias, b, a))
+                                    bits_arg=self.op_takes_bits)
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return cpu.unpack(dataclasses.replace(packed, layout=self.base))

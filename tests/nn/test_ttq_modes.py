@@ -206,3 +206,5 @@ def test_half_params_needs_a_cpu_layout(monkeypatch):
     with pytest.raises(ValueError, match="keeps float32 scale / zero"):
         pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), layout="u8", half_params=True)
     assert pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), layout="u8", half_params=False).layout == "u8"
+    with pytest.raises(ValueError, match="half_params must be True, False or None"):
+        pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), half_params="yes")

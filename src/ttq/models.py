@@ -115,6 +115,40 @@ def load_model(
     return model.to(device).eval(), tok
 
 
+def synthetic_llama(tokenizer, hidden: int, intermediate: int, layers: int, head_dim: int = 128,
+                    seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialized Llama with the given layer shapes and ``tokenizer``'s vocabulary (for speed only).
+
+    Decode speed depends on the shapes, not on the weight values, so this measures end-to-end generation
+    with large layers (e.g. Llama-2-7B's 4096 / 11008, fewer blocks) without downloading weights.  Its
+    text is meaningless; every table that shows it must say so.
+
+    Args:
+        tokenizer: the prompt's tokenizer; the vocabulary (and so the embeddings and LM head) is its size.
+        hidden, intermediate: hidden and MLP widths; ``hidden`` must be a multiple of ``head_dim``.
+        layers: decoder blocks.
+        head_dim: attention head width (heads = hidden / head_dim, no grouped-query attention).
+        seed: initialization seed.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, v in (("hidden", hidden), ("intermediate", intermediate), ("layers", layers), ("head_dim", head_dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"synthetic model: {name} must be a positive integer, got {v!r}")
+    if hidden % head_dim:
+        raise ValueError(f"synthetic model: hidden ({hidden}) must be a multiple of head_dim ({head_dim})")
+    heads = hidden // head_dim
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=False,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
 def model_id(name_or_path: str, gguf_file: str | None = None) -> str:
     """A short stable identifier for caches and tables."""
     if name_or_path in ALIASES:

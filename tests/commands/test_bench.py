@@ -76,3 +76,20 @@ def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
 def test_bench_bad_part(capsys):
     assert main(["bench", "--parts", "d"]) == 2
     assert "unknown bench part" in capsys.readouterr().err
+
+
+def test_bench_cli_synthetic_model(stories_dir, tmp_path, capsys):
+    out = tmp_path / "syn"
+    rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+               "--synthetic", "128,256,2", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "synthetic Llama 128/256/2" in text and "random weights" in text
+    gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
+    assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0"]
+    assert gen["ttq 4-bit r=0"]["same_as_reference"] is True and gen["ttq 4-bit r=0"]["new_tokens"] == 4
+
+
+def test_bench_cli_synthetic_needs_three_sizes(stories_dir, capsys):
+    assert main(["bench", "--parts", "c", "--model", str(stories_dir), "--synthetic", "128,256"]) == 2
+    assert "HIDDEN,INTERMEDIATE,LAYERS" in capsys.readouterr().err

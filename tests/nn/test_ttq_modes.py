@@ -162,7 +162,15 @@ def test_decode_fast_path_equals_kernel_linear(layout, rank):
     layer.set_mode("prompt", PromptOptions(layout=layout, reference=True))
     with torch.no_grad():
         layer(torch.randn(2, 7, 96))
-    assert layer.packed is not None and layer._decode is None  # the reference option never binds the fast path
+        assert layer.packed is not None and layer._decode is None  # the reference option never binds the fast path
+        # the oracle dequantizes once per quantization and decodes exactly as a fresh dequantization would
+        from ttq.kernels.reference import dequantize_packed, reference_linear
+
+        assert torch.equal(layer._ref_weight, dequantize_packed(layer.packed))
+        x = torch.randn(2, 1, 96)
+        assert torch.equal(layer(x), reference_linear(x, layer.packed, layer.prompt_scale, layer.bias, *layer._lowrank()))
+        layer(torch.randn(1, 4, 96) * 3)  # a new prompt re-quantizes: the kept weight follows
+        assert torch.equal(layer._ref_weight, dequantize_packed(layer.packed))
 
 
 def test_half_params_option(monkeypatch):

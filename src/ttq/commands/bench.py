@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
                    help="statistic over the repeats (min resists other processes' load on a shared machine)")
     p.add_argument("--model", default="smollm2-135m", help="part c model (see ttq ppl --model)")
     p.add_argument("--gguf-file", default=None)
+    p.add_argument("--synthetic", type=int_list, default=None, metavar="HIDDEN,INTERMEDIATE,LAYERS",
+                   help="part c: time a randomly initialized Llama of these shapes (e.g. 4096,11008,4: "
+                        "Llama-2-7B's layers) with --model's tokenizer instead of --model itself (speed only)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="part c base dtype")
     p.add_argument("--prompt-tokens", type=int, default=None, help="part c (default 512, quick 128)")
     p.add_argument("--new-tokens", type=int, default=None, help="part c (default 128, quick 32)")
@@ -129,6 +132,15 @@ def run(args) -> int:
         from ttq.models import load_model
 
         model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype])
+        model_name = args.model
+        if args.synthetic is not None:
+            from ttq.models import synthetic_llama
+
+            if len(args.synthetic) != 3:
+                raise ValueError(f"--synthetic takes HIDDEN,INTERMEDIATE,LAYERS, got {args.synthetic}")
+            model = synthetic_llama(tok, *args.synthetic, dtype=DTYPES[args.dtype])
+            model_name = (f"synthetic Llama {'/'.join(map(str, args.synthetic))} (hidden/intermediate/layers, "
+                          f"random weights, {args.model} tokenizer)")
         rows = bench.bench_generation(
             model, tok, prompt_tokens=args.prompt_tokens or (128 if quick else 512),
             new_tokens=args.new_tokens or (32 if quick else 128), bits=bits, ranks=ranks,
@@ -139,7 +151,7 @@ def run(args) -> int:
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]
         data["generation"] = [{k: v for k, v in r.items() if k != "output_ids"} for r in rows]
-        emit(f"## (c) generation, {args.model}, greedy, KV cache, TTQ in prompt mode\n\n" + _table(rows, [
+        emit(f"## (c) generation, {model_name}, greedy, KV cache, TTQ in prompt mode\n\n" + _table(rows, [
             ("config", "config", ""), ("prompt_tokens", "prompt", "d"), ("new_tokens", "new", "d"),
             ("prefill_tps", "prefill tok/s", ".1f"), ("decode_tps", "decode tok/s", ".2f"),
             ("decode_vs_fp32", "decode x fp32", ".2f"), ("decode_vs_bf16", "decode x bf16", ".2f"),

@@ -40,18 +40,21 @@ def reference_linear(
     bias: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``deq(packed) @ (x / s) + B (A x) + bias`` computed in float32, returned in x's dtype.
 
     Args:
         x: (..., d_in); packed: any layout; s: (d_in,) or None; bias: (d_out,) or None;
         b, a: (d_out, r), (r, d_in) or None.
+        weight: ``dequantize_packed(packed)`` when the caller keeps it (decoding many tokens with one
+            packed weight); None dequantizes here.
     Returns:
         (..., d_out) in x's dtype.
     """
     xf = x.float()
     xs = xf / s.float() if s is not None else xf  # (..., d_in)
-    y = F.linear(xs, dequantize_packed(packed))  # (..., d_out)
+    y = F.linear(xs, dequantize_packed(packed) if weight is None else weight)  # (..., d_out)
     if b is not None and b.shape[1] > 0:
         y = y + F.linear(F.linear(xf, a.float()), b.float())  # (..., r) -> (..., d_out)
     if bias is not None:

@@ -16,12 +16,35 @@ def check_rank(rank: int, shape: tuple[int, int]) -> None:
         raise ValueError(f"rank must be an integer in 0..{limit} (= min of weight shape {tuple(shape)}), got {rank!r}")
 
 
-def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` factors of ``w`` (d_out, d_in) -> B (d_out, r), A (r, d_in), float32."""
+EXACT_SVD_MAX_NUMEL = 1 << 24  # exact SVD up to 16.8 M weights (every SmolLM2-135M layer), randomized above
+SVD_OVERSAMPLE, SVD_NITER = 16, 6  # randomized SVD: extra sketch columns and power iterations
+
+
+def svd_factors(w: torch.Tensor, rank: int, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` factors of ``w`` (d_out, d_in) -> B (d_out, r), A (r, d_in), float32.
+
+    Args:
+        w: the weight; rank: r (0 gives empty factors).
+        exact: full ``torch.linalg.svd`` (True) or a randomized truncated SVD (False: Halko et al.,
+            ``torch.svd_lowrank`` with :data:`SVD_OVERSAMPLE` extra columns, :data:`SVD_NITER` power
+            iterations and a fixed seed, so repeated calls agree).  None (default) is exact up to
+            :data:`EXACT_SVD_MAX_NUMEL` weights: a full SVD of a 7B-class 4096 x 11008 layer takes
+            minutes on a CPU core, its randomized top-16 a fraction of a second.
+    """
     check_rank(rank, tuple(w.shape))
     if rank == 0:
         return w.new_zeros(w.shape[0], 0, dtype=torch.float32), w.new_zeros(0, w.shape[1], dtype=torch.float32)
-    u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    if exact is None:
+        exact = w.numel() <= EXACT_SVD_MAX_NUMEL
+    if exact:
+        u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    else:
+        devices = [w.device] if w.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            q = min(rank + SVD_OVERSAMPLE, *w.shape)
+            u, sv, v = torch.svd_lowrank(w.float(), q=q, niter=SVD_NITER)  # (d_out, q), (q,), (d_in, q)
+        vh = v.T
     root = sv[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 

@@ -198,6 +198,7 @@ class TTQLinear(nn.Module):
         self._steps = 0  # decode steps since the last quantization
         self._kernel = None  # the packed layout's kernel (ttq.kernels.api.get_kernel)
         self._decode = None  # the kernel's bound decode function of x (its optional ``decoder``)
+        self._ref_weight = None  # reference=True: deq(packed) (float32), dequantized once per quantization
         self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
         self.n_quantizations = 0
 
@@ -222,6 +223,10 @@ class TTQLinear(nn.Module):
         self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
         bind = None if o.reference else getattr(self._kernel, "decoder", None)
         self._decode = bind(self.packed, s, self.bias, *self._lowrank()) if bind is not None else None
+        if o.reference:
+            from ttq.kernels.reference import dequantize_packed
+
+            self._ref_weight = dequantize_packed(self.packed)
         self._steps = 0
         self.n_quantizations += 1
         self.quant_seconds += time.perf_counter() - t0
@@ -244,7 +249,7 @@ class TTQLinear(nn.Module):
         if self.options.reference:
             from ttq.kernels.reference import reference_linear
 
-            return reference_linear(x, self.packed, self.prompt_scale, self.bias, b, a)
+            return reference_linear(x, self.packed, self.prompt_scale, self.bias, b, a, weight=self._ref_weight)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         return self._kernel.linear(x, self.packed, self.prompt_scale, self.bias, b, a)  # shapes known: skip api checks

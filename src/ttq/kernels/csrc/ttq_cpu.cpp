@@ -472,7 +472,7 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
     __m512i v[R];
     const uint8_t* base = q + r0 * rb + blk * BB;
-    if ((blk * BB) % 64 < BB && (blk * BB) + PF < rb)
+    if ((blk * BB) % 64 < BB)  // never faults; short rows reach the next rows (the next tile)
       for (int r = 0; r < R; ++r) _mm_prefetch((const char*)(base + r * rb + PF), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) v[r] = load_block<CB>(base + r * rb, blk + 1 == n_blocks);
     for (int slot = 0; slot < CPB; ++slot) {
@@ -480,7 +480,7 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
       if (CPB > 1 && t >= n_chunks) break;
       if (t % cpg == 0) {  // a new group: fold the previous one's partial sums with its scale
         const int64_t gi = t / cpg;
-        if (gi % 16 == 0 && gi + 32 < n_groups)
+        if (gi % 16 == 0)  // never faults; short rows reach the next rows' entries
           for (int r = 0; r < R; ++r) {
             _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + gi + 32), _MM_HINT_T0);
             _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + gi + 32), _MM_HINT_T0);
@@ -697,12 +697,10 @@ constexpr int64_t I8_PF = 2048, I8_SPF = 64;
 template <typename ST, int R>
 TTQ_ALWAYS_INLINE void i8_prefetch_params(const ST* sc, const ST* zr, int64_t n_groups, const I8Acts& A, int64_t w,
                                           int64_t r0) {
-  for (int r = 0; r < R; ++r) {
-    const int64_t o = A.gfirst[w] + I8_SPF;
-    if (o < n_groups) {
-      _mm_prefetch((const char*)(sc + (r0 + r) * n_groups + o), _MM_HINT_T0);
-      _mm_prefetch((const char*)(zr + (r0 + r) * n_groups + o), _MM_HINT_T0);
-    }
+  for (int r = 0; r < R; ++r) {  // never faults; with short rows it reaches the next rows' entries
+    const int64_t o = (r0 + r) * n_groups + A.gfirst[w] + I8_SPF;
+    _mm_prefetch((const char*)(sc + o), _MM_HINT_T0);
+    _mm_prefetch((const char*)(zr + o), _MM_HINT_T0);
   }
 }
 
@@ -745,14 +743,28 @@ inline void q4i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
   const int8_t* xq = A.xq.data() + t0 * nbp * 32;  // tokens t0 .. t0 + N - 1
   __m512 facc[R][N];
   i8_zero(facc);
+  const __m512i zero = _mm512_setzero_si512();
   for (int64_t w = 0; w < A.nw; ++w) {
     const bool full = (w + 1) * 16 <= nb;
     if (full) i8_prefetch_params<ST, R>(sc, zr, n_groups, A, w, r0);
+    // spans of this window holding a column < d_in (4 but in the row's last window); the others add zero,
+    // so their loads and products are skipped (d_in = 576 leaves 3 of the last window's 4 spans empty)
+    const int64_t nsp = full ? 4 : (nb - w * 16 + 3) / 4;
     __m512i half[2][R][N];
     for (int h = 0; h < 2; ++h) {
+      if (h * 2 >= nsp) {
+        for (int r = 0; r < R; ++r)
+          for (int b = 0; b < N; ++b) half[h][r][b] = zero;
+        continue;
+      }
       __m512i u[2][R][N];
       for (int k = 0; k < 2; ++k) {
         const int64_t sp = w * 4 + h * 2 + k, blk0 = sp * 4;  // span and its first block
+        if (h * 2 + k >= nsp) {
+          for (int r = 0; r < R; ++r)
+            for (int b = 0; b < N; ++b) u[k][r][b] = zero;
+          continue;
+        }
         __m512i xl[N], xh[N];
         for (int b = 0; b < N; ++b) {
           xl[b] = _mm512_loadu_si512((const void*)(xq + b * nbp * 32 + sp * 128));
@@ -762,13 +774,11 @@ inline void q4i8_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
           const uint8_t* p = q + (r0 + r) * rb + blk0 * 16;
           __m512i v;
           if (full) {
-            if (blk0 * 16 + I8_PF < rb) _mm_prefetch((const char*)(p + I8_PF), _MM_HINT_T0);
+            _mm_prefetch((const char*)(p + I8_PF), _MM_HINT_T0);  // never faults; short rows reach the next rows
             v = _mm512_loadu_si512((const void*)p);
-          } else if (blk0 < nb) {  // the row's last span: read only its bytes
+          } else {  // the row's last window: read only the span's bytes within the row
             const int64_t nbytes = std::min<int64_t>(4, nb - blk0) * 16;
             v = _mm512_maskz_loadu_epi8(nbytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << nbytes) - 1), p);
-          } else {
-            v = _mm512_setzero_si512();
           }
           const __m512i lo = _mm512_and_si512(v, m4);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);

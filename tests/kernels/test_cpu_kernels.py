@@ -207,6 +207,23 @@ for half in ("0", "1"):  # float32 and float16 scale / zero
                 x = torch.randn(n, 200, generator=g)
                 y, yr = packed_linear(x, p, s), reference_linear(x, p, s)
                 assert ((y - yr).norm() / yr.norm()).item() < 1e-5
+# cpu_q4_i8: the AVX2 maddubs kernel in the x86-64-v3 build (tests/kernels/test_cpu_i8.py checks it against the
+# int8 emulation when run with TTQ_KERNEL_MARCH=x86-64-v3), refused with a clear reason in the plain build
+assert torch.ops.ttq_cpu.has_q4i8() == int(sys.argv[1]) and torch.ops.ttq_cpu.has_vnni() == 0
+w = torch.randn(37, 320, generator=g) * 0.05; s = torch.rand(320, generator=g) + 0.1
+if sys.argv[1] == "1":
+    for half in (False, True):
+        p = pack_ttq(w, s, QuantSpec(bits=4, group_size=64), layout="cpu_q4_i8", half_params=half)
+        for n in (1, 3, 5):
+            x = torch.randn(n, 320, generator=g)
+            y, yr = packed_linear(x, p, s), reference_linear(x, p, s)
+            assert 0 < ((y - yr).norm() / yr.norm()).item() < 2e-2  # int8 activations: close, not exact
+else:
+    try:
+        pack_ttq(w, s, QuantSpec(bits=4, group_size=64), layout="cpu_q4_i8")
+        raise AssertionError("cpu_q4_i8 packed without AVX2")
+    except ValueError as e:
+        assert "neither AVX-512 VNNI nor AVX2" in str(e), e
 print("PORTABLE OK")
 """
 

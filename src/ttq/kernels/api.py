@@ -24,7 +24,7 @@ layout          tensors (all row-major, contiguous)
 ``cpu_q4``      qweight uint8 (d_out, 16 * ceil(d_in / 32)); per block of 32 columns,
                 byte j holds column 32 i + j (low nibble) and 32 i + 16 + j (high nibble).
 ``cpu_q4_i8``   the ``cpu_q4`` tensors (same packing); opt-in (priority below ``cpu_q4``, never
-                picked by ``layout=None``): bits 4, g a multiple of 32 or -1, AVX-512 VNNI only.
+                picked by ``layout=None``): bits 4, g a multiple of 32 or -1, AVX-512 VNNI or AVX2.
                 The product rounds ``x / s`` to int8 per 32 columns (absmax / 127), so results
                 are not bit-identical to the reference (~0.5% relative on Gaussian inputs).
 ``cpu_q8_i8``   the ``cpu_q8`` tensors (same packing); opt-in like ``cpu_q4_i8`` (priority below

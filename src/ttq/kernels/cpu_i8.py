@@ -1,4 +1,4 @@
-"""The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI).
+"""The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI; ``cpu_q4_i8`` also AVX2).
 
 Each reads the packed tensors of its base layout (``cpu_q4`` / ``cpu_q8``: same packer, same
 bytes); only the product differs.  Per call, ``x / s`` is rounded to int8 per block of 32
@@ -14,8 +14,9 @@ choosing the exact float kernel (``cpu_q4`` / ``cpu_q8``, priority 10 > 5).
 Served: the base layout's bits (4 for ``cpu_q4_i8``, 5..8 for ``cpu_q8_i8``), group sizes that
 are multiples of 32 or one group per row, float32 / bfloat16 / float16 weights and
 activations; batches above ``cpu.SMALL_BATCH`` tokens use the exact dense path of
-:mod:`ttq.kernels.cpu`.  Offered only when the extension was built with AVX-512 VNNI and the
-running CPU has ``avx512_vnni``.
+:mod:`ttq.kernels.cpu`.  Offered when the extension was built with AVX-512 VNNI and the running CPU
+has ``avx512_vnni``; ``cpu_q4_i8`` also in builds without AVX-512 on CPUs with AVX2 + FMA (a
+``_mm256_maddubs_epi16`` kernel, one 32-column block at a time, the same rounding of ``x / s``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ BLOCK = 32  # columns per int8 activation scale
 def vnni_available() -> bool:
     """True when the compiled extension has the VNNI kernels and this CPU can run them."""
     return cpu_build.load() and bool(torch.ops.ttq_cpu.has_vnni())
+
+
+def q4i8_available() -> bool:
+    """True when ``packed_mm_q4i8`` runs here: AVX-512 VNNI, or the AVX2 kernel of builds without AVX-512."""
+    return cpu_build.load() and bool(torch.ops.ttq_cpu.has_q4i8())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +75,14 @@ class CpuI8Kernel:
         why = cpu.check_supported(self.base, spec, shape, dtype)
         if why is not None:
             return why
-        if not vnni_available():
-            return "this CPU or build lacks AVX-512 VNNI (avx512_vnni)"
+        if not self.available():
+            return ("this CPU or build lacks AVX-512 VNNI (avx512_vnni)" if self.base == "cpu_q8"
+                    else "this CPU or build has neither AVX-512 VNNI nor AVX2")
         return None
+
+    def available(self) -> bool:
+        """The product runs here (cpu_q4_i8: VNNI or AVX2; cpu_q8_i8: VNNI only)."""
+        return q4i8_available() if self.base == "cpu_q4" else vnni_available()
 
     def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         return self.check_supported(spec, shape, dtype)
@@ -96,12 +107,13 @@ class CpuI8Kernel:
         run = self.decoder(packed, s, bias, b, a)  # prefill-sized batches: the exact blocked-dequantize path
         if run is None:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
-                               f"VNNI ({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
+                               f"VNNI{' or AVX2' if self.base == 'cpu_q4' else ''} "
+                               f"({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
         return run(x)
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
         """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None without VNNI."""
-        if not vnni_available():
+        if not self.available():
             return None
         return cpu.bind_small_batch(getattr(torch.ops.ttq_cpu, self.op).default, packed, s, bias, b, a,
                                     bits_arg=self.op_takes_bits)

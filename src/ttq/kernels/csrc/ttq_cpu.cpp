@@ -5,8 +5,8 @@
 //   bits 2 (cpu_q2): 16 bytes / 64 columns, byte j bits 2k..2k+1 = col 16 k + j;
 //   bits 3 (cpu_q3): 48 bytes / 128 columns, 16 little-endian 24-bit lanes, lane j bits 3k..3k+2 = col 16 k + j;
 //   bits 5..8 (cpu_q8): 16 bytes / 16 columns, one code per byte.
-// cpu_q4_i8 / cpu_q8_i8 read cpu_q4 / cpu_q8 codes with int8-rounded activations (AVX-512 VNNI; see
-// packed_mm_q4i8, packed_mm_q8i8).
+// cpu_q4_i8 / cpu_q8_i8 read cpu_q4 / cpu_q8 codes with int8-rounded activations (AVX-512 VNNI, and for
+// cpu_q4_i8 also AVX2; see packed_mm_q4i8, packed_mm_q8i8).
 // Codes are clamp(round((w * s - Z) / S), 0, 2^q - 1) with S = (max - min) / (2^q - 1), Z = min per
 // group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
 // computes them in float32.  Group sizes must be multiples of 16 or cover the whole row.
@@ -1224,6 +1224,138 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& 
 }
 
 int64_t has_avx512() { return TTQ_AVX512; }
+#if TTQ_AVX2
+// cpu_q4_i8 on AVX2 (no AVX-512 VNNI): the same int8-activation product as q4i8_tile, one 32-column block
+// at a time as llama.cpp's q4 x q8 dot: the block's 16 code bytes expand to 32 unsigned nibbles (low nibbles =
+// columns 0..15, high = 16..31), _mm256_maddubs_epi16 with the block's int8 activations (|15 x 127 x 2| fits
+// int16) and _mm256_madd_epi16 give 8 int32 partial sums, scaled by S_g sx_b in float; the S e_b + Z xsum_b
+// terms are scalar.  Activations: natural column order, e_b = 8 (xsum_b - sx_b sum xq) as in the span case.
+#define TTQ_I8_AVX2 1
+struct I8ActsAvx2 {
+  int64_t nb = 0;
+  std::vector<int8_t> xq;         // N x (nb * 32), zero past d_in
+  std::vector<float> sx, e, xsum; // N x nb
+};
+
+inline void i8_quantize_acts_avx2(const float* xs, int64_t n, int64_t d_in, I8ActsAvx2& A) {
+  A.nb = (d_in + 31) / 32;
+  A.xq.assign(n * A.nb * 32, 0);
+  A.sx.assign(n * A.nb, 0.0f);
+  A.e.assign(n * A.nb, 0.0f);
+  A.xsum.assign(n * A.nb, 0.0f);
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t k = 0; k < A.nb; ++k) {
+      const float* xr = xs + b * d_in + k * 32;
+      const int64_t m = std::min<int64_t>(32, d_in - k * 32);
+      float amax = 0.0f, xsum = 0.0f;
+      for (int64_t i = 0; i < m; ++i) {
+        amax = std::max(amax, std::fabs(xr[i]));
+        xsum += xr[i];
+      }
+      const float sx = amax / 127.0f;
+      int32_t qsum = 0;
+      int8_t* qr = A.xq.data() + (b * A.nb + k) * 32;
+      if (sx > 0.0f)
+        for (int64_t i = 0; i < m; ++i) {  // round half to even, as torch.round(x / sx)
+          const int32_t v = (int32_t)std::nearbyint(xr[i] / sx);
+          qr[i] = (int8_t)std::max(-127, std::min(127, v));
+          qsum += qr[i];
+        }
+      A.sx[b * A.nb + k] = sx;
+      A.xsum[b * A.nb + k] = xsum;
+      A.e[b * A.nb + k] = 8.0f * (xsum - sx * (float)qsum);
+    }
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); cpg: blocks per group.
+template <typename ST>
+void q4i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t bpg, const I8ActsAvx2& A,
+                    int64_t n, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y,
+                    int64_t d_out) {
+  const int64_t nb = A.nb, rb = nb * 16;
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* qr = q + r * rb;
+    for (int64_t t = 0; t < n; ++t) {
+      const int8_t* xq = A.xq.data() + t * nb * 32;
+      const float* sx = A.sx.data() + t * nb;
+      const float* e = A.e.data() + t * nb;
+      const float* xsum = A.xsum.data() + t * nb;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      float cz = 0.0f;
+      for (int64_t k = 0; k < nb; ++k) {
+        if (t == 0 && (k & 3) == 0) _mm_prefetch((const char*)(qr + k * 16 + 1024), _MM_HINT_T0);  // never faults
+        const int64_t gi = std::min<int64_t>(k / bpg, n_groups - 1);
+        const float S = load_param(sc, r * n_groups + gi), Z = load_param(zr, r * n_groups + gi);
+        const __m128i c = _mm_loadu_si128((const __m128i*)(qr + k * 16));
+        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + k * 32));
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+        if (k & 1) acc1 = _mm256_fmadd_ps(d, _mm256_set1_ps(S * sx[k]), acc1);
+        else acc0 = _mm256_fmadd_ps(d, _mm256_set1_ps(S * sx[k]), acc0);
+        cz += S * e[k] + Z * xsum[k];
+      }
+      float v = hsum256(_mm256_add_ps(acc0, acc1)) + cz;
+      for (int64_t j = 0; j < rank; ++j) v += bmat[r * rank + j] * tv[t * rank + j];
+      y[t * d_out + r] = v;
+    }
+  }
+}
+
+at::Tensor q4i8_avx2_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                        const at::Tensor& sc, const at::Tensor& zr, int64_t g, int64_t d_out, int64_t d_in,
+                        const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                        const c10::optional<at::Tensor>& a_) {
+  const char* op = "packed_mm_q4i8";
+  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.", op, ": x must be (n, d_in)");
+  g = std::min(g, d_in);
+  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in), "ttq_cpu.", op,
+              ": group size must be a multiple of 32 or cover the row, got ", g);
+  const int64_t n = x_.size(0), n_groups = (d_in + g - 1) / g;
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out && q.size(1) == row_bytes(4, d_in),
+              "ttq_cpu.", op, ": qweight is not a cpu_q4 tensor of this shape");
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
+              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
+              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
+              "ttq_cpu.", op, ": scale/zero must be contiguous (d_out, n_groups) float32 or float16");
+  const at::Tensor xf = x_.to(at::kFloat).contiguous();
+  const at::Tensor xs = s_.has_value() ? (xf / s_->to(at::kFloat)).contiguous() : xf;
+  const int64_t rank = (b_.has_value() && a_.has_value()) ? b_->size(1) : 0;
+  at::Tensor bmat = rank ? b_->to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor tv = rank ? at::matmul(xf, a_->to(at::kFloat).t()).contiguous() : at::Tensor();  // (n, r) = A x
+  TORCH_CHECK(!rank || (bmat.size(0) == d_out && a_->size(0) == rank && a_->size(1) == d_in),
+              "ttq_cpu.", op, ": low-rank factors must be (d_out, r) and (r, d_in)");
+  I8ActsAvx2 acts;
+  i8_quantize_acts_avx2(xs.data_ptr<float>(), n, d_in, acts);
+  at::Tensor y = at::empty({n, d_out}, xf.options());
+  float* yp = y.data_ptr<float>();
+  const int64_t bpg = g >= d_in ? acts.nb : g / 32;
+  const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
+  const float* tp = rank ? tv.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 19) / std::max<int64_t>(d_in, 1));
+  auto run = [&](auto st_tag) {
+    using ST = decltype(st_tag);
+    const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
+    const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
+    at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
+      q4i8_rows_avx2<ST>(q.data_ptr<uint8_t>(), scp, zrp, n_groups, bpg, acts, n, bp, tp, rank, r0, r1, yp, d_out);
+    });
+  };
+  if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
+  if (bias_.has_value()) y.add_(bias_->to(at::kFloat));
+  return x_.scalar_type() == at::kFloat ? y : y.to(x_.scalar_type());
+}
+#else
+#define TTQ_I8_AVX2 0
+#endif  // TTQ_AVX2
+
 int64_t has_avx2_gemm() { return TTQ_AVX2; }  // the AVX2 + FMA packed GEMM (builds without AVX-512)
 
 #if TTQ_VNNI
@@ -1312,8 +1444,10 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
                           const c10::optional<at::Tensor>& a_) {
 #if TTQ_VNNI
   return i8_packed_mm<4>("packed_mm_q4i8", x_, s_, q, sc, zr, 4, g, d_out, d_in, bias_, b_, a_);
+#elif TTQ_I8_AVX2
+  return q4i8_avx2_mm(x_, s_, q, sc, zr, g, d_out, d_in, bias_, b_, a_);
 #else
-  TORCH_CHECK(false, "ttq_cpu.packed_mm_q4i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
+  TORCH_CHECK(false, "ttq_cpu.packed_mm_q4i8: this build has neither AVX-512 VNNI nor AVX2 (see has_q4i8())");
   return at::Tensor();
 #endif
 }
@@ -1328,6 +1462,15 @@ at::Tensor packed_mm_q8i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
 #else
   TORCH_CHECK(false, "ttq_cpu.packed_mm_q8i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
   return at::Tensor();
+#endif
+}
+
+// 1 when packed_mm_q4i8 runs here: the AVX-512 VNNI kernel on a CPU with avx512_vnni, or the AVX2 one.
+int64_t has_q4i8() {
+#if TTQ_VNNI
+  return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
+#else
+  return TTQ_I8_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 #endif
 }
 
@@ -1358,6 +1501,7 @@ TORCH_LIBRARY(ttq_cpu, m) {
   m.def("packed_mm_q8i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int bits, int group,"
         " int d_out, int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
   m.def("has_vnni() -> int");
+  m.def("has_q4i8() -> int");
 }
 
 TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
@@ -1373,4 +1517,5 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CompositeExplicitAutograd, m) {
   m.impl("has_avx512", &has_avx512);
   m.impl("has_avx2_gemm", &has_avx2_gemm);
   m.impl("has_vnni", &has_vnni);
+  m.impl("has_q4i8", &has_q4i8);
 }

@@ -1274,6 +1274,39 @@ inline float hsum256(__m256 v) {
 }
 
 // y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); cpg: blocks per group.
+// The per-block float factors of one row and token: wk[k] = S_g(k) sx_k, and the row's S e + Z xsum total.
+template <typename ST>
+inline float q4i8_avx2_factors(const ST* srow, const ST* zrow, int64_t n_groups, int64_t bpg, const float* sx,
+                               const float* e, const float* xsum, int64_t nb, float* wk) {
+  int64_t k = 0;
+  float cz = 0.0f;
+  if (bpg == 1) {  // g = 32: one group per block, 8 blocks per vector
+    __m256 czv = _mm256_setzero_ps();
+    for (; k + 8 <= nb && k + 8 <= n_groups; k += 8) {
+      __m256 S, Z;
+      if constexpr (sizeof(ST) == 2) {
+        S = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + k)));
+        Z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(zrow + k)));
+      } else {
+        S = _mm256_loadu_ps((const float*)(srow + k));
+        Z = _mm256_loadu_ps((const float*)(zrow + k));
+      }
+      _mm256_storeu_ps(wk + k, _mm256_mul_ps(S, _mm256_loadu_ps(sx + k)));
+      czv = _mm256_fmadd_ps(S, _mm256_loadu_ps(e + k), czv);
+      czv = _mm256_fmadd_ps(Z, _mm256_loadu_ps(xsum + k), czv);
+    }
+    cz = hsum256(czv);
+  }
+  for (; k < nb; ++k) {
+    const int64_t gi = std::min<int64_t>(k / bpg, n_groups - 1);
+    const float S = load_param(srow, gi), Z = load_param(zrow, gi);
+    wk[k] = S * sx[k];
+    cz += S * e[k] + Z * xsum[k];
+  }
+  return cz;
+}
+
+// y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); bpg: blocks per group.
 template <typename ST>
 void q4i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t bpg, const I8ActsAvx2& A,
                     int64_t n, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y,
@@ -1281,27 +1314,30 @@ void q4i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_grou
   const int64_t nb = A.nb, rb = nb * 16;
   const __m128i m4 = _mm_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
+  std::vector<float> wk(nb);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* qr = q + r * rb;
     for (int64_t t = 0; t < n; ++t) {
       const int8_t* xq = A.xq.data() + t * nb * 32;
-      const float* sx = A.sx.data() + t * nb;
-      const float* e = A.e.data() + t * nb;
-      const float* xsum = A.xsum.data() + t * nb;
+      const float cz = q4i8_avx2_factors(sc + r * n_groups, zr + r * n_groups, n_groups, bpg, A.sx.data() + t * nb,
+                                         A.e.data() + t * nb, A.xsum.data() + t * nb, nb, wk.data());
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      float cz = 0.0f;
-      for (int64_t k = 0; k < nb; ++k) {
-        if (t == 0 && (k & 3) == 0) _mm_prefetch((const char*)(qr + k * 16 + 1024), _MM_HINT_T0);  // never faults
-        const int64_t gi = std::min<int64_t>(k / bpg, n_groups - 1);
-        const float S = load_param(sc, r * n_groups + gi), Z = load_param(zr, r * n_groups + gi);
-        const __m128i c = _mm_loadu_si128((const __m128i*)(qr + k * 16));
+      int64_t k = 0;
+      auto block = [&](int64_t kk, __m256& acc) {
+        const __m128i c = _mm_loadu_si128((const __m128i*)(qr + kk * 16));
         const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + k * 32));
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + kk * 32));
         const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
-        if (k & 1) acc1 = _mm256_fmadd_ps(d, _mm256_set1_ps(S * sx[k]), acc1);
-        else acc0 = _mm256_fmadd_ps(d, _mm256_set1_ps(S * sx[k]), acc0);
-        cz += S * e[k] + Z * xsum[k];
+        acc = _mm256_fmadd_ps(d, _mm256_broadcast_ss(wk.data() + kk), acc);
+      };
+      for (; k + 4 <= nb; k += 4) {
+        if (t == 0) _mm_prefetch((const char*)(qr + k * 16 + 1024), _MM_HINT_T0);  // never faults
+        block(k, acc0);
+        block(k + 1, acc1);
+        block(k + 2, acc0);
+        block(k + 3, acc1);
       }
+      for (; k < nb; ++k) block(k, acc0);
       float v = hsum256(_mm256_add_ps(acc0, acc1)) + cz;
       for (int64_t j = 0; j < rank; ++j) v += bmat[r * rank + j] * tv[t * rank + j];
       y[t * d_out + r] = v;

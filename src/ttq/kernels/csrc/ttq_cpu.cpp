@@ -888,6 +888,26 @@ void i8_rows(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int
 #endif  // TTQ_AVX512 && __AVX512VNNI__
 
 // ---------------------------------------------------------------- dispatch helpers
+// Argument checks shared by the int8-activation products (packed_mm_q4i8 on VNNI or AVX2, packed_mm_q8i8):
+// x (n, d_in), group size (clamped to d_in: a multiple of 32 or the whole row), CB-bit qweight of the
+// base layout, contiguous (d_out, n_groups) float32 / float16 scale and zero.  Returns n_groups.
+inline int64_t check_i8_args(const char* op, int CB, const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc,
+                             const at::Tensor& zr, int64_t& g, int64_t d_out, int64_t d_in) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d_in, "ttq_cpu.", op, ": x must be (n, d_in)");
+  g = std::min(g, d_in);
+  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in), "ttq_cpu.", op,
+              ": group size must be a multiple of 32 or cover the row, got ", g);
+  const int64_t n_groups = (d_in + g - 1) / g;
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
+              q.size(1) == row_bytes(CB, d_in), "ttq_cpu.", op, ": qweight is not a ", CB == 4 ? "cpu_q4" : "cpu_q8",
+              " tensor of this shape");
+  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
+              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
+              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
+              "ttq_cpu.", op, ": scale/zero must be contiguous (d_out, n_groups) float32 or float16");
+  return n_groups;
+}
+
 void check_layout_args(int64_t bits, int64_t g, int64_t d_in) {
   TORCH_CHECK(bits >= 2 && bits <= 8, "ttq_cpu: bits must be in 2..8, got ", bits);
   TORCH_CHECK(g > 0 && (g % CH == 0 || g >= d_in), "ttq_cpu: group size must be a multiple of 16 or cover the row, got ",
@@ -1350,17 +1370,8 @@ at::Tensor q4i8_avx2_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s
                         const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
                         const c10::optional<at::Tensor>& a_) {
   const char* op = "packed_mm_q4i8";
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.", op, ": x must be (n, d_in)");
-  g = std::min(g, d_in);
-  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in), "ttq_cpu.", op,
-              ": group size must be a multiple of 32 or cover the row, got ", g);
-  const int64_t n = x_.size(0), n_groups = (d_in + g - 1) / g;
-  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out && q.size(1) == row_bytes(4, d_in),
-              "ttq_cpu.", op, ": qweight is not a cpu_q4 tensor of this shape");
-  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
-              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
-              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
-              "ttq_cpu.", op, ": scale/zero must be contiguous (d_out, n_groups) float32 or float16");
+  const int64_t n_groups = check_i8_args(op, 4, x_, q, sc, zr, g, d_out, d_in);
+  const int64_t n = x_.size(0);
   const at::Tensor xf = x_.to(at::kFloat).contiguous();
   const at::Tensor xs = s_.has_value() ? (xf / s_->to(at::kFloat)).contiguous() : xf;
   const int64_t rank = (b_.has_value() && a_.has_value()) ? b_->size(1) : 0;
@@ -1403,21 +1414,10 @@ at::Tensor i8_packed_mm(const char* op, const at::Tensor& x_, const c10::optiona
                         const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out,
                         int64_t d_in, const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
                         const c10::optional<at::Tensor>& a_) {
-  const char* base = CB == 4 ? "cpu_q4" : "cpu_q8";
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == d_in, "ttq_cpu.", op, ": x must be (n, d_in)");
   TORCH_CHECK(CB == 4 || (bits >= 5 && bits <= 8), "ttq_cpu.", op, ": bits must be in 5..8 (the cpu_q8 layout), got ",
               bits);
-  g = std::min(g, d_in);
-  TORCH_CHECK(g > 0 && (g % 32 == 0 || g >= d_in), "ttq_cpu.", op,
-              ": group size must be a multiple of 32 or cover the row, got ", g);
+  const int64_t n_groups = check_i8_args(op, CB, x_, q, sc, zr, g, d_out, d_in);
   const int64_t n = x_.size(0);
-  const int64_t n_groups = (d_in + g - 1) / g;
-  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == at::kByte && q.size(0) == d_out &&
-              q.size(1) == row_bytes(CB, d_in), "ttq_cpu.", op, ": qweight is not a ", base, " tensor of this shape");
-  TORCH_CHECK(sc.is_contiguous() && zr.is_contiguous() && sc.numel() == d_out * n_groups &&
-              zr.numel() == d_out * n_groups && sc.scalar_type() == zr.scalar_type() &&
-              (sc.scalar_type() == at::kFloat || sc.scalar_type() == at::kHalf),
-              "ttq_cpu.", op, ": scale/zero must be contiguous (d_out, n_groups) float32 or float16");
   const at::Tensor x = x_.contiguous();
   const bool has_s = s_.has_value();
   at::Tensor s = has_s ? s_->to(at::kFloat).contiguous() : at::Tensor();

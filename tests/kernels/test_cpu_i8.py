@@ -30,13 +30,12 @@ from ttq.kernels.api import pack_ttq, packed_linear, registered_layouts, select_
 from ttq.kernels.reference import reference_linear
 from ttq.methods.lowrank import svd_factors
 
-_Q4_OK = _Q8_OK = cpu_build.load()
-if _Q4_OK:
-    from ttq.kernels.cpu_i8 import q4i8_available, vnni_available
+_OK = cpu_build.load()
+if _OK:
+    from ttq.kernels.cpu_i8 import i8_available
 
-    _Q4_OK, _Q8_OK = q4i8_available(), vnni_available()  # cpu_q4_i8 also runs on AVX2; cpu_q8_i8 needs VNNI
-pytestmark = pytest.mark.skipif(not _Q4_OK, reason="ttq C++ CPU kernels with AVX-512 VNNI or AVX2 unavailable")
-NEEDS_VNNI = pytest.mark.skipif(not _Q8_OK, reason="cpu_q8_i8 needs AVX-512 VNNI")
+    _OK = i8_available()  # AVX-512 VNNI, or AVX2 (run this file with TTQ_KERNEL_MARCH=x86-64-v3 to test those)
+pytestmark = pytest.mark.skipif(not _OK, reason="ttq C++ CPU kernels with AVX-512 VNNI or AVX2 unavailable")
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,10 @@ Q8 = Layout("cpu_q8_i8", "cpu_q8", 8,
             # cpu_q8 kernel is 5e-5..8e-5 off a float64 product there (seeds 6..11), cpu_q8_i8 2e-5..3e-5
             6, 2e-2, 1e-4, 208, (64, 576),
             ((4, 32, "5..8-bit"), (2, 32, "5..8-bit"), (8, 16, "multiple of 32"), (8, 48, "multiple of 32")))
-_MARKS = {Q4.name: (), Q8.name: (NEEDS_VNNI,)}
-LAYOUTS = [pytest.param(lay, id=lay.name, marks=_MARKS[lay.name]) for lay in (Q4, Q8)]
-SHAPE_CASES = [pytest.param(lay, *shape, id=f"{lay.name}-{'x'.join(map(str, shape))}", marks=_MARKS[lay.name])
+LAYOUTS = [pytest.param(Q4, id=Q4.name), pytest.param(Q8, id=Q8.name)]
+SHAPE_CASES = [pytest.param(lay, *shape, id=f"{lay.name}-{'x'.join(map(str, shape))}")
                for lay in (Q4, Q8) for shape in lay.shapes]
-ERROR_CASES = [pytest.param(lay, *shape, id=f"{lay.name}-{'x'.join(map(str, shape))}", marks=_MARKS[lay.name])
+ERROR_CASES = [pytest.param(lay, *shape, id=f"{lay.name}-{'x'.join(map(str, shape))}")
                for lay in (Q4, Q8) for shape in lay.shapes[:lay.n_error_shapes]]
 
 
@@ -160,7 +158,6 @@ def test_integer_path_is_exact(lay, d_out, d_in, group_size, n_tokens, s_kind):
     assert _rel(y, i8_reference(x, packed, s)) < 1e-5  # float32 sums in another order
 
 
-@NEEDS_VNNI
 @pytest.mark.parametrize("bits", [5, 6, 7])
 def test_narrower_codes_share_the_q8_layout(bits):
     w, s, g = _case(29, 448, bits, s_kind="random")
@@ -287,7 +284,6 @@ def test_half_params(lay, monkeypatch):
     assert _rel(packed_linear(x, packed, s), i8_reference(x, packed, s)) < 1e-5
 
 
-@NEEDS_VNNI
 def test_packed_lm_head():
     from ttq import runtime
     import torch.nn as nn
@@ -334,7 +330,6 @@ def test_codebook_format_raises(lay):
         pack_ttq(w, s, QuantSpec(bits=4, group_size=32, fmt="nf4"), layout=lay.name)
 
 
-@NEEDS_VNNI
 def test_bench_generation_head_layout():
     import torch.nn as nn
 

@@ -28,7 +28,7 @@ layout          tensors (all row-major, contiguous)
                 The product rounds ``x / s`` to int8 per 32 columns (absmax / 127), so results
                 are not bit-identical to the reference (~0.5% relative on Gaussian inputs).
 ``cpu_q8_i8``   the ``cpu_q8`` tensors (same packing); opt-in like ``cpu_q4_i8`` (priority below
-                ``cpu_q8``): bits 5..8, g a multiple of 32 or -1, AVX-512 VNNI only, int8 ``x / s``.
+                ``cpu_q8``): bits 5..8, g a multiple of 32 or -1, AVX-512 VNNI or AVX2, int8 ``x / s``.
 ``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per block of 64 columns,
                 byte j holds column 64 i + 16 k + j in bits 2k..2k+1, k = 0..3.
 ``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per block of 128 columns,

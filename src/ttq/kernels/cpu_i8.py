@@ -1,4 +1,4 @@
-"""The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI; ``cpu_q4_i8`` also AVX2).
+"""The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI or AVX2).
 
 Each reads the packed tensors of its base layout (``cpu_q4`` / ``cpu_q8``: same packer, same
 bytes); only the product differs.  Per call, ``x / s`` is rounded to int8 per block of 32
@@ -15,8 +15,8 @@ Served: the base layout's bits (4 for ``cpu_q4_i8``, 5..8 for ``cpu_q8_i8``), gr
 are multiples of 32 or one group per row, float32 / bfloat16 / float16 weights and
 activations; batches above ``cpu.SMALL_BATCH`` tokens use the exact dense path of
 :mod:`ttq.kernels.cpu`.  Offered when the extension was built with AVX-512 VNNI and the running CPU
-has ``avx512_vnni``; ``cpu_q4_i8`` also in builds without AVX-512 on CPUs with AVX2 + FMA (a
-``_mm256_maddubs_epi16`` kernel, one 32-column block at a time, the same rounding of ``x / s``).
+has ``avx512_vnni``, or in builds without AVX-512 on CPUs with AVX2 + FMA (``_mm256_maddubs_epi16``
+kernels, one 32-column block at a time, the same rounding of ``x / s``; 5..8-bit codes centred to int8).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def vnni_available() -> bool:
     return cpu_build.load() and bool(torch.ops.ttq_cpu.has_vnni())
 
 
-def q4i8_available() -> bool:
-    """True when ``packed_mm_q4i8`` runs here: AVX-512 VNNI, or the AVX2 kernel of builds without AVX-512."""
-    return cpu_build.load() and bool(torch.ops.ttq_cpu.has_q4i8())
+def i8_available() -> bool:
+    """True when the int8-activation products run here: AVX-512 VNNI, or the AVX2 kernels of builds without AVX-512."""
+    return cpu_build.load() and bool(torch.ops.ttq_cpu.has_i8())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +76,12 @@ class CpuI8Kernel:
         if why is not None:
             return why
         if not self.available():
-            return ("this CPU or build lacks AVX-512 VNNI (avx512_vnni)" if self.base == "cpu_q8"
-                    else "this CPU or build has neither AVX-512 VNNI nor AVX2")
+            return "this CPU or build has neither AVX-512 VNNI nor AVX2"
         return None
 
     def available(self) -> bool:
-        """The product runs here (cpu_q4_i8: VNNI or AVX2; cpu_q8_i8: VNNI only)."""
-        return q4i8_available() if self.base == "cpu_q4" else vnni_available()
+        """The product runs here (AVX-512 VNNI or AVX2)."""
+        return i8_available()
 
     def supports(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         return self.check_supported(spec, shape, dtype)
@@ -107,7 +106,7 @@ class CpuI8Kernel:
         run = self.decoder(packed, s, bias, b, a)  # prefill-sized batches: the exact blocked-dequantize path
         if run is None:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
-                               f"VNNI{' or AVX2' if self.base == 'cpu_q4' else ''} "
+                               f"VNNI or AVX2 "
                                f"({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
         return run(x)
 

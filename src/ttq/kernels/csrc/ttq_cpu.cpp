@@ -5,8 +5,8 @@
 //   bits 2 (cpu_q2): 16 bytes / 64 columns, byte j bits 2k..2k+1 = col 16 k + j;
 //   bits 3 (cpu_q3): 48 bytes / 128 columns, 16 little-endian 24-bit lanes, lane j bits 3k..3k+2 = col 16 k + j;
 //   bits 5..8 (cpu_q8): 16 bytes / 16 columns, one code per byte.
-// cpu_q4_i8 / cpu_q8_i8 read cpu_q4 / cpu_q8 codes with int8-rounded activations (AVX-512 VNNI, and for
-// cpu_q4_i8 also AVX2; see packed_mm_q4i8, packed_mm_q8i8).
+// cpu_q4_i8 / cpu_q8_i8 read cpu_q4 / cpu_q8 codes with int8-rounded activations (AVX-512 VNNI or AVX2;
+// see packed_mm_q4i8, packed_mm_q8i8).
 // Codes are clamp(round((w * s - Z) / S), 0, 2^q - 1) with S = (max - min) / (2^q - 1), Z = min per
 // group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
 // computes them in float32.  Group sizes must be multiples of 16 or cover the whole row.
@@ -1245,7 +1245,7 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& 
 
 int64_t has_avx512() { return TTQ_AVX512; }
 #if TTQ_AVX2
-// cpu_q4_i8 on AVX2 (no AVX-512 VNNI): the same int8-activation product as q4i8_tile, one 32-column block
+// cpu_q4_i8 / cpu_q8_i8 on AVX2 (no AVX-512 VNNI): the same int8-activation products as the VNNI tiles, one 32-column block
 // at a time as llama.cpp's q4 x q8 dot: the block's 16 code bytes expand to 32 unsigned nibbles (low nibbles =
 // columns 0..15, high = 16..31), _mm256_maddubs_epi16 with the block's int8 activations (|15 x 127 x 2| fits
 // int16) and _mm256_madd_epi16 give 8 int32 partial sums, scaled by S_g sx_b in float; the S e_b + Z xsum_b
@@ -1257,7 +1257,10 @@ struct I8ActsAvx2 {
   std::vector<float> sx, e, xsum; // N x nb
 };
 
-inline void i8_quantize_acts_avx2(const float* xs, int64_t n, int64_t d_in, I8ActsAvx2& A) {
+// centre c: 4-bit codes are multiplied unsigned, so e_b = c (xsum_b - sx_b sum xq); 5..8-bit codes are
+// centred before the product (q - c fits int8), so e_b = c xsum_b.
+inline void i8_quantize_acts_avx2(const float* xs, int64_t n, int64_t d_in, int centre, bool centred_codes,
+                                  I8ActsAvx2& A) {
   A.nb = (d_in + 31) / 32;
   A.xq.assign(n * A.nb * 32, 0);
   A.sx.assign(n * A.nb, 0.0f);
@@ -1283,7 +1286,7 @@ inline void i8_quantize_acts_avx2(const float* xs, int64_t n, int64_t d_in, I8Ac
         }
       A.sx[b * A.nb + k] = sx;
       A.xsum[b * A.nb + k] = xsum;
-      A.e[b * A.nb + k] = 8.0f * (xsum - sx * (float)qsum);
+      A.e[b * A.nb + k] = (float)centre * (centred_codes ? xsum : xsum - sx * (float)qsum);
     }
 }
 
@@ -1296,7 +1299,7 @@ inline float hsum256(__m256 v) {
 // y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); cpg: blocks per group.
 // The per-block float factors of one row and token: wk[k] = S_g(k) sx_k, and the row's S e + Z xsum total.
 template <typename ST>
-inline float q4i8_avx2_factors(const ST* srow, const ST* zrow, int64_t n_groups, int64_t bpg, const float* sx,
+inline float i8_avx2_factors(const ST* srow, const ST* zrow, int64_t n_groups, int64_t bpg, const float* sx,
                                const float* e, const float* xsum, int64_t nb, float* wk) {
   int64_t k = 0;
   float cz = 0.0f;
@@ -1327,31 +1330,44 @@ inline float q4i8_avx2_factors(const ST* srow, const ST* zrow, int64_t n_groups,
 }
 
 // y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); bpg: blocks per group.
-template <typename ST>
-void q4i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t bpg, const I8ActsAvx2& A,
-                    int64_t n, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1, float* y,
-                    int64_t d_out) {
-  const int64_t nb = A.nb, rb = nb * 16;
+// CB = 4: cpu_q4 rows (16 bytes per 32-column block, nibbles unsigned); CB = 8: cpu_q8 rows (one byte per
+// column, rows padded to 16 columns), codes centred to q - c in int8 and multiplied as llama.cpp's q8 x q8
+// (maddubs of |q - c| with sign(q - c) xq: |128 x 127 x 2| fits int16).
+template <int CB, typename ST>
+void i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups, int64_t bpg, const I8ActsAvx2& A,
+                  int64_t n, int centre, const float* bmat, const float* tv, int64_t rank, int64_t r0, int64_t r1,
+                  float* y, int64_t d_out, int64_t rb) {
+  const int64_t nb = A.nb;
   const __m128i m4 = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), cv = _mm256_set1_epi8((char)centre);
   std::vector<float> wk(nb);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* qr = q + r * rb;
     for (int64_t t = 0; t < n; ++t) {
       const int8_t* xq = A.xq.data() + t * nb * 32;
-      const float cz = q4i8_avx2_factors(sc + r * n_groups, zr + r * n_groups, n_groups, bpg, A.sx.data() + t * nb,
+      const float cz = i8_avx2_factors(sc + r * n_groups, zr + r * n_groups, n_groups, bpg, A.sx.data() + t * nb,
                                          A.e.data() + t * nb, A.xsum.data() + t * nb, nb, wk.data());
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       int64_t k = 0;
       auto block = [&](int64_t kk, __m256& acc) {
-        const __m128i c = _mm_loadu_si128((const __m128i*)(qr + kk * 16));
-        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
         const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + kk * 32));
-        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones));
+        __m256i p16;
+        if constexpr (CB == 4) {
+          const __m128i c = _mm_loadu_si128((const __m128i*)(qr + kk * 16));
+          const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), m4), _mm_and_si128(c, m4));
+          p16 = _mm256_maddubs_epi16(codes, xv);
+        } else {
+          const __m256i c = kk * 32 + 32 <= rb  // the row's last block may hold 16 columns: read only those
+              ? _mm256_loadu_si256((const __m256i*)(qr + kk * 32))
+              : _mm256_inserti128_si256(_mm256_setzero_si256(), _mm_loadu_si128((const __m128i*)(qr + kk * 32)), 0);
+          const __m256i a = _mm256_sub_epi8(c, cv);  // q - c in int8 (zero-padded columns meet xq = 0)
+          p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(xv, a));
+        }
+        const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
         acc = _mm256_fmadd_ps(d, _mm256_broadcast_ss(wk.data() + kk), acc);
       };
       for (; k + 4 <= nb; k += 4) {
-        if (t == 0) _mm_prefetch((const char*)(qr + k * 16 + 1024), _MM_HINT_T0);  // never faults
+        if (t == 0) _mm_prefetch((const char*)(qr + k * CB * 4 + 1024), _MM_HINT_T0);  // never faults
         block(k, acc0);
         block(k + 1, acc1);
         block(k + 2, acc0);
@@ -1365,12 +1381,14 @@ void q4i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_grou
   }
 }
 
-at::Tensor q4i8_avx2_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
-                        const at::Tensor& sc, const at::Tensor& zr, int64_t g, int64_t d_out, int64_t d_in,
-                        const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
-                        const c10::optional<at::Tensor>& a_) {
-  const char* op = "packed_mm_q4i8";
-  const int64_t n_groups = check_i8_args(op, 4, x_, q, sc, zr, g, d_out, d_in);
+template <int CB>
+at::Tensor i8_avx2_mm(const char* op, const at::Tensor& x_, const c10::optional<at::Tensor>& s_, const at::Tensor& q,
+                      const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g, int64_t d_out, int64_t d_in,
+                      const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& b_,
+                      const c10::optional<at::Tensor>& a_) {
+  TORCH_CHECK(CB == 4 || (bits >= 5 && bits <= 8), "ttq_cpu.", op, ": bits must be in 5..8 (the cpu_q8 layout), got ",
+              bits);
+  const int64_t n_groups = check_i8_args(op, CB, x_, q, sc, zr, g, d_out, d_in);
   const int64_t n = x_.size(0);
   const at::Tensor xf = x_.to(at::kFloat).contiguous();
   const at::Tensor xs = s_.has_value() ? (xf / s_->to(at::kFloat)).contiguous() : xf;
@@ -1379,8 +1397,9 @@ at::Tensor q4i8_avx2_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s
   at::Tensor tv = rank ? at::matmul(xf, a_->to(at::kFloat).t()).contiguous() : at::Tensor();  // (n, r) = A x
   TORCH_CHECK(!rank || (bmat.size(0) == d_out && a_->size(0) == rank && a_->size(1) == d_in),
               "ttq_cpu.", op, ": low-rank factors must be (d_out, r) and (r, d_in)");
+  const int centre = CB == 4 ? 8 : 1 << (bits - 1);
   I8ActsAvx2 acts;
-  i8_quantize_acts_avx2(xs.data_ptr<float>(), n, d_in, acts);
+  i8_quantize_acts_avx2(xs.data_ptr<float>(), n, d_in, centre, CB == 8, acts);
   at::Tensor y = at::empty({n, d_out}, xf.options());
   float* yp = y.data_ptr<float>();
   const int64_t bpg = g >= d_in ? acts.nb : g / 32;
@@ -1392,7 +1411,8 @@ at::Tensor q4i8_avx2_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s
     const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
     const ST* zrp = reinterpret_cast<const ST*>(zr.data_ptr());
     at::parallel_for(0, d_out, grain, [&](int64_t r0, int64_t r1) {
-      q4i8_rows_avx2<ST>(q.data_ptr<uint8_t>(), scp, zrp, n_groups, bpg, acts, n, bp, tp, rank, r0, r1, yp, d_out);
+      i8_rows_avx2<CB, ST>(q.data_ptr<uint8_t>(), scp, zrp, n_groups, bpg, acts, n, centre, bp, tp, rank, r0, r1, yp,
+                           d_out, row_bytes(CB, d_in));
     });
   };
   if (sc.scalar_type() == at::kHalf) run(uint16_t{}); else run(float{});
@@ -1481,9 +1501,9 @@ at::Tensor packed_mm_q4i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
 #if TTQ_VNNI
   return i8_packed_mm<4>("packed_mm_q4i8", x_, s_, q, sc, zr, 4, g, d_out, d_in, bias_, b_, a_);
 #elif TTQ_I8_AVX2
-  return q4i8_avx2_mm(x_, s_, q, sc, zr, g, d_out, d_in, bias_, b_, a_);
+  return i8_avx2_mm<4>("packed_mm_q4i8", x_, s_, q, sc, zr, 4, g, d_out, d_in, bias_, b_, a_);
 #else
-  TORCH_CHECK(false, "ttq_cpu.packed_mm_q4i8: this build has neither AVX-512 VNNI nor AVX2 (see has_q4i8())");
+  TORCH_CHECK(false, "ttq_cpu.packed_mm_q4i8: this build has neither AVX-512 VNNI nor AVX2 (see has_i8())");
   return at::Tensor();
 #endif
 }
@@ -1495,14 +1515,17 @@ at::Tensor packed_mm_q8i8(const at::Tensor& x_, const c10::optional<at::Tensor>&
                           const c10::optional<at::Tensor>& a_) {
 #if TTQ_VNNI
   return i8_packed_mm<8>("packed_mm_q8i8", x_, s_, q, sc, zr, bits, g, d_out, d_in, bias_, b_, a_);
+#elif TTQ_I8_AVX2
+  return i8_avx2_mm<8>("packed_mm_q8i8", x_, s_, q, sc, zr, bits, g, d_out, d_in, bias_, b_, a_);
 #else
-  TORCH_CHECK(false, "ttq_cpu.packed_mm_q8i8: this build has no AVX-512 VNNI kernel (see has_vnni())");
+  TORCH_CHECK(false, "ttq_cpu.packed_mm_q8i8: this build has neither AVX-512 VNNI nor AVX2 (see has_i8())");
   return at::Tensor();
 #endif
 }
 
-// 1 when packed_mm_q4i8 runs here: the AVX-512 VNNI kernel on a CPU with avx512_vnni, or the AVX2 one.
-int64_t has_q4i8() {
+// 1 when packed_mm_q4i8 / packed_mm_q8i8 run here: the AVX-512 VNNI kernels on a CPU with avx512_vnni, or the
+// AVX2 ones.
+int64_t has_i8() {
 #if TTQ_VNNI
   return __builtin_cpu_supports("avx512vnni") ? 1 : 0;
 #else
@@ -1537,7 +1560,7 @@ TORCH_LIBRARY(ttq_cpu, m) {
   m.def("packed_mm_q8i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int bits, int group,"
         " int d_out, int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
   m.def("has_vnni() -> int");
-  m.def("has_q4i8() -> int");
+  m.def("has_i8() -> int");
 }
 
 TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
@@ -1553,5 +1576,5 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CompositeExplicitAutograd, m) {
   m.impl("has_avx512", &has_avx512);
   m.impl("has_avx2_gemm", &has_avx2_gemm);
   m.impl("has_vnni", &has_vnni);
-  m.impl("has_q4i8", &has_q4i8);
+  m.impl("has_i8", &has_i8);
 }

@@ -35,6 +35,14 @@ def stories_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def stories_tokenizer(stories_dir: Path):
+    """The stories260K tokenizer (read-only: shared by the whole session)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(stories_dir)
+
+
 @pytest.fixture()
 def stories_model(stories_dir: Path) -> torch.nn.Module:
     """A fresh float32 stories260K model in eval mode (function scope: tests may patch it)."""

@@ -8,13 +8,6 @@ import torch
 from ttq.models import synthetic_llama
 
 
-@pytest.fixture
-def stories_tokenizer(stories_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(stories_dir)
-
-
 def test_synthetic_llama_shapes_and_determinism(stories_tokenizer):
     m = synthetic_llama(stories_tokenizer, hidden=256, intermediate=640, layers=2, head_dim=64, seed=3)
     cfg = m.config

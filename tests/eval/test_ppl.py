@@ -16,13 +16,10 @@ DATA = shared_dir() / "data"
 
 
 @pytest.fixture(scope="module")
-def wt2_windows(stories_dir):
-    from transformers import AutoTokenizer
-
+def wt2_windows(stories_tokenizer):
     if not (DATA / "wikitext2" / "wiki.test.raw").is_file():
         pytest.skip("shared data missing")
-    tok = AutoTokenizer.from_pretrained(stories_dir)
-    return eval_windows(tokenize(tok, load_text("wikitext2", data_dir=DATA), cache=False), 512, max_windows=6)
+    return eval_windows(tokenize(stories_tokenizer, load_text("wikitext2", data_dir=DATA), cache=False), 512, max_windows=6)
 
 
 def test_perplexity_is_exp_of_mean_window_nll(stories_model, wt2_windows):

@@ -160,19 +160,18 @@ def test_config_round_trip() -> None:
 
 
 @pytest.fixture(scope="module")
-def stories_calib(stories_dir):
+def stories_calib(stories_dir, stories_tokenizer):
     """stories260K with 2 windows x 256 tokens of WT2 calibration text -> per-layer LayerCalib."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ttq.data import load_text
 
     model = AutoModelForCausalLM.from_pretrained(stories_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(stories_dir)
     try:
         text = load_text("wikitext2", calibration=True)[:20000]
     except FileNotFoundError:
         pytest.skip("WikiText-2 calibration text not found")
-    ids = torch.tensor(tok(text, add_special_tokens=False).input_ids[:512]).reshape(2, 256)
+    ids = torch.tensor(stories_tokenizer(text, add_special_tokens=False).input_ids[:512]).reshape(2, 256)
     return model, collect_layer_stats(model, block_linears(model), ids, 2.0)
 
 

@@ -22,12 +22,10 @@ CALIB = CalibSpec(dataset="wikitext2", n_tokens=512, seqlen=128)
 
 
 @pytest.fixture(scope="module")
-def tok(stories_dir):
-    from transformers import AutoTokenizer
-
+def tok(stories_tokenizer):
     if not (DATA / "wikitext2" / "wiki.test.raw").is_file():
         pytest.skip("shared data missing")
-    return AutoTokenizer.from_pretrained(stories_dir)
+    return stories_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -33,11 +33,6 @@ PRIORITY = 5  # below the base layouts' 10: never picked by layout=None while th
 BLOCK = 32  # columns per int8 activation scale
 
 
-def vnni_available() -> bool:
-    """True when the compiled extension has the VNNI kernels and this CPU can run them."""
-    return cpu_build.load() and bool(torch.ops.ttq_cpu.has_vnni())
-
-
 def i8_available() -> bool:
     """True when the int8-activation products run here: AVX-512 VNNI, or the AVX2 kernels of builds without AVX-512."""
     return cpu_build.load() and bool(torch.ops.ttq_cpu.has_i8())
@@ -106,12 +101,13 @@ class CpuI8Kernel:
         run = self.decoder(packed, s, bias, b, a)  # prefill-sized batches: the exact blocked-dequantize path
         if run is None:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
-                               f"VNNI or AVX2 "
-                               f"({cpu_build.error() or 'not available on this CPU'}); repack with layout=None")
+                               f"VNNI or AVX2 ({cpu_build.error() or 'not available on this CPU'}); "
+                               f"repack with layout=None")
         return run(x)
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
-        """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None without VNNI."""
+        """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None when the
+        int8 kernels cannot run here (:meth:`available`)."""
         if not self.available():
             return None
         return cpu.bind_small_batch(getattr(torch.ops.ttq_cpu, self.op).default, packed, s, bias, b, a,

@@ -431,10 +431,6 @@ inline __m512i load_block(const uint8_t* p, bool last) {
   }
 }
 
-template <typename ST>
-inline float param_at(const ST* p, int64_t i) {
-  if constexpr (sizeof(ST) == 2) return half_to_f(p[i]); else return p[i];
-}
 
 // y[b, r] for rows r0..r0+R-1 and N batch rows; xs: N x dpad prescaled inputs (zero padded);
 // xsum: N x n_groups sums of xs over each group.  The group scale is factored out of the inner
@@ -490,7 +486,7 @@ inline void gemm_tile(const uint8_t* q, int64_t rb, const ST* sc, const ST* zr, 
             acc[r][b] = _mm512_fmadd_ps(gacc[r][b], S[r], acc[r][b]);
             gacc[r][b] = _mm512_setzero_ps();
           }
-          S[r] = _mm512_set1_ps(param_at(sc, (r0 + r) * n_groups + gi));
+          S[r] = _mm512_set1_ps(load_param(sc, (r0 + r) * n_groups + gi));
         }
       }
       __m512 xv[N];
@@ -572,8 +568,8 @@ void dequant_rows_avx512(const uint8_t* q, const ST* sc, const ST* zr, int bits,
       const int64_t blk = t / CPB;
       const int slot = (int)(t % CPB);
       if (t % cpg == 0) {
-        S = _mm512_set1_ps(param_at(sc, r * n_groups + t / cpg));
-        Z = _mm512_set1_ps(param_at(zr, r * n_groups + t / cpg));
+        S = _mm512_set1_ps(load_param(sc, r * n_groups + t / cpg));
+        Z = _mm512_set1_ps(load_param(zr, r * n_groups + t / cpg));
       }
       const __m512i v = load_block<CB>(qrow + blk * BB, (blk + 1) * CPB >= n_chunks);
       // mul then add (not fma): bit-identical to the reference's codes * S + Z
@@ -1290,12 +1286,6 @@ inline void i8_quantize_acts_avx2(const float* xs, int64_t n, int64_t d_in, int 
     }
 }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // y[t, r] for rows r0 .. r1 - 1 and tokens 0 .. n - 1 (bias added by the caller); cpg: blocks per group.
 // The per-block float factors of one row and token: wk[k] = S_g(k) sx_k, and the row's S e + Z xsum total.
 template <typename ST>
@@ -1318,7 +1308,7 @@ inline float i8_avx2_factors(const ST* srow, const ST* zrow, int64_t n_groups, i
       czv = _mm256_fmadd_ps(S, _mm256_loadu_ps(e + k), czv);
       czv = _mm256_fmadd_ps(Z, _mm256_loadu_ps(xsum + k), czv);
     }
-    cz = hsum256(czv);
+    cz = hsum8(czv);
   }
   for (; k < nb; ++k) {
     const int64_t gi = std::min<int64_t>(k / bpg, n_groups - 1);
@@ -1374,7 +1364,7 @@ void i8_rows_avx2(const uint8_t* q, const ST* sc, const ST* zr, int64_t n_groups
         block(k + 3, acc1);
       }
       for (; k < nb; ++k) block(k, acc0);
-      float v = hsum256(_mm256_add_ps(acc0, acc1)) + cz;
+      float v = hsum8(_mm256_add_ps(acc0, acc1)) + cz;
       for (int64_t j = 0; j < rank; ++j) v += bmat[r * rank + j] * tv[t * rank + j];
       y[t * d_out + r] = v;
     }

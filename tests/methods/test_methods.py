@@ -99,6 +99,12 @@ def test_svd_factors_default_is_exact_for_small_layers(monkeypatch) -> None:
     assert torch.equal(b_r, svd_factors(w, 3, exact=False)[0]) and not torch.equal(b_r, b)
 
 
+@pytest.mark.parametrize("bad", ["yes", 1, 0.5])
+def test_svd_factors_exact_must_be_bool_or_none(bad) -> None:
+    with pytest.raises(ValueError, match="exact must be True"):
+        svd_factors(torch.randn(8, 6), 2, exact=bad)
+
+
 def test_svd_full_rank_reconstructs() -> None:
     w = torch.randn(12, 20, generator=_gen(0))
     b, a = svd_factors(w, 12)

@@ -171,6 +171,8 @@ def test_decode_fast_path_equals_kernel_linear(layout, rank):
         assert torch.equal(layer(x), reference_linear(x, layer.packed, layer.prompt_scale, layer.bias, *layer._lowrank()))
         layer(torch.randn(1, 4, 96) * 3)  # a new prompt re-quantizes: the kept weight follows
         assert torch.equal(layer._ref_weight, dequantize_packed(layer.packed))
+        with pytest.raises(ValueError, match="pass dequantize_packed"):  # a weight of another shape is refused
+            reference_linear(x, layer.packed, layer.prompt_scale, weight=layer._ref_weight[:, :48])
 
 
 def test_half_params_option(monkeypatch):

@@ -52,6 +52,9 @@ def reference_linear(
     Returns:
         (..., d_out) in x's dtype.
     """
+    if weight is not None and tuple(weight.shape) != tuple(packed.shape):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, the packed weight {tuple(packed.shape)}; pass "
+                         f"dequantize_packed(packed) or None")
     xf = x.float()
     xs = xf / s.float() if s is not None else xf  # (..., d_in)
     y = F.linear(xs, dequantize_packed(packed) if weight is None else weight)  # (..., d_out)

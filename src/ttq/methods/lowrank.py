@@ -32,6 +32,8 @@ def svd_factors(w: torch.Tensor, rank: int, exact: bool | None = None) -> tuple[
             minutes on a CPU core, its randomized top-16 a fraction of a second.
     """
     check_rank(rank, tuple(w.shape))
+    if exact is not None and not isinstance(exact, bool):
+        raise ValueError(f"exact must be True (full SVD), False (randomized) or None (by size), got {exact!r}")
     if rank == 0:
         return w.new_zeros(w.shape[0], 0, dtype=torch.float32), w.new_zeros(0, w.shape[1], dtype=torch.float32)
     if exact is None:

@@ -52,6 +52,22 @@ def test_timed_generate_splits_prefill_and_decode(stories_model):
     assert t.decode_tps == pytest.approx(5 / t.decode_s)
 
 
+def test_timed_generate_exact_runs_past_eos_without_masking_it(stories_model):
+    ids = torch.tensor([[1, 403, 407, 261, 378]])
+    free = bench.timed_generate(stories_model, ids, 6, exact=False)
+    first_new = int(free.output_ids[0, 5])
+    saved = stories_model.generation_config.eos_token_id
+    stories_model.generation_config.eos_token_id = first_new  # greedy decoding picks "EOS" at once
+    try:
+        stopped = bench.timed_generate(stories_model, ids, 6, exact=False)
+        exact = bench.timed_generate(stories_model, ids, 6)
+    finally:
+        stories_model.generation_config.eos_token_id = saved
+    assert stopped.output_ids.shape == (1, 6)  # without exact, generation ends at that token
+    assert exact.new_tokens == 6 and torch.equal(exact.output_ids, free.output_ids)  # same tokens, EOS not masked
+    assert stories_model.generation_config.eos_token_id == saved  # the model's own config is untouched
+
+
 def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     rc = main(["bench", "--parts", "a,b,c", "--shapes", "smollm2", "--bits", "4", "--ranks", "0", "--repeats", "1",

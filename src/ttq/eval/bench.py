@@ -20,6 +20,7 @@ the baselines measured in the same call.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import statistics

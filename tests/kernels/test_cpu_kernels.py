@@ -182,6 +182,53 @@ def test_layout_sizes():
     assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column blocks
 
 
+@pytest.mark.parametrize("layout,bits", [("cpu_q4", 4), ("cpu_q3", 3), ("cpu_q8", 8), ("cpu_q4_i8", 4), ("cpu_q8_i8", 8)])
+def test_bound_product_equals_the_op(layout, bits):
+    """The decode fast path (BoundProduct, no dispatcher) computes exactly the torch.ops product, for any
+    leading shape, and hands back None for inputs it does not take."""
+    from ttq.kernels.api import get_kernel
+
+    kernel = get_kernel(layout, "cpu")
+    if layout.endswith("_i8") and not kernel.available():
+        pytest.skip("int8-activation kernels need AVX-512 VNNI or AVX2")
+    w, s = _case(45, 200, bits)
+    b, a = svd_factors(w, 3)
+    bias = torch.randn(45)
+    p = pack_ttq(w - b @ a, s, QuantSpec(bits=bits, group_size=32), layout=layout)
+    op = {"cpu_q4_i8": "packed_mm_q4i8", "cpu_q8_i8": "packed_mm_q8i8"}.get(layout, "packed_mm")
+    bound = cpu.bind_small_batch(op, p, s, bias, b, a)
+    one = kernel.decoder(p, s, bias, b, a)  # prompt mode's: one token per sequence
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 200, generator=g)
+    extra = () if op == "packed_mm_q4i8" else (bits,)
+    want = getattr(torch.ops.ttq_cpu, op)(x.reshape(3, 200), s, p.qweight, p.scale, p.zero, *extra, 32, 45, 200,
+                                          bias, b, a).reshape(3, 1, 45)
+    assert torch.equal(bound(x), want) and torch.equal(one(x), want)
+    assert torch.equal(bound(x[0, 0]), want[0, 0])  # (d_in,) -> (d_out,)
+    assert torch.equal(bound(x.bfloat16()), getattr(torch.ops.ttq_cpu, op)(
+        x.reshape(3, 200).bfloat16(), s, p.qweight, p.scale, p.zero, *extra, 32, 45, 200, bias, b, a).reshape(3, 1, 45))
+    x5 = torch.randn(1, 5, 200, generator=g)
+    assert one(x5) is None and bound(x5) is not None  # a 5-token prefill is not a decode step
+    assert bound(torch.randn(cpu.SMALL_BATCH + 1, 200)) is None  # prefill-sized: the caller's dense path
+    assert bound(torch.randn(0, 200)) is None
+    with pytest.raises(ValueError, match="input has 199 features, packed weight expects 200"):
+        bound(torch.randn(1, 199))
+    import copy
+
+    twin = copy.deepcopy(one)  # a deep-copied model keeps a working decode path
+    assert torch.equal(twin(x), want)
+
+
+def test_bound_product_bad_arguments():
+    w, s = _case(8, 64, 0)
+    p = pack_ttq(w, s, QuantSpec(bits=4, group_size=32), layout="cpu_q4")
+    with pytest.raises(ValueError, match="unknown op 'packed_mm_q5'.*allowed: packed_mm, packed_mm_q4i8"):
+        cpu.bind_small_batch("packed_mm_q5", p, s, None, None, None)
+    with pytest.raises(ValueError, match="must be positive"):
+        cpu_build.module().BoundProduct("packed_mm", s, p.qweight, p.scale, p.zero, 4, 32, 8, 64, None, None, None,
+                                        0, False)
+
+
 PORTABLE_CHECK = """
 import torch
 from ttq.kernels import cpu, cpu_build

@@ -138,39 +138,31 @@ def dense_linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> 
 
 def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
     """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
-    return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True)(x)
+    y = bind_small_batch("packed_mm", packed, s, bias, b, a)(x)
+    return y if y is not None else dense_linear(x, packed, s, bias, b, a)
 
 
-def bind_small_batch(op, packed: PackedWeight, s, bias, b, a, bits_arg: bool):
-    """``x -> deq(packed) @ (x / s) + B (A x) + bias`` through ``op`` with every argument but x bound.
+def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bool = False):
+    """The product ``deq(packed) @ (x / s) + B (A x) + bias`` through the ``torch.ops.ttq_cpu`` op named
+    ``op``, with every argument but x bound (``BoundProduct`` of the extension's ``ttq_bind.cpp``).
 
-    The decode fast path of prompt mode: the per-call Python work (argument checks, group size,
-    low-rank test, op lookup) is done once per prompt instead of once per token and layer.
+    The decode fast path of prompt mode: argument checks, group size and low-rank test run once per
+    prompt, and each call goes from Python straight to the kernel (no dispatcher argument boxing).
 
     Args:
-        op: a ``torch.ops.ttq_cpu`` product overload taking (x, s, qweight, scale, zero, [bits,] g,
-            d_out, d_in, bias, b, a).
+        op: ``packed_mm`` (``cpu_q*`` layouts), ``packed_mm_q4i8`` or ``packed_mm_q8i8``.
         packed, s, bias, b, a: as for :func:`linear` (s float32 (d_in,) or None).
-        bits_arg: the op takes ``bits`` after ``zero``.
+        one_token: accept only one token per sequence (``x.shape[-2] == 1``; prompt mode's decode steps).
     Returns:
-        a function of x (..., d_in) returning (..., d_out) in x's dtype; batches above
-        ``SMALL_BATCH`` rows (prefill-sized inputs) take :func:`dense_linear`.
+        a function of x (..., d_in) returning (..., d_out) in x's dtype for CPU inputs of at most
+        ``SMALL_BATCH`` rows (and one token with ``one_token``), None for any other x (prefill-sized
+        inputs: the caller takes :func:`dense_linear`); a wrong feature count raises ``ValueError``.
     """
     d_out, d_in = packed.shape
     has_lr = b is not None and b.shape[1] > 0
-    head = (s, packed.qweight, packed.scale, packed.zero) + ((packed.bits,) if bits_arg else ())
-    tail = (effective_group_size(d_in, packed.group_size), d_out, d_in, bias,
-            b if has_lr else None, a if has_lr else None)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != d_in:
-            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape {packed.shape})")
-        x2 = x.reshape(-1, d_in)  # (..., d_in) -> (n, d_in)
-        if x2.shape[0] > SMALL_BATCH:
-            return dense_linear(x, packed, s, bias, b, a)
-        return op(x2, *head, *tail).reshape(*x.shape[:-1], d_out)
-
-    return run
+    return cpu_build.module().BoundProduct(
+        op, s, packed.qweight, packed.scale, packed.zero, packed.bits, effective_group_size(d_in, packed.group_size),
+        d_out, d_in, bias, b if has_lr else None, a if has_lr else None, SMALL_BATCH, one_token)
 
 
 def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,10 +217,11 @@ class CpuPackedKernel:
         return linear(x, packed, s, bias, b, a)
 
     def decoder(self, packed, s, bias, b, a):
-        """:meth:`linear` with the arguments bound (see :func:`bind_small_batch`); None without the extension."""
+        """Prompt mode's decode product (:func:`bind_small_batch` with ``one_token``): returns None for
+        inputs it does not take; the whole decoder is None without the extension."""
         if not cpu_build.load():
             return None
-        return bind_small_batch(_ops().packed_mm.default, packed, s, bias, b, a, bits_arg=True)
+        return bind_small_batch("packed_mm", packed, s, bias, b, a, one_token=True)
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return unpack(packed)

@@ -1,10 +1,12 @@
-"""Build (once, cached) and load the C++ CPU kernels of ``csrc/ttq_cpu.cpp``.
+"""Build (once, cached) and load the C++ CPU kernels of ``csrc/`` (``ttq_cpu.cpp``, ``ttq_bind.cpp``).
 
 The extension is compiled at first use with :func:`torch.utils.cpp_extension.load`
 (``-O3 -march=native``; AVX-512 intrinsics when the CPU has them, an AVX2 + FMA packed
 GEMM when it has those, vectorizable portable C++ otherwise) into ``$TTQ_CACHE_DIR`` (default ``~/.cache/ttq/kernels``), one
-build per (source, flags, torch, CPU) so a cache shared between machines never
-loads a binary built for another CPU.  Its ops live under ``torch.ops.ttq_cpu``.
+build per (sources, flags, torch, CPU) so a cache shared between machines never
+loads a binary built for another CPU.  Its ops live under ``torch.ops.ttq_cpu``; the
+same library is a Python module (:func:`module`) holding ``BoundProduct``, the decode
+fast path (a product with its packed arguments bound, called without the dispatcher).
 A failed build is logged once and remembered; callers fall back to the reference.
 """
 
@@ -21,13 +23,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "ttq_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "ttq_cpu.cpp", CSRC / "ttq_bind.cpp")
+HEADERS = (CSRC / "ttq_cpu.h",)
 CACHE_ENV = "TTQ_CACHE_DIR"
 MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
 CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")
 
 _lock = threading.Lock()
-_state: dict = {"loaded": False, "error": None}
+_state: dict = {"loaded": False, "error": None, "module": None}
 
 
 def cache_dir() -> Path:
@@ -50,9 +54,10 @@ def _cpu_fingerprint() -> str:
 
 
 def build_name() -> str:
-    """``ttq_cpu_<digest>`` of the source, flags, torch version and CPU."""
+    """``ttq_cpu_<digest>`` of the sources, flags, torch version and CPU."""
     h = hashlib.sha1()
-    h.update(SOURCE.read_bytes())
+    for path in SOURCES + HEADERS:
+        h.update(path.read_bytes())
     h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint())).encode())
     return f"ttq_cpu_{h.hexdigest()[:12]}"
 
@@ -79,6 +84,11 @@ def load(strict: bool = False, verbose: bool = False) -> bool:
     if strict and not _state["loaded"]:
         raise RuntimeError(f"ttq CPU kernels could not be built: {_state['error']}")
     return _state["loaded"]
+
+
+def module():
+    """The extension as a Python module (``BoundProduct``); None when it is not loaded (see :func:`load`)."""
+    return _state["module"] if load() else None
 
 
 def error() -> str | None:
@@ -111,15 +121,43 @@ def _build(verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     so = build_dir / f"{name}.so"
     if so.exists():
-        torch.ops.load_library(str(so))
+        _state["module"] = _import(name, so)
         return
+    _clear_stale_lock(build_dir)
     log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
     _ensure_ninja_on_path()
-    cpp_extension.load(
+    _state["module"] = cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=list(CFLAGS),
         build_directory=str(build_dir),
-        is_python_module=False,
+        is_python_module=True,
         verbose=verbose,
     )
+
+
+STALE_LOCK_SECONDS = 900  # a build takes ~1-2 minutes; an older lock was left by a killed build
+
+
+def _clear_stale_lock(build_dir: Path) -> None:
+    """Remove the lock file of a build that was killed (torch's build waits on it forever otherwise)."""
+    import time
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing the stale build lock %s (%.0f s old, left by an interrupted build)", lock, age)
+        lock.unlink(missing_ok=True)
+
+
+def _import(name: str, so: Path):
+    """Import the built library as the Python module ``name`` (loading it also registers its ops)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -46,13 +46,11 @@ class CpuI8Kernel:
         layout: the layout name this kernel registers.
         base: the exact layout whose packed tensors it reads (its bits are the bits served).
         op: the ``torch.ops.ttq_cpu`` product.
-        op_takes_bits: the op takes ``bits`` after ``zero`` (several code widths share the base layout).
     """
 
     layout: str
     base: str
     op: str
-    op_takes_bits: bool
 
     def check_supported(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype) -> str | None:
         """None when this layout serves (spec, weight shape, dtype), else why not."""
@@ -98,20 +96,20 @@ class CpuI8Kernel:
 
     def linear(self, x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
         """``deq(packed) @ (x / s) + B (A x) + bias`` with int8-rounded ``x / s``; (..., d_in) -> (..., d_out)."""
-        run = self.decoder(packed, s, bias, b, a)  # prefill-sized batches: the exact blocked-dequantize path
-        if run is None:
+        if not self.available():
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
                                f"VNNI or AVX2 ({cpu_build.error() or 'not available on this CPU'}); "
                                f"repack with layout=None")
-        return run(x)
+        y = cpu.bind_small_batch(self.op, packed, s, bias, b, a)(x)
+        return y if y is not None else cpu.dense_linear(x, packed, s, bias, b, a)  # prefill: exact blocked path
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
-        """:meth:`linear` with the arguments bound (:func:`ttq.kernels.cpu.bind_small_batch`); None when the
-        int8 kernels cannot run here (:meth:`available`)."""
+        """Prompt mode's decode product (:func:`ttq.kernels.cpu.bind_small_batch` with ``one_token``; None
+        for inputs it does not take); the whole decoder is None when the int8 kernels cannot run here
+        (:meth:`available`)."""
         if not self.available():
             return None
-        return cpu.bind_small_batch(getattr(torch.ops.ttq_cpu, self.op).default, packed, s, bias, b, a,
-                                    bits_arg=self.op_takes_bits)
+        return cpu.bind_small_batch(self.op, packed, s, bias, b, a, one_token=True)
 
     def unpack(self, packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return cpu.unpack(dataclasses.replace(packed, layout=self.base))
@@ -120,8 +118,8 @@ class CpuI8Kernel:
 KERNELS = {
     k.layout: k
     for k in (
-        CpuI8Kernel("cpu_q4_i8", "cpu_q4", "packed_mm_q4i8", op_takes_bits=False),
-        CpuI8Kernel("cpu_q8_i8", "cpu_q8", "packed_mm_q8i8", op_takes_bits=True),
+        CpuI8Kernel("cpu_q4_i8", "cpu_q4", "packed_mm_q4i8"),
+        CpuI8Kernel("cpu_q8_i8", "cpu_q8", "packed_mm_q8i8"),
     )
 }
 for _layout, _kernel in KERNELS.items():

@@ -197,7 +197,7 @@ class TTQLinear(nn.Module):
         self._stats: ChannelStats | None = None  # running statistic (refresh_every > 0)
         self._steps = 0  # decode steps since the last quantization
         self._kernel = None  # the packed layout's kernel (ttq.kernels.api.get_kernel)
-        self._decode = None  # the kernel's bound decode function of x (its optional ``decoder``)
+        self._decode = None  # the kernel's bound decode product (its optional ``decoder``): x -> y, or None
         self._ref_weight = None  # reference=True: deq(packed) (float32), dequantized once per quantization
         self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
         self.n_quantizations = 0
@@ -221,7 +221,7 @@ class TTQLinear(nn.Module):
                                half_params=o.half_params)
         self.prompt_scale = s
         self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
-        bind = None if o.reference else getattr(self._kernel, "decoder", None)
+        bind = None if o.reference or o.refresh_every else getattr(self._kernel, "decoder", None)
         self._decode = bind(self.packed, s, self.bias, *self._lowrank()) if bind is not None else None
         if o.reference:
             from ttq.kernels.reference import dequantize_packed
@@ -234,8 +234,6 @@ class TTQLinear(nn.Module):
     def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
         refresh = self.options.refresh_every
-        if tokens == 1 and not refresh and self._decode is not None:  # a decode step: the bound fast path
-            return self._decode(x)
         if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
             stats = ChannelStats.from_activations(x, self.scale_spec.p)  # all sequences share s
             self._stats = stats if refresh else None
@@ -256,6 +254,10 @@ class TTQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "prompt":
+            if self._decode is not None:  # decode steps: the bound kernel (None for a prefill-shaped x)
+                y = self._decode(x)
+                if y is not None:
+                    return y
             return self._forward_prompt(x)
         return per_sequence(self._forward_one, x)
 

@@ -11,12 +11,15 @@
 // group (after the symmetric / range-expansion transforms), exactly as ttq.formats.affine.quantize
 // computes them in float32.  Group sizes must be multiples of 16 or cover the whole row.
 //
-// Built by ttq/kernels/cpu.py through torch.utils.cpp_extension.load (ops under torch.ops.ttq_cpu).
+// Built by ttq/kernels/cpu_build.py through torch.utils.cpp_extension.load with ttq_bind.cpp (ops under
+// torch.ops.ttq_cpu; the Python module holds the bound decode product, see ttq_bind.cpp).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "ttq_cpu.h"
 
 #include <cmath>
 #include <cstdint>
@@ -1533,6 +1536,17 @@ int64_t has_vnni() {
 }
 
 }  // namespace
+
+at::Tensor ttq_cpu::product(ttq_cpu::Product op, const at::Tensor& x, const c10::optional<at::Tensor>& s,
+                            const at::Tensor& q, const at::Tensor& sc, const at::Tensor& zr, int64_t bits, int64_t g,
+                            int64_t d_out, int64_t d_in, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& a) {
+  switch (op) {
+    case ttq_cpu::Product::kQ4I8: return packed_mm_q4i8(x, s, q, sc, zr, g, d_out, d_in, bias, b, a);
+    case ttq_cpu::Product::kQ8I8: return packed_mm_q8i8(x, s, q, sc, zr, bits, g, d_out, d_in, bias, b, a);
+    default: return packed_mm(x, s, q, sc, zr, bits, g, d_out, d_in, bias, b, a);
+  }
+}
 
 TORCH_LIBRARY(ttq_cpu, m) {
   m.def("quant_pack(Tensor w, Tensor s, int bits, int group, bool symmetric, float nu, bool half_params)"

@@ -1,0 +1,32 @@
+"""Building and loading the C++ extension (ttq.kernels.cpu_build)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from ttq.kernels import cpu_build
+
+
+def test_stale_lock_of_a_killed_build_is_removed(tmp_path, caplog):
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_build._clear_stale_lock(tmp_path)  # fresh: another process may be building right now
+    assert lock.exists()
+    old = time.time() - cpu_build.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    cpu_build._clear_stale_lock(tmp_path)
+    assert not lock.exists() and "stale build lock" in caplog.text
+    cpu_build._clear_stale_lock(tmp_path)  # no lock: nothing to do
+
+
+def test_module_holds_the_binding_and_the_ops():
+    if not cpu_build.load():
+        pytest.skip(f"ttq C++ CPU kernels unavailable: {cpu_build.error()}")
+    import torch
+
+    assert hasattr(cpu_build.module(), "BoundProduct")
+    assert cpu_build.module().__file__.endswith(cpu_build.build_name() + ".so")
+    assert torch.ops.ttq_cpu.has_avx512() in (0, 1)

@@ -27,6 +27,19 @@ def test_module_holds_the_binding_and_the_ops():
         pytest.skip(f"ttq C++ CPU kernels unavailable: {cpu_build.error()}")
     import torch
 
+    if not cpu_build.python_headers():
+        assert cpu_build.module() is None  # ops only: decode calls go through torch.ops
+        return
     assert hasattr(cpu_build.module(), "BoundProduct")
     assert cpu_build.module().__file__.endswith(cpu_build.build_name() + ".so")
     assert torch.ops.ttq_cpu.has_avx512() in (0, 1)
+
+
+def test_without_python_headers_the_ops_build_alone(monkeypatch):
+    with_bind = cpu_build.build_name()
+    monkeypatch.setattr(cpu_build, "python_headers", lambda: False)
+    assert cpu_build.sources() == (cpu_build.OPS_SOURCE,)
+    assert cpu_build.build_name() != with_bind  # its own cache entry
+    monkeypatch.setattr(cpu_build, "python_headers", lambda: True)
+    assert cpu_build.sources() == (cpu_build.OPS_SOURCE, cpu_build.BIND_SOURCE)
+    assert cpu_build.build_name() == with_bind

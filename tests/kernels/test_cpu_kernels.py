@@ -182,11 +182,16 @@ def test_layout_sizes():
     assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column blocks
 
 
+@pytest.mark.parametrize("binding", ["pybind", "torch.ops"])
 @pytest.mark.parametrize("layout,bits", [("cpu_q4", 4), ("cpu_q3", 3), ("cpu_q8", 8), ("cpu_q4_i8", 4), ("cpu_q8_i8", 8)])
-def test_bound_product_equals_the_op(layout, bits):
-    """The decode fast path (BoundProduct, no dispatcher) computes exactly the torch.ops product, for any
-    leading shape, and hands back None for inputs it does not take."""
+def test_bound_product_equals_the_op(layout, bits, binding, monkeypatch):
+    """The decode fast path (BoundProduct, no dispatcher; or its torch.ops twin for builds without Python
+    headers) computes exactly the torch.ops product, for any leading shape, and hands back None for
+    inputs it does not take."""
     from ttq.kernels.api import get_kernel
+
+    if binding == "torch.ops":
+        monkeypatch.setattr(cpu_build, "module", lambda: None)
 
     kernel = get_kernel(layout, "cpu")
     if layout.endswith("_i8") and not kernel.available():
@@ -219,11 +224,15 @@ def test_bound_product_equals_the_op(layout, bits):
     assert torch.equal(twin(x), want)
 
 
-def test_bound_product_bad_arguments():
+def test_bound_product_bad_arguments(monkeypatch):
     w, s = _case(8, 64, 0)
     p = pack_ttq(w, s, QuantSpec(bits=4, group_size=32), layout="cpu_q4")
     with pytest.raises(ValueError, match="unknown op 'packed_mm_q5'.*allowed: packed_mm, packed_mm_q4i8"):
         cpu.bind_small_batch("packed_mm_q5", p, s, None, None, None)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_build, "module", lambda: None)
+        with pytest.raises(ValueError, match="unknown op 'packed_mm_q5'.*allowed: packed_mm, packed_mm_q4i8"):
+            cpu.bind_small_batch("packed_mm_q5", p, s, None, None, None)
     with pytest.raises(ValueError, match="must be positive"):
         cpu_build.module().BoundProduct("packed_mm", s, p.qweight, p.scale, p.zero, 4, 32, 8, 64, None, None, None,
                                         0, False)
@@ -237,7 +246,10 @@ from ttq.kernels.reference import reference_linear, dequantize_packed
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import scaled_quantize
 import sys
+if sys.argv[1] == "0":  # the plain build also stands in for a Python without its headers: ops only, no binding
+    cpu_build.python_headers = lambda: False
 assert cpu_build.load(strict=True) and torch.ops.ttq_cpu.has_avx512() == 0
+assert (cpu_build.module() is None) == (sys.argv[1] == "0")
 assert torch.ops.ttq_cpu.has_avx2_gemm() == int(sys.argv[1])  # x86-64-v3: AVX2 GEMM; x86-64: portable loop
 import os
 g = torch.Generator().manual_seed(0)

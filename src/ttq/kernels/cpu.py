@@ -160,9 +160,35 @@ def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bo
     """
     d_out, d_in = packed.shape
     has_lr = b is not None and b.shape[1] > 0
-    return cpu_build.module().BoundProduct(
-        op, s, packed.qweight, packed.scale, packed.zero, packed.bits, effective_group_size(d_in, packed.group_size),
-        d_out, d_in, bias, b if has_lr else None, a if has_lr else None, SMALL_BATCH, one_token)
+    args = (s, packed.qweight, packed.scale, packed.zero, packed.bits, effective_group_size(d_in, packed.group_size),
+            d_out, d_in, bias, b if has_lr else None, a if has_lr else None)
+    mod = cpu_build.module()
+    if mod is not None:
+        return mod.BoundProduct(op, *args, SMALL_BATCH, one_token)
+    return _bound_through_ops(op, *args, one_token=one_token)  # built without the Python binding
+
+
+def _bound_through_ops(op_name: str, s, qweight, scale, zero, bits, g, d_out, d_in, bias, b, a, one_token: bool):
+    """:func:`bind_small_batch` in Python, calling ``torch.ops.ttq_cpu.<op_name>`` (same contract)."""
+    if op_name not in ("packed_mm", "packed_mm_q4i8", "packed_mm_q8i8"):
+        raise ValueError(f"unknown op {op_name!r} (allowed: packed_mm, packed_mm_q4i8, packed_mm_q8i8)")
+    op = getattr(_ops(), op_name).default
+    head = (s, qweight, scale, zero) + (() if op_name == "packed_mm_q4i8" else (bits,))
+    tail = (g, d_out, d_in, bias, b, a)
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() == 0 or x.device.type != "cpu":
+            return None
+        if x.shape[-1] != d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape ({d_out}, {d_in}))")
+        if one_token and x.dim() >= 2 and x.shape[-2] != 1:
+            return None
+        rows = x.numel() // d_in
+        if rows == 0 or rows > SMALL_BATCH:
+            return None
+        return op(x.reshape(rows, d_in), *head, *tail).reshape(*x.shape[:-1], d_out)
+
+    return run
 
 
 def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

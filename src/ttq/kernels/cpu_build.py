@@ -7,6 +7,8 @@ build per (sources, flags, torch, CPU) so a cache shared between machines never
 loads a binary built for another CPU.  Its ops live under ``torch.ops.ttq_cpu``; the
 same library is a Python module (:func:`module`) holding ``BoundProduct``, the decode
 fast path (a product with its packed arguments bound, called without the dispatcher).
+Without the Python headers (``Python.h``; e.g. a system Python without its ``-dev``
+package) the ops are built alone and the decode path calls them through ``torch.ops``.
 A failed build is logged once and remembered; callers fall back to the reference.
 """
 
@@ -24,7 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "ttq_cpu.cpp", CSRC / "ttq_bind.cpp")
+OPS_SOURCE = CSRC / "ttq_cpu.cpp"
+BIND_SOURCE = CSRC / "ttq_bind.cpp"  # needs Python.h
 HEADERS = (CSRC / "ttq_cpu.h",)
 CACHE_ENV = "TTQ_CACHE_DIR"
 MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
@@ -53,10 +56,23 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
+def python_headers() -> bool:
+    """True when this interpreter's ``Python.h`` is installed (needed by the pybind11 binding)."""
+    import sysconfig
+
+    include = sysconfig.get_paths().get("include")
+    return bool(include) and (Path(include) / "Python.h").exists()
+
+
+def sources() -> tuple[Path, ...]:
+    """The sources to build: the ops, plus the Python binding when :func:`python_headers`."""
+    return (OPS_SOURCE, BIND_SOURCE) if python_headers() else (OPS_SOURCE,)
+
+
 def build_name() -> str:
     """``ttq_cpu_<digest>`` of the sources, flags, torch version and CPU."""
     h = hashlib.sha1()
-    for path in SOURCES + HEADERS:
+    for path in sources() + HEADERS:
         h.update(path.read_bytes())
     h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint())).encode())
     return f"ttq_cpu_{h.hexdigest()[:12]}"
@@ -87,7 +103,8 @@ def load(strict: bool = False, verbose: bool = False) -> bool:
 
 
 def module():
-    """The extension as a Python module (``BoundProduct``); None when it is not loaded (see :func:`load`)."""
+    """The extension as a Python module (``BoundProduct``); None when it is not loaded (see :func:`load`)
+    or was built without the binding (no Python headers)."""
     return _state["module"] if load() else None
 
 
@@ -120,20 +137,28 @@ def _build(verbose: bool) -> None:
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     so = build_dir / f"{name}.so"
+    bind = BIND_SOURCE in sources()
     if so.exists():
-        _state["module"] = _import(name, so)
+        if bind:
+            _state["module"] = _import(name, so)
+        else:
+            torch.ops.load_library(str(so))
         return
     _clear_stale_lock(build_dir)
     log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
+    if not bind:
+        log.info("no Python headers (Python.h) for this interpreter: building the kernels without their "
+                 "Python binding; decode calls go through torch.ops (a few microseconds more per call)")
     _ensure_ninja_on_path()
-    _state["module"] = cpp_extension.load(
+    built = cpp_extension.load(
         name=name,
-        sources=[str(p) for p in SOURCES],
+        sources=[str(p) for p in sources()],
         extra_cflags=list(CFLAGS),
         build_directory=str(build_dir),
-        is_python_module=True,
+        is_python_module=bind,
         verbose=verbose,
     )
+    _state["module"] = built if bind else None
 
 
 STALE_LOCK_SECONDS = 900  # a build takes ~1-2 minutes; an older lock was left by a killed build

@@ -218,3 +218,31 @@ def test_half_params_needs_a_cpu_layout(monkeypatch):
     assert pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), layout="u8", half_params=False).layout == "u8"
     with pytest.raises(ValueError, match="half_params must be True, False or None"):
         pack_ttq(w, s, ttq.QuantSpec(bits=4, group_size=32), half_params="yes")
+
+
+def test_copies_and_pickles_decode_from_their_own_packed_weights(tmp_path):
+    """A deep copy (or a torch.save / torch.load round trip) of a prompt-mode layer binds its decode
+    product to its own tensors: re-quantizing the original later does not change the copy's output."""
+    import copy
+
+    from ttq.kernels import cpu_build
+
+    if not cpu_build.load():
+        pytest.skip("ttq C++ CPU kernels unavailable")
+    torch.manual_seed(0)
+    layer = TTQLinear(torch.nn.Linear(96, 40), ttq.QuantSpec(bits=4, group_size=32), ttq.ScaleSpec(), rank=2)
+    layer.set_mode("prompt", PromptOptions(layout="cpu_q4"))
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        layer(torch.randn(1, 6, 96))
+        before = layer(x)
+        twin = copy.deepcopy(layer)
+        torch.save(layer, tmp_path / "layer.pt")
+        loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+        for other in (twin, loaded):
+            assert other._decode is not None and other._decode is not layer._decode
+            assert torch.equal(other(x), before)
+        layer(torch.randn(1, 6, 96) * 5 + 1)  # the original re-quantizes in place (same buffers)
+        assert not torch.equal(layer(x), before)
+        assert torch.equal(twin(x), before) and torch.equal(loaded(x), before)
+        assert twin.n_quantizations == loaded.n_quantizations == 1

@@ -221,8 +221,7 @@ class TTQLinear(nn.Module):
                                half_params=o.half_params)
         self.prompt_scale = s
         self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
-        bind = None if o.reference or o.refresh_every else getattr(self._kernel, "decoder", None)
-        self._decode = bind(self.packed, s, self.bias, *self._lowrank()) if bind is not None else None
+        self._decode = self._bind_decode()
         if o.reference:
             from ttq.kernels.reference import dequantize_packed
 
@@ -230,6 +229,23 @@ class TTQLinear(nn.Module):
         self._steps = 0
         self.n_quantizations += 1
         self.quant_seconds += time.perf_counter() - t0
+
+    def _bind_decode(self):
+        """The kernel's decode product bound to this layer's packed weights (None when it has none)."""
+        o = self.options
+        bind = None if o.reference or o.refresh_every else getattr(self._kernel, "decoder", None)
+        return bind(self.packed, self.prompt_scale, self.bias, *self._lowrank()) if bind is not None else None
+
+    def __getstate__(self):
+        # the bound product holds references to this instance's tensors: copies and pickles rebind to theirs
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_decode"] = None
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self.mode == "prompt" and self.packed is not None and self._kernel is not None:
+            self._decode = self._bind_decode()
 
     def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 OPS_SOURCE = CSRC / "ttq_cpu.cpp"
 BIND_SOURCE = CSRC / "ttq_bind.cpp"  # needs Python.h
-HEADERS = (CSRC / "ttq_cpu.h",)
+HEADERS = tuple(sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.inc")))  # included sources: part of the build name
 CACHE_ENV = "TTQ_CACHE_DIR"
 MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
 CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")

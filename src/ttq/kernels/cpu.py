@@ -180,7 +180,8 @@ def _bound_through_ops(op_name: str, s, qweight, scale, zero, bits, g, d_out, d_
         if x.dim() == 0 or x.device.type != "cpu":
             return None
         if x.shape[-1] != d_in:
-            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} (shape ({d_out}, {d_in}))")
+            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} "
+                             f"(shape ({d_out}, {d_in}))")
         if one_token and x.dim() >= 2 and x.shape[-2] != 1:
             return None
         rows = x.numel() // d_in

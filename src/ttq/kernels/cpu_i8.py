@@ -6,7 +6,8 @@ columns (symmetric, scale ``sx = absmax / 127``) and the unsigned codes are mult
 ``_mm512_dpbusd_epi32`` (``packed_mm_q4i8`` / ``packed_mm_q8i8`` in csrc/ttq_cpu.cpp; the kernels in
 csrc/vnni.inc, and csrc/avx2_i8.inc for AVX2).  Codes are centred at ``c = 2^(bits-1)``; the
 zero-point term ``sum_g (Z_g + c S_g) sum_{i in g} x_i / s_i`` and the rank-r term ``B (A x)`` stay in
-float32, so only the ``S (q - c)`` part of each weight sees the int8 rounding: ``|y - y_exact| <= sum_i |S_g(i) (q_i - c)| sx_b(i) / 2`` (about
+float32, so only the ``S (q - c)`` part of each weight sees the int8 rounding:
+``|y - y_exact| <= sum_i |S_g(i) (q_i - c)| sx_b(i) / 2`` (about
 0.3-1% relative error on random layers, see tests/kernels/test_cpu_i8.py).  The results are
 therefore not bit-identical to the ``u8`` reference, which is why ``layout=None`` keeps
 choosing the exact float kernel (``cpu_q4`` / ``cpu_q8``, priority 10 > 5).

@@ -43,3 +43,13 @@ def test_without_python_headers_the_ops_build_alone(monkeypatch):
     monkeypatch.setattr(cpu_build, "python_headers", lambda: True)
     assert cpu_build.sources() == (cpu_build.OPS_SOURCE, cpu_build.BIND_SOURCE)
     assert cpu_build.build_name() == with_bind
+
+
+def test_build_name_depends_on_the_python_version(monkeypatch):
+    """The pybind11 binding links against the interpreter's ABI: another Python gets its own build."""
+    import sys
+    import types
+
+    here = cpu_build.build_name()
+    monkeypatch.setattr(sys, "implementation", types.SimpleNamespace(cache_tag="cpython-399"))
+    assert cpu_build.build_name() != here

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -70,11 +71,12 @@ def sources() -> tuple[Path, ...]:
 
 
 def build_name() -> str:
-    """``ttq_cpu_<digest>`` of the sources, flags, torch version and CPU."""
+    """``ttq_cpu_<digest>`` of the sources, flags, torch version, CPU and Python version."""
     h = hashlib.sha1()
     for path in sources() + HEADERS:
         h.update(path.read_bytes())
-    h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint())).encode())
+    # the binding links against this Python's ABI: a cache shared by two Python versions keeps two builds
+    h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint(), sys.implementation.cache_tag)).encode())
     return f"ttq_cpu_{h.hexdigest()[:12]}"
 
 
@@ -116,7 +118,6 @@ def error() -> str | None:
 def _ensure_ninja_on_path() -> None:
     """torch calls ``ninja`` through PATH; the pip package's binary may sit beside python, off PATH."""
     import shutil
-    import sys
 
     if shutil.which("ninja"):
         return

@@ -75,6 +75,16 @@ def packed_bytes(model: nn.Module) -> int:
     return sum(m.packed.nbytes() for m in ttq_layers(model) if m.packed is not None)
 
 
+def packed_layouts(model: nn.Module) -> dict[str, int]:
+    """How many TTQ layers currently hold packed weights in each layout (prompt mode), e.g. ``{"cpu_q4": 210}``;
+    ``u8`` is the reference path (no kernel fits, or ``TTQ_DISABLE_KERNELS=1``)."""
+    counts: dict[str, int] = {}
+    for m in ttq_layers(model):
+        if m.packed is not None:
+            counts[m.packed.layout] = counts.get(m.packed.layout, 0) + 1
+    return counts
+
+
 def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:
     """Replace the output head (``model.get_output_embeddings()``) by a packed RTN copy.
 

@@ -24,6 +24,12 @@ def test_generate_streams_text_and_speeds(stories_dir, capsys, method, extra):
     assert float(m.group(2)) > 0 and float(m.group(4)) > 0
     assert (f"[{method}" in out) and (("mode=prompt" in out) == (method == "ttq"))
     assert ("head 8-bit]" in out) == ("--lm-head-bits" in extra)
+    layouts = re.search(r" layouts ([\w, ]+?) x(\d+)", out)  # the packed layouts the decode steps ran on
+    assert (layouts is not None) == (method == "ttq"), out
+    if layouts is not None:
+        assert int(layouts.group(2)) == 35  # every linear layer of stories260K's 5 blocks
+        if "--layout" in extra:
+            assert layouts.group(1) == "u8"
 
 
 def test_generate_greedy_is_deterministic(stories_dir, capsys):

@@ -64,6 +64,7 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from ttq import runtime
     from ttq.eval.bench import timed_generate
     from ttq.models import load_model
 
@@ -83,8 +84,10 @@ def run(args) -> int:
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t = timed_generate(model, ids.to(args.device), args.max_new_tokens, streamer=streamer, exact=False)
     sys.stdout.flush()
+    layouts = ", ".join(f"{lay} x{n}" for lay, n in runtime.packed_layouts(model).items())
     print(f"\n[{args.method}{'' if args.method == 'fp' else f' {args.bits}-bit g={args.group_size}'}"
           f"{f' r={args.rank} mode={args.mode}' if args.method == 'ttq' else ''}"
+          f"{f' layouts {layouts}' if layouts else ''}"
           f"{f' head {args.lm_head_bits}-bit' if args.lm_head_bits else ''}] "
           f"prefill: {t.prompt_tokens} tokens in {t.prefill_s:.3f} s ({t.prefill_tps:.1f} tokens/s); "
           f"decode: {t.new_tokens} tokens in {t.decode_s:.3f} s ({t.decode_tps:.1f} tokens/s)")

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch.nn as nn
 
 from ttq.nn.linear import MODES, PromptOptions, TTQLinear
@@ -78,11 +80,7 @@ def packed_bytes(model: nn.Module) -> int:
 def packed_layouts(model: nn.Module) -> dict[str, int]:
     """How many TTQ layers currently hold packed weights in each layout (prompt mode), e.g. ``{"cpu_q4": 210}``;
     ``u8`` is the reference path (no kernel fits, or ``TTQ_DISABLE_KERNELS=1``)."""
-    counts: dict[str, int] = {}
-    for m in ttq_layers(model):
-        if m.packed is not None:
-            counts[m.packed.layout] = counts.get(m.packed.layout, 0) + 1
-    return counts
+    return dict(Counter(m.packed.layout for m in ttq_layers(model) if m.packed is not None))
 
 
 def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:

@@ -136,9 +136,12 @@ def dense_linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> 
     return y.to(x.dtype).reshape(*x.shape[:-1], d_out)
 
 
-def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
-    """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype."""
-    y = bind_small_batch("packed_mm", packed, s, bias, b, a)(x)
+def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None, op: str = "packed_mm") -> torch.Tensor:
+    """``deq(packed) @ (x / s) + B (A x) + bias``; (..., d_in) -> (..., d_out) in x's dtype.
+
+    Up to ``SMALL_BATCH`` rows through the product ``op`` (see :func:`bind_small_batch`), larger
+    batches through the exact :func:`dense_linear`."""
+    y = bind_small_batch(op, packed, s, bias, b, a)(x)
     return y if y is not None else dense_linear(x, packed, s, bias, b, a)
 
 

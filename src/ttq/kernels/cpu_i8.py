@@ -101,8 +101,7 @@ class CpuI8Kernel:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
                                f"VNNI or AVX2 ({cpu_build.error() or 'not available on this CPU'}); "
                                f"repack with layout=None")
-        y = cpu.bind_small_batch(self.op, packed, s, bias, b, a)(x)
-        return y if y is not None else cpu.dense_linear(x, packed, s, bias, b, a)  # prefill: exact blocked path
+        return cpu.linear(x, packed, s, bias, b, a, op=self.op)  # prefill-sized x: the exact blocked path
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
         """Prompt mode's decode product (:func:`ttq.kernels.cpu.bind_small_batch` with ``one_token``; None

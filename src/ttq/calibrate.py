@@ -3,14 +3,17 @@ through the unquantized model and keep per-layer statistics, cached on disk."""
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import json
 import logging
 
 import torch
 
+from ttq.cache import digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint, writable
 from ttq.config import CalibSpec
 from ttq.data import calibration_windows, check_dataset, check_disjoint, load_text, tokenize
 from ttq.data.windows import cache_dir
+from ttq.methods.scaling import ChannelStats
 from ttq.patch.capture import LayerCalib, collect_layer_stats
 from ttq.patch.walker import block_linears
 
@@ -57,21 +60,61 @@ def calibrate(
     """Per-layer calibration statistics of ``calib`` for every decoder-block linear.
 
     Refuses calibration text that overlaps any of ``eval_datasets``' evaluation
-    texts.  With ``model_key`` the result is cached under the ttq cache dir.
+    texts.  With ``model_key`` (a readable name) the result is cached under the ttq cache dir as
+    safetensors, keyed by the model's weights, the calibration spec, ``p``, the calibration text and
+    the tokenizer (:mod:`ttq.cache`); a concurrent run computing the same entry is waited for.
     """
     text = _calib_text(calib, eval_datasets, data_dir, source)
-    path = None
-    if model_key:
-        key = hashlib.sha256(f"{model_key}|{calib}|{p}|{source}|{len(text)}".encode()).hexdigest()[:20]
-        path = cache_dir() / "calib" / f"{model_key}-{calib.dataset}-{calib.n_tokens}-{key}.pt"
+    folder = writable(cache_dir() / "calib", "calibration") if model_key else None
+    if folder is None:
+        return _collect(model, tokenizer, text, calib, p, progress)
+    key = digest(model_fingerprint(model), json.dumps(dataclasses.asdict(calib), sort_keys=True), repr(float(p)),
+                 source, digest(text), tokenizer_fingerprint(tokenizer))
+    path = folder / f"{_safe_name(model_key)}-{calib.dataset}-{calib.n_tokens}-{key}.safetensors"
+    with locked(path):
         if path.is_file():
-            logger.info("calibration statistics from cache %s", path)
-            return torch.load(path, weights_only=False)
+            stats = _load_stats(path)
+            if stats is not None:
+                logger.info("calibration statistics from cache %s", path)
+                return stats
+        stats = _collect(model, tokenizer, text, calib, p, progress)
+        _save_stats(path, stats)
+    return stats
+
+
+def _collect(model, tokenizer, text: str, calib: CalibSpec, p: float, progress: bool) -> dict[str, LayerCalib]:
     ids = tokenize(tokenizer, text)
     windows = calibration_windows(ids, calib.n_tokens, calib.seqlen, calib.seed)
     logger.info("calibrating on %s: %d windows of %d tokens", calib.dataset, *windows.shape)
-    stats = collect_layer_stats(model, block_linears(model), windows, p, progress=progress)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(stats, path)
-    return stats
+    return collect_layer_stats(model, block_linears(model), windows, p, progress=progress)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+
+
+def _save_stats(path, stats: dict[str, LayerCalib]) -> None:
+    """``{layer: LayerCalib}`` as safetensors (identical statistics of layers that share an input stored once)."""
+    tensors, meta = {}, {}
+    for name, lc in stats.items():
+        tensors[f"{name}/sum_abs_p"] = lc.stats.sum_abs_p
+        tensors[f"{name}/gram"] = lc.gram
+        meta[name] = {"n_tokens": lc.stats.n_tokens, "p": lc.stats.p}
+    save_tensors(path, tensors, {"ttq.layers": json.dumps(meta)})
+
+
+def _load_stats(path) -> dict[str, LayerCalib] | None:
+    loaded = load_tensors(path)
+    if loaded is None:
+        return None
+    tensors, meta = loaded
+    try:
+        layers = json.loads(meta["ttq.layers"])
+        return {
+            name: LayerCalib(ChannelStats(tensors[f"{name}/sum_abs_p"], int(m["n_tokens"]), float(m["p"])),
+                             tensors[f"{name}/gram"])
+            for name, m in layers.items()
+        }
+    except (KeyError, ValueError, TypeError) as e:
+        logger.warning("ignoring malformed calibration cache %s (%s); recomputing", path, e)
+        return None

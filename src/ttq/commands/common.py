@@ -50,3 +50,33 @@ def scale_from_args(args):
     from ttq.methods.scaling import ScaleSpec
 
     return ScaleSpec(alpha=args.alpha, lam=args.lam, p=args.p, form=args.form)
+
+
+def add_out_args(p: argparse.ArgumentParser, default: str | None, suffixes: str) -> None:
+    """``--out PREFIX`` (files ``PREFIX<suffix>``, suffix appended) and ``--overwrite``."""
+    p.add_argument("--out", default=default,
+                   help=f"prefix of the {suffixes} outputs (appended: exp.1 -> exp.1.md)"
+                        + ("" if default else "; default: print only"))
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
+
+
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v

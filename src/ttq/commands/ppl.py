@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_data_args, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+from ttq.commands.common import (
+    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, scale_from_args, str_list,
+)
 
 logger = logging.getLogger(__name__)
+
+SUFFIXES = (".md", ".json", ".csv")
 
 
 def _calib_list(s: str) -> list[tuple[str, int]]:
@@ -46,7 +51,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--max-windows", type=int, default=16, help="windows per dataset (0 = all)")
     add_data_args(p)
-    p.add_argument("--out", default="results/ppl", help="prefix of the .md/.csv/.json outputs")
+    add_out_args(p, "results/ppl", ".md/.csv/.json")
     p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")
     p.add_argument("--overhead", action="store_true", help="also time one TTQ forward vs the unquantized forward")
     p.set_defaults(func=run)
@@ -56,14 +61,17 @@ def run(args) -> int:
     from ttq.data import check_dataset
     from ttq.eval.table import build_cells, dataset_windows, forward_overhead, markdown_tables, run_cells
     from ttq.models import load_model, max_context, model_id
+    from ttq.outputs import check_outputs, write_outputs
 
     for ds in args.datasets + [c[0] for c in args.calib]:
         check_dataset(ds)
+    extra = [_config_cell(item) for item in args.config]
+    check_outputs(args.out, SUFFIXES, args.overwrite)  # before an hour of work, not after
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     seqlen = min(args.seqlen, max_context(model))
     scale = scale_from_args(args)
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric, args.fmt)
-    cells += [_config_cell(item) for item in args.config]
+    cells += extra
     if not cells:
         raise ValueError("nothing to evaluate: --methods selected no rows")
     windows = dataset_windows(tok, args.datasets, seqlen, args.max_windows or None, args.data_dir, args.data_source)
@@ -88,16 +96,13 @@ def run(args) -> int:
                       f"window takes {o['quantized_seconds']:.2f} s vs {o['fp_seconds']:.2f} s unquantized "
                       f"(ratio {o['ratio']:.2f}, reference PyTorch path, median of 3)")
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-    with out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "bits", "group_size", "dataset", "ppl", "nll", "n_windows", "n_tokens", "seconds"],
-                           extrasaction="ignore")
-        w.writeheader()
-        w.writerows(results)
-    logger.info("wrote %s.{md,json,csv}", out)
+    rows = io.StringIO()
+    w = csv.DictWriter(rows, fieldnames=["method", "bits", "group_size", "dataset", "ppl", "nll", "n_windows", "n_tokens",
+                                         "seconds"], extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(results)
+    write_outputs(args.out, {".md": table + "\n", ".json": json.dumps(results, indent=1), ".csv": rows.getvalue()},
+                  args.overwrite)
     return 0
 
 

@@ -22,6 +22,8 @@ import os
 import random
 from pathlib import Path
 
+from ttq.errors import ConfigError, DataError, DataNotFoundError, MissingDependency
+
 logger = logging.getLogger(__name__)
 
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -44,7 +46,7 @@ HF_SPLITS = {  # (path, config, eval split, calibration split, text field)
 
 def check_dataset(name: str) -> None:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
 def candidate_data_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
@@ -62,7 +64,7 @@ def resolve_file(rel: str, data_dir: str | os.PathLike | None = None) -> Path:
     for path in tried:
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"data file {rel!r} not found; looked in: {', '.join(str(p) for p in tried)}. "
         "Point elsewhere with --data-dir DIR or the TTQ_DATA_DIR environment variable "
         "(DIR holds wikitext2/, ptb/ and c4/), or use --data-source hf when online."
@@ -74,19 +76,33 @@ def _join(name: str, rows: list[str]) -> str:
 
 
 def _rows_from_file(name: str, path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     if name == "wikitext2":  # HF rows: blank line -> "", else line + "\n"; split on "\n" only
         return [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
     if name == "ptb":
         return [line.strip() for line in text.split("\n") if line.strip()]
-    return [json.loads(line)["text"] for line in text.split("\n") if line.strip()]
+    rows = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {i}: not a JSON object ({e.msg}); each line must be {{\"text\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}, line {i}: a row without a string field \"text\"; each line must be {{\"text\": ...}}")
+        rows.append(row["text"])
+    return rows
 
 
 def _rows_from_hf(name: str, calibration: bool) -> list[str]:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("--data-source hf needs the `datasets` package: pip install 'ttq[online]'") from e
+        raise MissingDependency("--data-source hf needs the `datasets` package: pip install 'ttq[online]'") from e
     path, cfg, test_split, calib_split, field = HF_SPLITS[name]
     split = calib_split if calibration else test_split
     if name == "c4":
@@ -102,14 +118,14 @@ def load_text(name: str, calibration: bool = False, data_dir=None, source: str =
     """The joined evaluation (or calibration) text of dataset ``name``."""
     check_dataset(name)
     if source not in ("local", "hf"):
-        raise ValueError(f"unknown data source {source!r}; allowed: local, hf")
+        raise ConfigError(f"unknown data source {source!r}; allowed: local, hf")
     if source == "hf":
         rows = _rows_from_hf(name, calibration)
     else:
         rows = _rows_from_file(name, resolve_file((CALIB_FILES if calibration else EVAL_FILES)[name], data_dir))
     text = _join(name, rows)
     if not text.strip():
-        raise ValueError(f"the {'calibration' if calibration else 'evaluation'} text of {name!r} is empty")
+        raise DataError(f"the {'calibration' if calibration else 'evaluation'} text of {name!r} is empty")
     return text
 
 
@@ -123,7 +139,7 @@ def check_disjoint(calib_text: str, eval_text: str, calib_name: str, eval_name: 
         chunks = [calib_text[s : s + 200] for s in starts]
     hits = sum(1 for c in chunks if c and c in eval_text)
     if hits:
-        raise ValueError(
+        raise DataError(
             f"calibration text {calib_name!r} overlaps the evaluation text {eval_name!r} "
             f"({hits}/{len(chunks)} probe passages found in it); calibrate on disjoint text"
         )

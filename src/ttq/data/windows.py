@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -19,15 +18,18 @@ def cache_dir() -> Path:
 
 
 def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
-    """Token ids (1-D int64) of ``text``, cached on disk by tokenizer and text hash."""
-    key = hashlib.sha256((getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)) + text).encode()).hexdigest()[:24]
-    path = cache_dir() / "tokens" / f"{key}.pt"
-    if cache and path.is_file():
-        return torch.load(path)
+    """Token ids (1-D int64) of ``text``, cached on disk (safetensors) by tokenizer definition and text hash."""
+    from ttq.cache import digest, load_tensors, save_tensors, tokenizer_fingerprint, writable
+
+    folder = writable(cache_dir() / "tokens", "token") if cache else None
+    path = folder / f"{digest(tokenizer_fingerprint(tokenizer), text)}.safetensors" if folder else None
+    if path is not None and path.is_file():
+        loaded = load_tensors(path)
+        if loaded is not None and "ids" in loaded[0]:
+            return loaded[0]["ids"]
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ids, path)
+    if path is not None:
+        save_tensors(path, {"ids": ids})
     return ids
 
 

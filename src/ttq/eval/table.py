@@ -7,7 +7,6 @@ completed across several runs with the same arguments.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ttq.cache import digest, model_fingerprint, tensor_digest, writable, write_bytes
 from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, RTNConfig, TTQConfig, config_to_dict
 from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
@@ -84,10 +84,27 @@ def build_cells(
     return cells
 
 
-def _key(model_key: str, cell: Cell, dataset: str, seqlen: int, n_windows: int, source: str) -> str:
+def _key(model_key: str, cell: Cell, dataset: str, windows: torch.Tensor, source: str) -> str:
+    """Cache key of one (cell, dataset) row: the model (its name and weights fingerprint), the method
+    config and the evaluated token ids themselves (so a changed text, tokenizer or window count is a
+    new row)."""
     cfg = config_to_dict(cell.config) if cell.config is not None else {"method": "fp"}
-    blob = json.dumps([model_key, cfg, dataset, seqlen, n_windows, source], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    blob = json.dumps([model_key, cfg, dataset, list(windows.shape), tensor_digest(windows), source], sort_keys=True)
+    return digest(blob)
+
+
+def _cached_row(path: Path | None) -> dict | None:
+    """A cached row, or None when absent or unreadable (recomputed)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        row = json.loads(path.read_text())
+        if isinstance(row, dict) and isinstance(row.get("ppl"), (int, float)):
+            return row
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    logger.warning("ignoring unreadable cached row %s; recomputing", path)
+    return None
 
 
 def dataset_windows(tokenizer, datasets, seqlen, max_windows, data_dir=None, source="local") -> dict[str, torch.Tensor]:
@@ -113,13 +130,15 @@ def run_cells(
     """Evaluate every cell on every dataset; one result dict per (cell, dataset)."""
     results = []
     calib_cache: dict[CalibSpec, dict] = {}
+    cache = writable(cache, "result") if cache else None
+    cache_key = f"{model_key}|{model_fingerprint(model)}" if cache else model_key
     for cell in cells:
         todo, done = [], {}
         for ds, win in windows.items():
-            key = _key(model_key, cell, ds, win.shape[1], win.shape[0], source)
-            path = cache / f"{key}.json" if cache else None
-            if path is not None and path.is_file():
-                done[ds] = {**json.loads(path.read_text()), "method": cell.label}  # same config, maybe another label
+            path = cache / f"{_key(cache_key, cell, ds, win, source)}.json" if cache else None
+            row = _cached_row(path)
+            if row is not None:
+                done[ds] = {**row, "method": cell.label}  # same config, maybe another label
             else:
                 todo.append((ds, win, path))
         if todo:
@@ -160,8 +179,7 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
             }
             done[ds] = row
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(row, indent=1))
+                write_bytes(path, json.dumps(row, indent=1).encode())
     finally:
         restore_(model, blocks_only=True)
 

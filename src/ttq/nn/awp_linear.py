@@ -17,6 +17,7 @@ from ttq.formats.affine import QuantSpec, dequantize
 from ttq.methods.awp import awp_quantize, shrunk_correlation
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale
 from ttq.nn.linear import per_sequence
+from ttq.patch.tokens import TokenMask
 
 
 class AWPLinear(nn.Module):
@@ -57,13 +58,15 @@ class AWPLinear(nn.Module):
         )
         return codes, sc, z, s
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        codes, sc, z, s = self.quantize_for(x)
+    token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
+
+    def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        codes, sc, z, s = self.quantize_for(real)
         w_q = dequantize(codes, sc, z, self.spec.group_size, fmt=self.spec.fmt).to(x.dtype)  # (d_out, d_in)
         return F.linear(x / s.to(x.dtype), w_q, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x, self.token_mask)
 
     def extra_repr(self) -> str:
         s = self.spec

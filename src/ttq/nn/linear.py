@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ttq.formats.affine import QuantSpec, dequantize
 from ttq.methods.lowrank import residual, svd_factors
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
+from ttq.patch.tokens import TokenMask, real_tokens
 
 MODES = ("per_sequence", "prompt")
 
@@ -65,12 +66,15 @@ class PromptOptions:
             raise ValueError(f"half_params must be True, False or None, got {self.half_params!r}")
 
 
-def per_sequence(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``fn`` to each sequence of a (B, T, d) batch separately (each gets its own
-    activation statistic); any other input goes through ``fn`` whole."""
+def per_sequence(fn, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
+    """``fn(x_i, real_i)`` for each sequence of a (B, T, d) batch separately (each gets its own
+    activation statistic, taken over ``real_i``: its real tokens, pad positions left out when
+    ``mask`` marks them); any other input goes through ``fn`` whole."""
+    keep = mask.rows(x) if mask is not None else None  # (B, T) bool or None (every token real)
     if x.dim() == 3 and x.shape[0] > 1:
-        return torch.cat([fn(xi[None]) for xi in x], dim=0)  # B x (1, T, d_out) -> (B, T, d_out)
-    return fn(x)
+        return torch.cat([fn(xi[None], real_tokens(xi, None if keep is None else keep[i])) for i, xi in enumerate(x)],
+                         dim=0)  # B x (1, T, d_out) -> (B, T, d_out)
+    return fn(x, real_tokens(x, keep))
 
 
 class DequantCachedLinear(nn.Module):
@@ -174,8 +178,10 @@ class TTQLinear(nn.Module):
         codes, scale, zero = scaled_quantize(self.residual_weight(), s, self.spec)
         return codes, scale, zero, s
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        codes, scale, zero, s = self.quantize_for(x)
+    token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
+
+    def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero, s = self.quantize_for(real)
         w_q = dequantize(codes, scale, zero, self.spec.group_size, fmt=self.spec.fmt).to(x.dtype)  # (d_out, d_in)
         y = F.linear(x / s.to(x.dtype), w_q, self.bias)
         if self.rank:
@@ -250,12 +256,13 @@ class TTQLinear(nn.Module):
     def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
         refresh = self.options.refresh_every
+        real = x if self.token_mask is None else real_tokens(x, self.token_mask.rows(x))  # pads left out
         if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
-            stats = ChannelStats.from_activations(x, self.scale_spec.p)  # all sequences share s
+            stats = ChannelStats.from_activations(real, self.scale_spec.p)  # all sequences share s
             self._stats = stats if refresh else None
             self.quantize_prompt(stats)
         elif refresh:
-            self._stats = self._stats.merge(ChannelStats.from_activations(x, self.scale_spec.p))
+            self._stats = self._stats.merge(ChannelStats.from_activations(real, self.scale_spec.p))
             self._steps += 1
             if self._steps >= refresh:
                 self.quantize_prompt(self._stats)
@@ -275,7 +282,7 @@ class TTQLinear(nn.Module):
                 if y is not None:
                     return y
             return self._forward_prompt(x)
-        return per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x, self.token_mask)
 
     def extra_repr(self) -> str:
         s, c = self.spec, self.scale_spec

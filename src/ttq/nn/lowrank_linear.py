@@ -26,6 +26,7 @@ from ttq.methods.lowrank import residual, svd_factors
 from ttq.methods.online_lowrank import RULES, isvd_update, oja_update, power_update, projection_factors, scaled_factors
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
 from ttq.nn.linear import per_sequence
+from ttq.patch.tokens import TokenMask
 
 
 def ttq_lowrank_forward(
@@ -83,12 +84,15 @@ class LowRankTTQLinear(nn.Module):
             self._residual = residual(self.weight.detach(), self.lr_b, self.lr_a)
         return self._residual
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+    token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
+
+    def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         res = self.residual_weight()
-        return ttq_lowrank_forward(x, res, self.lr_b, self.lr_a, self.spec, self.scale_spec, self.bias)
+        stats = ChannelStats.from_activations(real, self.scale_spec.p)
+        return ttq_lowrank_forward(x, res, self.lr_b, self.lr_a, self.spec, self.scale_spec, self.bias, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x, self.token_mask)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -160,20 +164,22 @@ class OnlineLowRankTTQLinear(nn.Module):
             self.sv.copy_(sv)
         self.n_updates += 1
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+    token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic and the tracking
+
+    def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         w = self.weight.detach()
-        stats = ChannelStats.from_activations(x, self.scale_spec.p)
+        stats = ChannelStats.from_activations(real, self.scale_spec.p)
         if self.rule == "asvd":
             s = input_scale(stats, self.dec_scale)  # C_lam^(1/2) (d_in,)
-            self.update(x, s)
+            self.update(real, s)
             b, a = scaled_factors(w, s, self.u)
         else:
-            self.update(x)
+            self.update(real)
             b, a = projection_factors(w, self.u)
         return ttq_lowrank_forward(x, residual(w, b, a), b, a, self.spec, self.scale_spec, self.bias, stats)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_sequence(self._forward_one, x)
+        return per_sequence(self._forward_one, x, self.token_mask)
 
     def extra_repr(self) -> str:
         s = self.spec

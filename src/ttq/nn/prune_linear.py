@@ -16,6 +16,7 @@ from ttq.formats.affine import QuantSpec
 from ttq.methods.pruning import ORDERS, SCORES, check_n_m, check_sparsity, prune_ttq
 from ttq.methods.scaling import ScaleSpec
 from ttq.nn.linear import per_sequence
+from ttq.patch.tokens import TokenMask
 
 
 class TTQPruneLinear(nn.Module):
@@ -53,11 +54,13 @@ class TTQPruneLinear(nn.Module):
             self.weight.detach(), x, self.sparsity, self.n_m, self.spec, self.scale_spec, self.order, self.score
         )
 
-    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(x).to(x.dtype), self.bias)
+    token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
+
+    def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(real).to(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_sequence(self._forward_one, x)  # one mask per sequence
+        return per_sequence(self._forward_one, x, self.token_mask)  # one pruning mask per sequence
 
     def extra_repr(self) -> str:
         pat = f"n_m={self.n_m[0]}:{self.n_m[1]}" if self.n_m else f"sparsity={self.sparsity}"

@@ -200,6 +200,13 @@ def quantize_(
             if getattr(cfg, "needs_calibration", False) and calibration is None:
                 raise ValueError(f"method {cfg.name!r} needs calibration data; pass calibration= (see ttq.calibrate)")
         replace_linears(model, linears, plan, calibration, progress)
+    test_time = [m for m in map(model.get_submodule, plan) if hasattr(m, "token_mask")]
+    if test_time:  # layers with a statistic of their own tokens: show them which tokens are padding
+        from ttq.patch.tokens import attach
+
+        holder = attach(model)
+        for m in test_time:
+            m.token_mask = holder
     logger.info("quantized %d linear layers", len(plan))
     return plan
 

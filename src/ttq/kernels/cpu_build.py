@@ -10,15 +10,26 @@ fast path (a product with its packed arguments bound, called without the dispatc
 Without the Python headers (``Python.h``; e.g. a system Python without its ``-dev``
 package) the ops are built alone and the decode path calls them through ``torch.ops``.
 A failed build is logged once and remembered; callers fall back to the reference.
+
+Each build records the size and sha256 of its library beside it (``<name>.json``, written
+atomically once the build has loaded).  A cached library is checked against that record
+before it is loaded: a truncated one (a build or copy that was killed, a full disk) would
+crash the process with SIGBUS, an empty one would fail to load on every run.  One that does
+not match, or has no record, is relinked from its object files (about a second) with a
+warning.  Checking, repairing and recording hold an exclusive ``flock`` on the build folder,
+so two processes never load a library that the other is still writing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -139,27 +150,117 @@ def _build(verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     so = build_dir / f"{name}.so"
     bind = BIND_SOURCE in sources()
-    if so.exists():
-        if bind:
-            _state["module"] = _import(name, so)
-        else:
-            torch.ops.load_library(str(so))
+    with _exclusive(build_dir):
+        if so.exists():
+            problem = check_build(so)
+            if problem is None:
+                if bind:
+                    _state["module"] = _import(name, so)
+                else:
+                    torch.ops.load_library(str(so))
+                return
+            log.warning("the cached ttq CPU kernel library %s does not match its build (%s): rebuilding it",
+                        so, problem)
+            so.unlink()  # never load it: ninja relinks it from the object files
+            record_path(so).unlink(missing_ok=True)
+        _clear_stale_lock(build_dir)
+        log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
+        if not bind:
+            log.info("no Python headers (Python.h) for this interpreter: building the kernels without their "
+                     "Python binding; decode calls go through torch.ops (a few microseconds more per call)")
+        _ensure_ninja_on_path()
+        built = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sources()],
+            extra_cflags=list(CFLAGS),
+            build_directory=str(build_dir),
+            is_python_module=bind,
+            verbose=verbose,
+        )
+        _state["module"] = built if bind else None
+        _record(so)
+
+
+def record_path(so: Path) -> Path:
+    """The build record of the library ``so``: ``<name>.json`` beside it."""
+    return so.with_suffix(".json")
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """``(size in bytes, sha256 hex)`` of the file, from one read."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def check_build(so: Path) -> str | None:
+    """Why the built library ``so`` must not be loaded; None when it matches the record of its build.
+
+    Args:
+        so: the ``.so`` of a build folder.
+    Returns:
+        None, or a short reason: no record, an unreadable record, another size or another sha256.
+    """
+    record = record_path(so)
+    try:
+        want = json.loads(record.read_text())
+    except FileNotFoundError:
+        return "no record of its build: built by an older ttq, or the build was interrupted"
+    except (OSError, ValueError) as e:
+        return f"its build record {record.name} is unreadable ({e})"
+    if not isinstance(want, dict):
+        return f"its build record {record.name} is unreadable"
+    size, sha = _digest(so)
+    if size != want.get("size"):
+        return f"{size} bytes where the build wrote {want.get('size')}: truncated or overwritten"
+    if sha != want.get("sha256"):
+        return "its sha256 differs from the build's: corrupt"
+    return None
+
+
+def _record(so: Path) -> None:
+    """Write the size and sha256 of ``so`` to :func:`record_path` atomically (a reader sees no record or a whole one).
+
+    A cache that cannot be written loses only the record: the next run rebuilds once more.
+    """
+    size, sha = _digest(so)
+    record = record_path(so)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=so.parent, prefix=record.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"size": size, "sha256": sha}, f)
+            os.replace(tmp, record)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("could not record the ttq CPU kernel build in %s (%s); the next run rebuilds it", record, e)
+
+
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """Hold an exclusive ``flock`` on ``build_dir`` (the OS releases it when a process dies; no stale lock).
+
+    Without ``fcntl`` (not POSIX) or on a file system without locks, go on unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
         return
-    _clear_stale_lock(build_dir)
-    log.info("building ttq CPU kernels in %s (first use only, about a minute)", build_dir)
-    if not bind:
-        log.info("no Python headers (Python.h) for this interpreter: building the kernels without their "
-                 "Python binding; decode calls go through torch.ops (a few microseconds more per call)")
-    _ensure_ninja_on_path()
-    built = cpp_extension.load(
-        name=name,
-        sources=[str(p) for p in sources()],
-        extra_cflags=list(CFLAGS),
-        build_directory=str(build_dir),
-        is_python_module=bind,
-        verbose=verbose,
-    )
-    _state["module"] = built if bind else None
+    fd = os.open(build_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            log.debug("no lock on %s (%s); checking the build unlocked", build_dir, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 STALE_LOCK_SECONDS = 900  # a build takes ~1-2 minutes; an older lock was left by a killed build

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
+from ttq.errors import ConfigError
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
 
@@ -107,3 +108,107 @@ def test_unknown_nested_field(d: dict, where: str) -> None:
 def test_invalid_values(d: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         config_from_dict(d)
+
+
+# ---------------------------------------------------------------- field types (strings are not booleans)
+
+
+BOOL = r"must be true or false \(a bool\)"
+
+
+@pytest.mark.parametrize(
+    "d,msg",
+    [
+        ({"method": "rtn", "quant": {"bits": 3, "symmetric": "false"}},
+         rf"method 'rtn': quant\.symmetric {BOOL}, got 'false' \(str\)"),
+        ({"method": "gptq", "act_order": "false"}, rf"method 'gptq': act_order {BOOL}, got 'false' \(str\)"),
+        ({"method": "gptq", "static_groups": 1}, rf"method 'gptq': static_groups {BOOL}, got 1 \(int\)"),
+        ({"method": "gptq", "sequential": "yes"}, rf"method 'gptq': sequential {BOOL}"),
+        ({"method": "gptq", "block_size": 128.0}, r"method 'gptq': block_size must be an integer, got 128\.0"),
+        ({"method": "gptq", "damp": "0.01"}, r"method 'gptq': damp must be a number, got '0\.01' \(str\)"),
+        ({"method": "awp", "fixed_grid": "false"}, rf"method 'awp': fixed_grid {BOOL}"),
+        ({"method": "awp", "online": "false"}, rf"method 'awp': online {BOOL}, got 'false'"),
+        ({"method": "awp", "iters": True}, r"method 'awp': iters must be an integer, got True \(bool\)"),
+        ({"method": "ttq_lowrank", "asvd_diagonal": "false"}, rf"method 'ttq_lowrank': asvd_diagonal {BOOL}"),
+        ({"method": "ttq_lowrank", "factor_quant": {"symmetric": "no"}},
+         rf"method 'ttq_lowrank': factor_quant\.symmetric {BOOL}"),
+        ({"method": "ttq", "rank": 3.5}, r"method 'ttq': rank must be an integer, got 3\.5 \(float\)"),
+        ({"method": "ttq", "rank": "16"}, r"method 'ttq': rank must be an integer, got '16' \(str\)"),
+        ({"method": "ttq", "quant": 4}, r"method 'ttq': quant must be a QuantSpec, got 4 \(int\)"),
+        ({"method": "ttq", "scale": {"alpha": "0.5"}}, r"method 'ttq': scale\.alpha must be a number, got '0\.5'"),
+        ({"method": "ttq", "quant": {"bits": 3.0}}, r"method 'ttq': quant\.bits must be an integer, got 3\.0"),
+        ({"method": "awq", "calib": {"seed": 1.5}}, r"method 'awq': calib\.seed must be an integer, got 1\.5"),
+        ({"method": "awq", "calib": {"dataset": 4}}, r"method 'awq': calib\.dataset must be a string, got 4"),
+        ({"method": "awq", "alphas": ["0.5"]}, r"method 'awq': alphas must be a list of numbers, got \('0\.5',\)"),
+        ({"method": "awq", "alphas": 0.5}, r"method 'awq': alphas must be a list of numbers, got 0\.5"),
+        ({"method": "prune", "n_m": [2, 4.0]},
+         r"method 'prune': n_m must be a list of 2 items \(integer, integer\) or None"),
+        ({"method": "prune", "n_m": [2]}, r"method 'prune': n_m must be a list of 2 items"),
+        ({"method": "prune", "quant": {"symmetric": "true"}}, rf"method 'prune': quant\.symmetric {BOOL}"),
+        ({"method": "ttq_online", "chunk": 8.5},
+         r"method 'ttq_online': chunk must be an integer or None \(null\), got 8\.5"),
+    ],
+)
+def test_wrong_field_types_are_refused(d: dict, msg: str) -> None:
+    """A string, float or bool where the field wants another type is a ConfigError (a ValueError), never truthy."""
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(d)
+    with pytest.raises(ValueError):  # old callers catching ValueError still do
+        config_from_dict(d)
+
+
+def test_right_types_still_accepted() -> None:
+    from ttq.config import GPTQConfig, OnlineLowRankTTQConfig, PruneConfig
+
+    assert config_from_dict({"method": "rtn", "quant": {"bits": 3, "symmetric": False}}).quant.symmetric is False
+    assert config_from_dict({"method": "rtn", "quant": {"bits": 3, "symmetric": True}}).quant.symmetric is True
+    g = config_from_dict({"method": "gptq", "damp": 1, "act_order": True, "scale": None})  # an int is a number
+    assert g == GPTQConfig(damp=1.0, act_order=True) and g.scale is None
+    assert config_from_dict({"method": "ttq_online", "chunk": None}) == OnlineLowRankTTQConfig()
+    assert config_from_dict({"method": "prune", "n_m": [2, 4]}).n_m == (2, 4) == PruneConfig(n_m=[2, 4]).n_m
+    assert config_from_dict({"method": "awq", "alphas": [0, 0.5, 1]}).alphas == (0.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize(
+    "make,msg",
+    [
+        (lambda: CalibSpec(seed=1.5), r"CalibSpec: seed must be an integer, got 1\.5 \(float\)"),
+        (lambda: CalibSpec(n_tokens=2.0**17), r"CalibSpec: n_tokens must be an integer"),
+        (lambda: CalibSpec(dataset=None), r"CalibSpec: dataset must be a string, got None"),
+        (lambda: RTNConfig(quant={"bits": 3}), r"method 'rtn': quant must be a QuantSpec, got \{'bits': 3\} \(dict\)"),
+        (lambda: TTQConfig(rank=True), r"method 'ttq': rank must be an integer, got True \(bool\)"),
+        (lambda: TTQConfig(scale=None), r"method 'ttq': scale must be a ScaleSpec, got None"),
+        (lambda: AWQConfig(alphas=(0.5, "1")), r"method 'awq': alphas must be a list of numbers"),
+    ],
+)
+def test_wrong_types_from_python(make, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg):
+        make()
+
+
+@pytest.mark.parametrize(
+    "cls_name,field,value",
+    [("GPTQConfig", "act_order", "false"), ("GPTQConfig", "static_groups", "true"), ("AWPConfig", "fixed_grid", 0),
+     ("AWPConfig", "online", "false"), ("TTQLowRankConfig", "asvd_diagonal", "false")],
+)
+def test_bool_fields_from_python(cls_name: str, field: str, value) -> None:
+    import ttq.config
+
+    cls = getattr(ttq.config, cls_name)
+    with pytest.raises(ConfigError, match=rf"method '{cls.name}': {field} {BOOL}, got {value!r}"):
+        cls(**{field: value})
+
+
+def test_non_dict_config() -> None:
+    with pytest.raises(ConfigError, match="a config must be a dict"):
+        config_from_dict(["rtn"])  # type: ignore[arg-type]
+
+
+def test_cli_config_flag_refuses_string_bool() -> None:
+    """``--config LABEL=JSON`` (ttq ppl / qtime) goes through config_from_dict: "false" is refused."""
+    from ttq.commands.ppl import _config_cell
+
+    with pytest.raises(ConfigError, match=rf"quant\.symmetric {BOOL}"):
+        _config_cell('RTN sym={"method": "rtn", "quant": {"bits": 3, "symmetric": "false"}}')
+    cell = _config_cell('RTN={"method": "rtn", "quant": {"bits": 3, "symmetric": false}}')
+    assert cell.config.quant.symmetric is False

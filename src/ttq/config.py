@@ -3,6 +3,10 @@
 A config says *what* to do to every matched linear layer; the walker
 (:func:`ttq.patch.quantize_`) says *where*.  ``config_to_dict`` /
 ``config_from_dict`` give a JSON-able round trip.
+
+Every field is type-checked against its annotation (:mod:`ttq.typecheck`) before the
+method's own range checks: ``"false"`` for a bool or ``3.5`` for an int is a
+:class:`~ttq.errors.ConfigError` naming the method, the field, the value and the type.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ttq.errors import ConfigError
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
+from ttq.typecheck import check_types, check_values
 
 METHODS: dict[str, type] = {}
 
@@ -40,9 +46,10 @@ class CalibSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n_tokens, int) or self.n_tokens <= 0:
+        check_types(self)
+        if self.n_tokens <= 0:
             raise ValueError(f"calibration n_tokens must be a positive integer, got {self.n_tokens!r}")
-        if not isinstance(self.seqlen, int) or self.seqlen <= 0:
+        if self.seqlen <= 0:
             raise ValueError(f"calibration seqlen must be a positive integer, got {self.seqlen!r}")
 
 
@@ -54,6 +61,9 @@ class RTNConfig:
     name: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
     quant: QuantSpec = field(default_factory=QuantSpec)
+
+    def __post_init__(self) -> None:
+        check_types(self, f"method {self.name!r}")
 
 
 @register_method
@@ -69,6 +79,7 @@ class AWQConfig:
     alphas: tuple[float, ...] = tuple(i / 20 for i in range(21))
 
     def __post_init__(self) -> None:
+        check_types(self, f"method {self.name!r}")
         if not self.alphas or not all(0.0 <= a <= 4.0 for a in self.alphas):
             raise ValueError(f"alphas must be a non-empty sequence of numbers in [0, 4], got {self.alphas!r}")
         object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))  # a list would be unhashable
@@ -86,8 +97,8 @@ class TTQConfig:
     rank: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-            raise ValueError(f"rank must be a non-negative integer, got {self.rank!r}")
+        check_types(self, f"method {self.name!r}")
+        _check_rank(self.rank)
 
 
 @register_method
@@ -114,11 +125,10 @@ class GPTQConfig:
     sequential: bool = field(default=False, metadata={"omit_default": True})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sequential, bool):
-            raise ValueError(f"sequential must be true or false, got {self.sequential!r}")
+        check_types(self, f"method {self.name!r}")
         if not 0.0 < self.damp <= 1.0:
             raise ValueError(f"damp (relative Hessian damping) must be in (0, 1], got {self.damp!r}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+        if self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
 
 
@@ -143,7 +153,8 @@ class AWPConfig:
     calib: CalibSpec = field(default_factory=CalibSpec)
 
     def __post_init__(self) -> None:
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+        check_types(self, f"method {self.name!r}")
+        if self.iters < 0:
             raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
         if not self.step > 0:
             raise ValueError(f"step (mu * ||C||_2) must be positive, got {self.step!r}")
@@ -172,31 +183,38 @@ def config_to_dict(config: Any) -> dict:
 
 
 def config_from_dict(d: dict) -> Any:
-    """Inverse of :func:`config_to_dict`."""
+    """Inverse of :func:`config_to_dict`.
+
+    Every value is checked against its field's annotation first (nested spec dicts too), so
+    ``{"quant": {"symmetric": "false"}}`` is a :class:`ConfigError`, never a truthy string.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"a config must be a dict (JSON object) with a 'method', got {d!r}")
     d = dict(d)
     name = d.pop("method", None)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
+    where = f"method {name!r}"
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             continue
         v = d.pop(f.name)
         if f.name in _NESTED and isinstance(v, dict):
-            known = {nf.name for nf in dataclasses.fields(_NESTED[f.name])}
+            spec_cls = _NESTED[f.name]
+            known = {nf.name for nf in dataclasses.fields(spec_cls)}
             if set(v) - known:
-                raise ValueError(
-                    f"unknown field(s) in {f.name!r} of method {name!r}: {', '.join(sorted(set(v) - known))}; "
+                raise ConfigError(
+                    f"unknown field(s) in {f.name!r} of {where}: {', '.join(sorted(set(v) - known))}; "
                     f"allowed: {', '.join(sorted(known))}"
                 )
-            v = _NESTED[f.name](**v)
-        kwargs[f.name] = v
-        if isinstance(kwargs[f.name], list):
-            kwargs[f.name] = tuple(kwargs[f.name])
+            check_values(spec_cls, v, where, prefix=f"{f.name}.")
+            v = spec_cls(**v)
+        kwargs[f.name] = tuple(v) if isinstance(v, list) else v
     if d:
-        raise ValueError(f"unknown field(s) for method {name!r}: {', '.join(sorted(d))}")
-    return cls(**kwargs)
+        raise ConfigError(f"unknown field(s) for {where}: {', '.join(sorted(d))}")
+    return cls(**kwargs)  # its __post_init__ checks the types of the top-level fields
 
 
 # ---------------------------------------------------------------- Appendix E: low-rank variants, pruning, online low-rank
@@ -249,12 +267,13 @@ class TTQLowRankConfig:
     def __post_init__(self) -> None:
         from ttq.methods.pruning import check_sparsity
 
+        check_types(self, f"method {self.name!r}")
         _check_rank(self.rank)
         _check_choice("init", self.init, LOWRANK_INITS)
         _check_choice("factor_quant_which", self.factor_quant_which, FACTOR_WHICH)
         _check_choice("factor_prune_which", self.factor_prune_which, FACTOR_WHICH)
         _check_choice("factor_prune_score", self.factor_prune_score, PRUNE_SCORES)
-        if isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0:
+        if self.iters < 0:
             raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
         if not 0.0 <= self.asvd_lam <= 1.0:
             raise ValueError(f"asvd_lam (shrinkage of the ASVD correlation) must be in [0, 1], got {self.asvd_lam!r}")
@@ -287,6 +306,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         from ttq.methods.pruning import check_n_m, check_sparsity
 
+        check_types(self, f"method {self.name!r}")
         _check_choice("order", self.order, PRUNE_ORDERS)
         _check_choice("score", self.score, PRUNE_SCORES)
         check_sparsity(self.sparsity)
@@ -323,15 +343,16 @@ class OnlineLowRankTTQConfig:
     power_iters: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self, f"method {self.name!r}")
         _check_rank(self.rank)
         _check_choice("rule", self.rule, ONLINE_RULES)
-        if isinstance(self.power_iters, bool) or not isinstance(self.power_iters, int) or self.power_iters < 0:
+        if self.power_iters < 0:
             raise ValueError(f"power_iters must be a non-negative integer (0 = exact SVD), got {self.power_iters!r}")
         if not self.lr > 0:
             raise ValueError(f"lr (Oja step) must be positive, got {self.lr!r}")
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"decay (forgetting factor) must be in (0, 1], got {self.decay!r}")
-        if self.chunk is not None and (isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk <= 0):
+        if self.chunk is not None and self.chunk <= 0:
             raise ValueError(f"chunk must be a positive number of tokens or None, got {self.chunk!r}")
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
-from ttq.cli import main
+from ttq.cli import build_parser, main
+from ttq.commands.generate import speeds
+from ttq.eval.bench import GenTiming
 
 
 @pytest.mark.parametrize("method,extra", [("ttq", ["--bits", "3", "--rank", "4"]), ("fp", []), ("rtn", ["--bits", "4"]),
@@ -44,8 +47,6 @@ def test_generate_greedy_is_deterministic(stories_dir, capsys):
 
 
 def test_generate_bad_input(stories_dir, capsys):
-    assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "0"]) == 2
-    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(stories_dir), "--prompt", "x", "--method", "gptq"])
     assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--layout", "bogus"]) == 2
@@ -54,3 +55,53 @@ def test_generate_bad_input(stories_dir, capsys):
     assert main(["generate", "--model", str(stories_dir), "--prompt", "x", "--max-new-tokens", "2", "--layout", "u8",
                  "--half-params"]) == 2  # the reference layout keeps float32 scale / zero
     assert "bits must be an integer in 2..8, got 1" in capsys.readouterr().err
+
+
+def test_generate_one_token_prints_no_nan(stories_dir, capsys):
+    """One new token is the prefill's own: there is no decode step, so no decode speed (was "nan tokens/s")."""
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "1",
+                 "--method", "rtn"]) == 0
+    out = capsys.readouterr().out
+    speed_line = out.strip().splitlines()[-1]
+    assert "nan" not in speed_line and "inf" not in speed_line, speed_line
+    assert re.fullmatch(r".*\] prefill: \d+ tokens in [\d.]+ s \([\d.]+ tokens/s\); "
+                        r"decode: n/a \(one token: no decode step\)", speed_line), out
+
+
+def test_speeds_never_nan():
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    one = "prefill: 5 tokens in 0.500 s (10.0 tokens/s); decode: n/a (one token: no decode step)"
+    assert speeds(GenTiming(5, 1, 0.5, 0.0, ids)) == one
+    assert speeds(GenTiming(5, 0, 0.5, 0.0, ids)).endswith("decode: n/a (no new token: no decode step)")
+    zero = "prefill: 5 tokens in 0.000 s (n/a); decode: 3 tokens in 0.000 s (n/a)"  # a zero interval: no speed
+    assert speeds(GenTiming(5, 3, 0.0, 0.0, ids)) == zero
+    assert speeds(GenTiming(4, 5, 2.0, 2.0, ids)).endswith("decode: 5 tokens in 2.000 s (2.0 tokens/s)")  # 4 steps
+
+
+@pytest.mark.parametrize(
+    "flag,value,msg",
+    [
+        ("--max-new-tokens", "0", "must be at least 1, got 0"),
+        ("--max-new-tokens", "-5", "must be at least 1, got -5"),
+        ("--max-new-tokens", "1.5", "expected a positive integer, got '1.5'"),
+        ("--bits", "0", "must be at least 1, got 0"),
+        ("--bits", "-4", "must be at least 1, got -4"),
+        ("--group-size", "0", "must be a positive integer or -1 (per output channel), got 0"),
+        ("--group-size", "-32", "must be a positive integer or -1 (per output channel), got -32"),
+        ("--rank", "-1", "must be 0 or more, got -1"),
+        ("--refresh-every", "-1", "must be 0 or more, got -1"),
+        ("--threads", "-2", "must be 0 or more, got -2"),
+        ("--lm-head-bits", "-8", "must be 0 or more, got -8"),
+    ],
+)
+def test_generate_bad_numbers_are_argparse_errors(capsys, flag, value, msg):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["generate", "--prompt", "x", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: {msg}" in capsys.readouterr().err
+
+
+def test_generate_zero_and_minus_one_are_kept():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--group-size", "-1", "--rank", "0",
+                                      "--refresh-every", "0", "--threads", "0", "--lm-head-bits", "0"])
+    assert (args.group_size, args.rank, args.refresh_every, args.threads, args.lm_head_bits) == (-1, 0, 0, 0, 0)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ttq.errors import ConfigError
 from ttq.formats.affine import (
     QuantSpec,
     dequantize,
@@ -306,16 +307,41 @@ def test_low_precision_inputs(dtype: torch.dtype, bits: int, symmetric: bool) ->
 # ---------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("bits", [0, 1, 9, 16, -4, 4.0, True, "4"])
+@pytest.mark.parametrize("bits", [0, 1, 9, 16, -4])
 def test_bad_bits(bits) -> None:
     with pytest.raises(ValueError, match=r"bits must be an integer in 2\.\.8"):
         QuantSpec(bits=bits)
 
 
-@pytest.mark.parametrize("group_size", [0, -2, -32, 16.0, False])
+@pytest.mark.parametrize("group_size", [0, -2, -32])
 def test_bad_group_size(group_size) -> None:
     with pytest.raises(ValueError, match=r"group_size must be a positive integer or -1"):
         QuantSpec(group_size=group_size)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"symmetric": "false"}, r"QuantSpec: symmetric must be true or false \(a bool\), got 'false' \(str\)"),
+        ({"symmetric": 0}, r"symmetric must be true or false \(a bool\), got 0 \(int\)"),
+        ({"bits": 4.0}, r"QuantSpec: bits must be an integer, got 4\.0 \(float\)"),
+        ({"bits": True}, r"bits must be an integer, got True \(bool\)"),
+        ({"bits": "4"}, r"bits must be an integer, got '4' \(str\)"),
+        ({"group_size": 16.0}, r"group_size must be an integer, got 16\.0"),
+        ({"group_size": False}, r"group_size must be an integer, got False"),
+        ({"nu": "1.0"}, r"nu must be a number, got '1\.0' \(str\)"),
+        ({"nu": True}, r"nu must be a number, got True \(bool\)"),
+        ({"fmt": 4}, r"fmt must be a string, got 4 \(int\)"),
+    ],
+)
+def test_wrong_field_types_are_refused(kwargs: dict, msg: str) -> None:
+    """A wrong-typed value is a ConfigError naming the field, the value and the type; never truthy."""
+    with pytest.raises(ConfigError, match=msg):
+        QuantSpec(**kwargs)
+
+
+def test_int_nu_is_a_number() -> None:
+    assert QuantSpec(nu=1).nu == 1 and QuantSpec(symmetric=True).symmetric is True
 
 
 @pytest.mark.parametrize("nu", [0.0, -1.0, 5.0, float("nan")])

@@ -217,6 +217,23 @@ def test_bad_alpha(alpha: float) -> None:
         ScaleSpec(alpha=alpha)
 
 
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        ({"alpha": "0.5"}, r"ScaleSpec: alpha must be a number, got '0\.5' \(str\)"),
+        ({"lam": True}, r"ScaleSpec: lam must be a number, got True \(bool\)"),
+        ({"p": None}, r"ScaleSpec: p must be a number, got None"),
+        ({"form": 1}, r"ScaleSpec: form must be a string, got 1 \(int\)"),
+    ],
+)
+def test_wrong_field_types_are_refused(kwargs: dict, msg: str) -> None:
+    from ttq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=msg):  # not compared with numbers (TypeError) or used as is
+        ScaleSpec(**kwargs)
+    assert ScaleSpec(alpha=1, lam=0, p=2).alpha == 1  # an int is a number
+
+
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0, 8), (4, 0)])
 def test_zero_tokens(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="at least one token"):

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-from pathlib import Path
 
-from ttq.commands.common import int_list, str_list
+from ttq.commands.common import add_out_args, int_list, positive_int, str_list
 
-logger = logging.getLogger(__name__)
+SUFFIXES = (".md", ".json")
 
 
 def add_parser(sub) -> None:
@@ -25,9 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--layouts", type=str_list, default=",".join(d.layouts), help="CUDA layouts to time")
     p.add_argument("--modes", type=str_list, default=",".join(d.modes), help=f"subset of {','.join(MODES)}")
     p.add_argument("--repeats", type=int, default=d.repeats, help="graph replays per timing (median)")
-    p.add_argument("--rotate-mb", type=int, default=d.rotate_bytes >> 20, help="working set of the rotate mode (MiB)")
+    p.add_argument("--rotate-mb", type=positive_int, default=d.rotate_bytes >> 20,
+                   help="working set of the rotate mode (MiB)")
     p.add_argument("--no-tune", action="store_true", help="skip the decode-kernel configuration search")
-    p.add_argument("--out", default="results/appendix_h", help="prefix of the .md/.json outputs")
+    add_out_args(p, "results/appendix_h", ".md/.json")
     p.set_defaults(func=run)
 
 
@@ -35,17 +34,16 @@ def run(args) -> int:
     import torch
 
     from ttq.eval.appendix_h import AppendixHConfig, format_tables, rows_to_dicts, run_appendix_h
+    from ttq.outputs import check_outputs, write_outputs
 
     cfg = AppendixHConfig(models=tuple(args.models), bits=args.bits, group_size=args.group_size,
                           ranks=tuple(args.ranks), layouts=tuple(args.layouts), repeats=args.repeats,
                           rotate_bytes=args.rotate_mb << 20, modes=tuple(args.modes), tune=not args.no_tune)
+    check_outputs(args.out, SUFFIXES, args.overwrite)  # before the benchmark, not after
     rows = run_appendix_h(cfg)
     device = f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     table = format_tables(rows, cfg, device)
     print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows_to_dicts(rows)}, indent=1))
-    logger.info("wrote %s.{md,json}", out)
+    result = {"device": device, "rows": rows_to_dicts(rows)}
+    write_outputs(args.out, {".md": table + "\n", ".json": json.dumps(result, indent=1)}, args.overwrite)
     return 0

@@ -80,3 +80,22 @@ def non_negative_int(s: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
+
+
+def group_size_arg(s: str) -> int:
+    """argparse type: a positive group size or -1 (per output channel)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or -1, got {s!r}") from None
+    if v < 1 and v != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or -1 (per output channel), got {v}")
+    return v
+
+
+def seqlen_arg(s: str) -> int:
+    """argparse type: a window length of at least 2 tokens (one to predict from, one to predict)."""
+    v = positive_int(s)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a window predicts its tokens 2..T), got {v}")
+    return v

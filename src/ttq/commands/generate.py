@@ -2,7 +2,8 @@
 
 TTQ runs in prompt mode (:mod:`ttq.runtime`): the prompt's activations quantize
 every layer once, the decode steps use packed low-bit weights.  Ends with the
-prefill and decode speeds in tokens/s.
+prefill and decode speeds in tokens/s (the decode speed is "n/a" when there was no decode
+step: one new token is the prefill's own).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import logging
 import sys
 
-from ttq.commands.common import DTYPES, add_model_args, add_scale_args, scale_from_args
+from ttq.commands.common import (
+    DTYPES, add_model_args, add_scale_args, group_size_arg, non_negative_int, positive_int, scale_from_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,20 +26,21 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--method", default="ttq", choices=GEN_METHODS, help="fp = unquantized")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=32, help="-1 = per output channel")
-    p.add_argument("--rank", type=int, default=0, help="TTQ low-rank r")
+    p.add_argument("--bits", type=positive_int, default=4, help="2..8")
+    p.add_argument("--group-size", type=group_size_arg, default=32, help="-1 = per output channel")
+    p.add_argument("--rank", type=non_negative_int, default=0, help="TTQ low-rank r")
     p.add_argument("--mode", default="prompt", choices=("prompt", "per_sequence"), help="TTQ runtime mode")
-    p.add_argument("--refresh-every", type=int, default=0, help="prompt mode: re-quantize every N tokens (0 = never)")
+    p.add_argument("--refresh-every", type=non_negative_int, default=0,
+                   help="prompt mode: re-quantize every N tokens (0 = never)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--lm-head-bits", type=int, default=0,
+    p.add_argument("--lm-head-bits", type=non_negative_int, default=0,
                    help="also pack the LM head with RTN at this many bits (faster decode, changes logits; 0 = keep it)")
     p.add_argument("--layout", default=None, help="packed layout of prompt-mode TTQ layers (default: best for the device)")
     p.add_argument("--half-params", action="store_true",
                    help="prompt mode: float16 scale/zero for bits <= 4 (CPU layouts; fewer bytes per decode step)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     add_scale_args(p)
     p.set_defaults(func=run)
 
@@ -68,8 +72,6 @@ def run(args) -> int:
     from ttq.eval.bench import timed_generate
     from ttq.models import load_model
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
@@ -89,6 +91,22 @@ def run(args) -> int:
           f"{f' r={args.rank} mode={args.mode}' if args.method == 'ttq' else ''}"
           f"{f' layouts {layouts}' if layouts else ''}"
           f"{f' head {args.lm_head_bits}-bit' if args.lm_head_bits else ''}] "
-          f"prefill: {t.prompt_tokens} tokens in {t.prefill_s:.3f} s ({t.prefill_tps:.1f} tokens/s); "
-          f"decode: {t.new_tokens} tokens in {t.decode_s:.3f} s ({t.decode_tps:.1f} tokens/s)")
+          f"{speeds(t)}")
     return 0
+
+
+def _tps(n: int, seconds: float) -> str:
+    return f"{n / seconds:.1f} tokens/s" if n > 0 and seconds > 0 else "n/a"
+
+
+def speeds(t) -> str:
+    """``prefill: ... tokens/s; decode: ... tokens/s`` of a :class:`ttq.eval.bench.GenTiming`.
+
+    The first new token ends the prefill, so ``n`` new tokens take ``n - 1`` decode steps.  With
+    one new token (``--max-new-tokens 1``, or an end-of-sequence token first) there is no decode
+    step to time, and a zero interval has no speed either: those print "n/a", never nan or inf.
+    """
+    prefill = f"prefill: {t.prompt_tokens} tokens in {t.prefill_s:.3f} s ({_tps(t.prompt_tokens, t.prefill_s)})"
+    if t.new_tokens <= 1:
+        return f"{prefill}; decode: n/a ({'one token' if t.new_tokens == 1 else 'no new token'}: no decode step)"
+    return f"{prefill}; decode: {t.new_tokens} tokens in {t.decode_s:.3f} s ({_tps(t.new_tokens - 1, t.decode_s)})"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ttq.commands.common import DTYPES, add_data_args, add_model_args, add_scale_args, int_list, scale_from_args, str_list
+from ttq.commands.common import (
+    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, scale_from_args, seqlen_arg,
+    str_list,
+)
 from ttq.commands.ppl import _calib_list, _config_cell
+
+SUFFIXES = (".md", ".json")
 
 
 def add_parser(sub) -> None:
@@ -22,10 +26,10 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", type=_calib_list, default="wikitext2", help="DATASET[:TOKENS] (2^17 default)")
     p.add_argument("--config", action="append", default=[], metavar="LABEL=JSON", help="extra row (see ttq ppl)")
     add_scale_args(p)
-    p.add_argument("--seqlen", type=int, default=2048, help="calibration and prompt window length")
+    p.add_argument("--seqlen", type=seqlen_arg, default=2048, help="calibration and prompt window length")
     p.add_argument("--repeats", type=int, default=3, help="forwards per timing (median)")
     add_data_args(p)
-    p.add_argument("--out", default="results/qtime", help="prefix of the .md/.json outputs")
+    add_out_args(p, "results/qtime", ".md/.json")
     p.set_defaults(func=run)
 
 
@@ -33,11 +37,13 @@ def run(args) -> int:
     from ttq.eval.qtime import markdown, quantization_times
     from ttq.eval.table import build_cells, dataset_windows
     from ttq.models import load_model, max_context, model_id
+    from ttq.outputs import check_outputs, write_outputs
 
     if "fp" in args.methods:
         raise ValueError("qtime times quantization methods; 'fp' has nothing to time")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    check_outputs(args.out, SUFFIXES, args.overwrite)  # before the calibrations, not after
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     seqlen = min(args.seqlen, max_context(model))
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale_from_args(args), seqlen)
@@ -49,8 +55,5 @@ def run(args) -> int:
                               data_dir=args.data_dir, source=args.data_source)
     text = markdown(rows, model_id(args.model, args.gguf_file))
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    write_outputs(args.out, {".md": text + "\n", ".json": json.dumps(rows, indent=1)}, args.overwrite)
     return 0

@@ -11,8 +11,11 @@ Cells are built with :func:`ttq.eval.table.build_cells` and evaluated with
 
 from __future__ import annotations
 
+from ttq.errors import ConfigError
 from ttq.eval.table import SHORT, Cell, build_cells, fmt_ppl, markdown_tables, pow2_label
 from ttq.methods.scaling import ScaleSpec
+
+MAX_TEXT_REPEATS = 2  # a calibration may cover its text at most twice (overlapping windows beyond once)
 
 
 def domain_cells(
@@ -31,13 +34,41 @@ def domain_cells(
     AWQ on each of ``cross_sets`` with ``cross_length`` tokens (empty when no cross sets)."""
     for n in lengths + ([cross_length] if cross_sets else []):
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ValueError(f"calibration lengths must be positive token counts, got {n!r}")
+            raise ConfigError(f"calibration lengths must be positive token counts, got {n!r}")
     ttq = build_cells(["ttq"], [bits], [group_size], ranks, [], scale, seqlen, symmetric)
     length = build_cells(["awq"], [bits], [group_size], [], [(calib_set, n) for n in lengths], scale, seqlen, symmetric)
     cross = build_cells(
         ["awq"], [bits], [group_size], [], [(ds, cross_length) for ds in cross_sets], scale, seqlen, symmetric
     )
     return ttq, length, cross
+
+
+def check_calibration_lengths(
+    requested: dict[str, list[int]], text_tokens: dict[str, int], max_repeats: int = MAX_TEXT_REPEATS
+) -> None:
+    """Refuse calibration lengths the calibration texts cannot give.
+
+    A length up to the text's token count draws distinct windows; up to ``max_repeats`` times it,
+    overlapping ones (GPTQ's random offsets: e.g. 2^17 tokens from PTB's shorter text).  Beyond
+    that the "calibration" repeats the same text over and over, for hours (``--lengths 2^100``).
+
+    Args:
+        requested: ``{calibration set: [lengths in tokens]}``.
+        text_tokens: ``{calibration set: tokens of its calibration text}``.
+    Raises:
+        ConfigError: naming the set, the length, the text's tokens and the largest length allowed.
+    """
+    for ds, lengths in requested.items():
+        limit = max_repeats * text_tokens[ds]
+        too_long = [n for n in lengths if n > limit]
+        if too_long:
+            n = max(too_long)
+            k = limit.bit_length() - 1  # the largest 2^k <= limit
+            raise ConfigError(
+                f"calibration length {pow2_label(n)} ({n} tokens) is longer than the {ds} calibration text allows: "
+                f"it has {text_tokens[ds]} tokens, so at most {limit} ({max_repeats} x the text, "
+                f"2^{k} as a power of two) can be drawn"
+            )
 
 
 def unique_cells(*groups: list[Cell]) -> list[Cell]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+from typing import BinaryIO
 
 import torch
 
@@ -68,8 +70,14 @@ def top_k(rows: list[dict], k: int = 5) -> dict[int, list[dict]]:
     return out
 
 
-def plot_histograms(best: dict[int, list[dict]], path: str, title: str = "") -> None:
-    """Histograms of alpha, lam, p over the top settings of every bit width (paper Fig. 2)."""
+def plot_histograms(best: dict[int, list[dict]], path: str | os.PathLike | BinaryIO, title: str = "") -> None:
+    """Histograms of alpha, lam, p over the top settings of every bit width (paper Fig. 2), as PNG.
+
+    Args:
+        best: :func:`top_k` of the scan rows.
+        path: a file name, or a binary file object (e.g. ``io.BytesIO``) to write the PNG into.
+        title: figure title.
+    """
     try:
         import matplotlib
 
@@ -92,5 +100,5 @@ def plot_histograms(best: dict[int, list[dict]], path: str, title: str = "") -> 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

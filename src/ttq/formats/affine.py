@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ttq.typecheck import check_types
+
 MIN_BITS, MAX_BITS = 2, 8
 FORMATS = ("int", "nf4", "fp4", "nvfp4", "mxfp4")
 FORMAT_GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}  # micro-scaling formats fix their group size
@@ -62,6 +64,7 @@ class QuantSpec:
     fmt: str = "int"
 
     def __post_init__(self) -> None:
+        check_types(self)  # "false" for symmetric, 4.0 for bits: refused, not read as truthy / rounded
         check_bits(self.bits)
         check_group_size(self.group_size)
         check_format(self.fmt, self.bits, self.group_size)

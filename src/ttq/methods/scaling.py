@@ -48,6 +48,9 @@ class ScaleSpec:
     form: str = "shrinkage"
 
     def __post_init__(self) -> None:
+        from ttq.typecheck import check_types
+
+        check_types(self)  # alpha="0.5" is refused here, not compared with numbers below
         if self.form not in FORMS:
             raise ValueError(f"unknown scale form {self.form!r}; allowed: {', '.join(FORMS)}")
         if not 0.0 <= self.alpha <= 4.0:

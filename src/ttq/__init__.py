@@ -10,10 +10,9 @@ Quick use::
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
-from ttq.nn import handlers as _handlers  # noqa: F401  (registers the method handlers)
-from ttq.nn import handlers_extra as _handlers_extra  # noqa: F401  (GPTQ / AWP handlers)
-from ttq.nn import handlers_lowrank as _handlers_lowrank  # noqa: F401  (low-rank variants / pruning / online low-rank)
-from ttq.patch.walker import block_linears, find_blocks, name_filter, quantize_, restore_
+from ttq.patch.blocks import block_linears, find_blocks, walk
+from ttq.patch.walker import name_filter, quantize_, restore_
+from ttq.registry import register_handler, register_method, register_rows
 from ttq import calibrate, models, runtime  # noqa: E402,F401  (ttq.models.load_model, ttq.runtime.set_mode)
 
 __version__ = "0.1.0"
@@ -32,5 +31,9 @@ __all__ = [
     "find_blocks",
     "name_filter",
     "quantize_",
+    "register_handler",
+    "register_method",
+    "register_rows",
     "restore_",
+    "walk",
 ]

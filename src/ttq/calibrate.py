@@ -10,12 +10,12 @@ import logging
 import torch
 
 from ttq.cache import digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint, writable
-from ttq.config import CalibSpec
+from ttq.data.windows import CalibSpec
 from ttq.data import calibration_windows, check_dataset, check_disjoint, load_text, tokenize
 from ttq.data.windows import cache_dir
 from ttq.methods.scaling import ChannelStats
 from ttq.patch.capture import LayerCalib, collect_layer_stats
-from ttq.patch.walker import block_linears
+from ttq.patch.blocks import block_linears
 
 logger = logging.getLogger(__name__)
 

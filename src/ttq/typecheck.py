@@ -115,3 +115,15 @@ def check_types(obj: Any, where: str | None = None) -> None:
     """Check every field of the dataclass instance ``obj`` (call it first in ``__post_init__``)."""
     values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     check_values(type(obj), values, where or type(obj).__name__)
+
+
+def check_choice(what: str, value: Any, allowed: tuple) -> None:
+    """Refuse ``value`` unless it is one of ``allowed`` (the message lists them)."""
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def check_rank(rank: Any) -> None:
+    """A low-rank r: a non-negative int."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"rank must be a non-negative integer, got {rank!r}")

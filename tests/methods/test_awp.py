@@ -19,7 +19,7 @@ from ttq.methods.scaling import ScaleSpec, scaled_qdq
 from ttq.nn.awp_linear import AWPLinear
 from ttq.nn.linear import StaticQuantLinear, TTQLinear
 from ttq.patch.capture import collect_layer_stats
-from ttq.patch.walker import block_linears
+from ttq.patch.blocks import block_linears
 
 
 def _correlated(n: int, d: int, seed: int) -> torch.Tensor:

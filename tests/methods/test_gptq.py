@@ -17,7 +17,7 @@ from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq
 from ttq.nn.gptq_linear import PermutedQuantLinear
 from ttq.nn.linear import StaticQuantLinear
 from ttq.patch.capture import collect_layer_stats
-from ttq.patch.walker import block_linears
+from ttq.patch.blocks import block_linears
 
 
 def _correlated(n: int, d: int, seed: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Tests of the low-rank TTQ modules, their configs and handlers (src/ttq/nn/lowrank_linear.py,
-src/ttq/nn/handlers_lowrank.py, the Appendix E configs in src/ttq/config.py)."""
+src/ttq/quantizers/lowrank.py: the Appendix E configs and handlers)."""
 
 from __future__ import annotations
 
@@ -193,10 +193,10 @@ def test_stories_variants(stories_model) -> None:
     # ASVD needs calibration: a clear error without it, a working model with it
     with pytest.raises(ValueError, match="needs calibration data"):
         ttq.quantize_(model, TTQLowRankConfig(quant=q3, rank=8, init="asvd"))
-    from ttq.nn.handlers_lowrank import _ttq_lowrank
+    from ttq.quantizers.lowrank import _ttq_lowrank
 
     with pytest.raises(ValueError, match="needs calibration statistics"):
-        _ttq_lowrank(nn.Linear(8, 8), TTQLowRankConfig(rank=2, init="asvd"), None)
+        _ttq_lowrank(nn.Linear(8, 8), "weight", TTQLowRankConfig(rank=2, init="asvd"), None)
     calib = collect_layer_stats(model, ttq.block_linears(model), ids, 2.0)
     ttq.quantize_(
         model, TTQLowRankConfig(quant=q3, rank=8, init="asvd", factor_quant=QuantSpec(4, 32)), calibration=calib

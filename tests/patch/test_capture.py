@@ -13,7 +13,8 @@ from ttq.methods.rtn import rtn
 from ttq.methods.scaling import ScaleSpec
 from ttq.nn.linear import StaticQuantLinear
 from ttq.patch.capture import capture_inputs, collect_layer_stats
-from ttq.patch.walker import block_linears, quantize_, restore_
+from ttq.patch.blocks import block_linears
+from ttq.patch.walker import quantize_, restore_
 
 VOCAB = 512  # stories260K
 

@@ -1,4 +1,4 @@
-"""Tests of the generic walker and the method handlers (src/ttq/patch/walker.py, src/ttq/nn/handlers.py)
+"""Tests of the generic walker and the method handlers (src/ttq/patch/walker.py, src/ttq/quantizers/)
 on tiny random models of several Hugging Face families (built from configs, no download)."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import ttq  # noqa: F401  (registers the handlers)
 from ttq.config import AWQConfig, RTNConfig, TTQConfig
 from ttq.formats.affine import QuantSpec
 from ttq.nn.linear import StaticQuantLinear, TTQLinear
-from ttq.patch.walker import block_linears, find_blocks, name_filter, quantize_, restore_
+from ttq.patch.blocks import block_linears, find_blocks
+from ttq.patch.walker import name_filter, quantize_, restore_
 
 VOCAB = 128
 SMALL = dict(

@@ -16,9 +16,22 @@ from ttq.commands.common import (
     DTYPES, add_model_args, add_scale_args, group_size_arg, non_negative_int, positive_int, scale_from_args,
 )
 
+from ttq.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
-GEN_METHODS = ("fp", "rtn", "ttq")
+
+
+def generation_methods() -> tuple[str, ...]:
+    """``fp`` and every registered method that needs no calibration data (its table rows without
+    calibration sets are not empty), read from :mod:`ttq.registry`."""
+    import ttq.config  # noqa: F401  (registers the built-in methods)
+    from ttq.formats.affine import QuantSpec
+    from ttq.methods.scaling import ScaleSpec
+    from ttq.registry import RowOptions, row_names, table_rows
+
+    options = RowOptions(QuantSpec(), ScaleSpec(), (0,), ())
+    return ("fp", *[n for n in row_names() if table_rows(n, options)])
 
 
 def add_parser(sub) -> None:
@@ -27,7 +40,8 @@ def add_parser(sub) -> None:
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--method", default="ttq", choices=GEN_METHODS, help="fp = unquantized")
+    p.add_argument("--method", default="ttq", choices=generation_methods(),
+                   help="fp = unquantized; any registered method that needs no calibration")
     p.add_argument("--bits", type=positive_int, default=4, help="2..8")
     p.add_argument("--group-size", type=group_size_arg, default=32, help="-1 = per output channel")
     p.add_argument("--rank", type=non_negative_int, default=0, help="TTQ low-rank r")
@@ -54,14 +68,16 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
 
     if head_bits:
         runtime.quantize_lm_head(model, bits=head_bits, group_size=group_size)
+    from ttq.registry import RowOptions, table_rows
+
     if method == "fp":
         return
-    spec = ttq.QuantSpec(bits=bits, group_size=group_size)
-    if method == "rtn":
-        ttq.quantize_(model, ttq.RTNConfig(quant=spec))
-        return
-    ttq.quantize_(model, ttq.TTQConfig(quant=spec, scale=scale, rank=rank))
-    runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout, half_params=half_params)
+    rows = table_rows(method, RowOptions(ttq.QuantSpec(bits=bits, group_size=group_size), scale, (rank,), ()))
+    if not rows:
+        raise ConfigError(f"method {method!r} needs calibration data; ttq generate runs methods without it")
+    ttq.quantize_(model, rows[0][1])
+    if runtime.ttq_layers(model):  # TTQ layers: quantize once per prompt, decode on packed weights
+        runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout, half_params=half_params)
 
 
 def run(args) -> int:

@@ -32,10 +32,13 @@ def _calib_list(s: str) -> list[tuple[str, int]]:
 
 
 def add_parser(sub) -> None:
+    from ttq.eval.table import method_choices
+
     p = sub.add_parser("ppl", help="perplexity table: FP / RTN / AWQ / TTQ over bits and group sizes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
-    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq", help="subset of fp,rtn,awq,gptq,awp,awp_online,ttq")
+    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq",
+                   help=f"subset of {','.join(method_choices())} (the registered methods)")
     p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
     p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
     p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")

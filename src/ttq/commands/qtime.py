@@ -15,11 +15,13 @@ SUFFIXES = (".md", ".json")
 
 
 def add_parser(sub) -> None:
+    from ttq.eval.table import method_choices
+
     p = sub.add_parser("qtime", help="quantization time per method (calibration included; per-prompt cost of TTQ)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--methods", type=str_list, default="rtn,awq,gptq,awp,awp_online,ttq",
-                   help="subset of rtn,awq,gptq,awp,awp_online,ttq")
+                   help=f"subset of {','.join(method_choices()[1:])} (the registered methods)")
     p.add_argument("--bits", type=int_list, default="3")
     p.add_argument("--group-size", type=int_list, default="32")
     p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")

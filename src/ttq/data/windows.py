@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ttq.typecheck import check_types
 
 logger = logging.getLogger(__name__)
 
@@ -76,3 +79,27 @@ def calibration_windows(ids: torch.Tensor, n_tokens: int, seqlen: int, seed: int
     logger.warning("calibration text has %d tokens < %d requested: drawing %d overlapping windows", ids.numel(), n_tokens, need)
     starts = torch.randperm(ids.numel() - width + 1, generator=g)[:need]
     return torch.stack([ids[s : s + width] for s in starts.tolist()])  # (need, width)
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Calibration data for static methods.
+
+    Args:
+        dataset: one of ``ttq.data.DATASETS`` (wikitext2 / ptb / c4).
+        n_tokens: calibration length in tokens (the paper uses up to 2**17).
+        seqlen: window length of the calibration forwards.
+        seed: seed of the random window draw.
+    """
+
+    dataset: str = "c4"
+    n_tokens: int = 2**17
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.n_tokens <= 0:
+            raise ValueError(f"calibration n_tokens must be a positive integer, got {self.n_tokens!r}")
+        if self.seqlen <= 0:
+            raise ValueError(f"calibration seqlen must be a positive integer, got {self.seqlen!r}")

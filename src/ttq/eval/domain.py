@@ -12,7 +12,8 @@ Cells are built with :func:`ttq.eval.table.build_cells` and evaluated with
 from __future__ import annotations
 
 from ttq.errors import ConfigError
-from ttq.eval.table import SHORT, Cell, build_cells, fmt_ppl, markdown_tables, pow2_label
+from ttq.eval.table import Cell, build_cells, fmt_ppl, markdown_tables
+from ttq.registry import SHORT, pow2_label
 from ttq.methods.scaling import ScaleSpec
 
 MAX_TEXT_REPEATS = 2  # a calibration may cover its text at most twice (overlapping windows beyond once)

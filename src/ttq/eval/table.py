@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +19,16 @@ import torch
 
 from ttq.cache import digest, model_fingerprint, tensor_digest, writable, write_bytes
 from ttq.calibrate import calibrate, calibration_tokens, config_p
-from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, RTNConfig, TTQConfig, config_to_dict
-from ttq.data import C4_EVAL_WINDOWS, DATASETS, eval_windows, load_text, tokenize
+from ttq.config import CalibSpec, config_to_dict
+from ttq.data import C4_EVAL_WINDOWS, eval_windows, load_text, tokenize
 from ttq.eval.ppl import perplexity
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
+from ttq.errors import ConfigError
 from ttq.patch.walker import quantize_, restore_
+from ttq.registry import SHORT, RowOptions, row_names, table_rows
 
 logger = logging.getLogger(__name__)
-
-SHORT = {"wikitext2": "WT2", "ptb": "PTB", "c4": "C4"}
-METHOD_CHOICES = ("fp", "rtn", "awq", "gptq", "awp", "awp_online", "ttq")
-
 
 @dataclass(frozen=True)
 class Cell:
@@ -40,9 +38,9 @@ class Cell:
     config: Any = None  # method config; None = full precision
 
 
-def pow2_label(n: int) -> str:
-    k = int(math.log2(n)) if n > 0 else 0
-    return f"2^{k}" if 2**k == n else str(n)
+def method_choices() -> tuple[str, ...]:
+    """``fp`` and every registered method's table rows (:func:`ttq.registry.row_names`)."""
+    return ("fp", *row_names())
 
 
 def build_cells(
@@ -56,31 +54,22 @@ def build_cells(
     symmetric: bool = False,
     fmt: str = "int",
 ) -> list[Cell]:
-    """Cells in the paper's row order: FP, RTN, calibrated baselines (AWQ, GPTQ, AWP) per
-    calibration set, on-the-fly AWP, TTQ per rank."""
+    """Cells in the registry's row order (the paper's for the built-ins: FP, RTN, calibrated baselines
+    per calibration set, on-the-fly AWP, TTQ per rank, then the other methods); each method's rows come
+    from :func:`ttq.registry.table_rows`."""
+    allowed = method_choices()
     for m in methods:
-        if m not in METHOD_CHOICES:
-            raise ValueError(f"unknown method {m!r}; allowed: {', '.join(METHOD_CHOICES)}")
+        if m not in allowed:
+            raise ConfigError(f"unknown method {m!r}; allowed: {', '.join(allowed)}")
     cells = [Cell("FP", None, None)] if "fp" in methods else []
+    calibs = tuple(CalibSpec(dataset=ds, n_tokens=n, seqlen=seqlen) for ds, n in calib)
     for g in group_sizes:
         for q in bits:
-            spec = QuantSpec(bits=q, group_size=g, symmetric=symmetric, fmt=fmt)
-            if "rtn" in methods:
-                cells.append(Cell("RTN", q, g, RTNConfig(quant=spec)))
-            for name, make in (
-                ("awq", lambda cs: AWQConfig(quant=spec, scale=scale, calib=cs)),
-                ("gptq", lambda cs: GPTQConfig(quant=spec, calib=cs)),
-                ("awp", lambda cs: AWPConfig(quant=spec, scale=scale, calib=cs)),
-            ):
+            options = RowOptions(QuantSpec(bits=q, group_size=g, symmetric=symmetric, fmt=fmt), scale,
+                                 tuple(ranks), calibs)
+            for name in allowed[1:]:
                 if name in methods:
-                    for ds, n in calib:
-                        cs = CalibSpec(dataset=ds, n_tokens=n, seqlen=seqlen)
-                        cells.append(Cell(f"{name.upper()} ({SHORT[ds]} Calib, {pow2_label(n)})", q, g, make(cs)))
-            if "awp_online" in methods:
-                cells.append(Cell("AWP (online)", q, g, AWPConfig(quant=spec, scale=scale, online=True)))
-            if "ttq" in methods:
-                for r in ranks:
-                    cells.append(Cell(f"TTQ (r={r})", q, g, TTQConfig(quant=spec, scale=scale, rank=r)))
+                    cells += [Cell(label, q, g, cfg) for label, cfg in table_rows(name, options)]
     return cells
 
 

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import torch
 
-from ttq.formats.affine import QuantSpec
-from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq
+from ttq.formats.affine import QuantSpec, dequantize
+from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq, scaled_quantize
 
 DEFAULT_ALPHAS = tuple(i / 20 for i in range(21))  # 0.0, 0.05, ..., 1.0
 
@@ -57,6 +57,13 @@ def awq_search(
     return best
 
 
+def awq_quantize(w: torch.Tensor, result: dict, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scale, zero of ``W diag(s)`` with the searched scale ``s = result["scale"]``
+    (the layer computes ``dequant(codes) @ (x / s)``)."""
+    return scaled_quantize(w, result["scale"], spec)
+
+
 def awq_apply(w: torch.Tensor, result: dict, spec: QuantSpec) -> torch.Tensor:
     """``Q[W diag(s)] diag(s)^-1`` with the searched scale; w's dtype."""
-    return scaled_qdq(w, result["scale"], spec)
+    codes, scale, zero = awq_quantize(w, result, spec)
+    return (dequantize(codes, scale, zero, spec.group_size, fmt=spec.fmt) / result["scale"]).to(w.dtype)

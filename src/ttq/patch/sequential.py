@@ -12,7 +12,7 @@ full-precision internals, not the "true sequential" re-capture after attention):
    sliding-window layers); arguments equal across windows are stored once;
 2. for each block in order: every window's hidden states go through the block with
    hooks that sum each linear's ``X X^T`` and l_p statistic; the block's planned
-   linears are replaced by their handlers (:func:`ttq.patch.walker.replace_linears`,
+   linears are replaced by their handlers (:func:`ttq.patch.blocks.replace_linears`,
    so :func:`ttq.patch.restore_` undoes it); the quantized block then recomputes the
    hidden states, which become the next block's inputs.
 
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ttq.patch.capture import LayerCalib, LayerStatsAccumulator, capture_inputs
-from ttq.patch.walker import find_blocks, replace_linears
+from ttq.patch.blocks import find_blocks, replace_linears
 
 logger = logging.getLogger(__name__)
 

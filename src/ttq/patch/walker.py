@@ -1,92 +1,26 @@
-"""One generic walker over any Hugging Face causal LM.
+"""The generic entry point: :func:`quantize_` replaces the quantizable parameters of a model's decoder
+blocks (:mod:`ttq.patch.blocks`) with each method's module, :func:`restore_` undoes it.
 
-Architecture knowledge is data: :data:`BLOCK_LIST_PATHS` lists where decoder
-blocks live in the model families we know; any other model falls back to the
-``nn.ModuleList`` whose length is the config's ``num_hidden_layers``.  Every
-``nn.Linear`` inside those blocks is a candidate (so LM head and embeddings,
-which live outside the blocks, are never touched); ``filter_fn`` and
-per-layer ``overrides`` narrow or change that.
+``filter_fn`` (e.g. :func:`name_filter`) narrows the layers by name; ``overrides`` maps name patterns
+to another config (or None: leave the layer as it is), like torchao's FQN-to-config mapping.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ttq.errors import ConfigError
+from ttq.patch.blocks import FilterFn, find_blocks, replace_linears, set_module, targets
+from ttq.patch.sequential import sequential_replace
+from ttq.registry import HANDLERS, KINDS
+
 logger = logging.getLogger(__name__)
-
-# Attribute paths of the decoder-block list, tried in order.
-BLOCK_LIST_PATHS = (
-    "model.layers",  # Llama, SmolLM2, Mistral, Qwen2/3, Qwen3-MoE, Gemma/Gemma3 (text), Mixtral, Phi3
-    "model.decoder.layers",  # OPT
-    "model.language_model.layers",  # Gemma3 / Qwen-VL conditional-generation wrappers
-    "transformer.h",  # GPT-2, Falcon, Bloom
-    "gpt_neox.layers",  # Pythia / GPT-NeoX
-)
-
-FilterFn = Callable[[str, nn.Module], bool]
-Handler = Callable[[nn.Linear, Any, Any], nn.Module]
-HANDLERS: dict[type, Handler] = {}
-
-
-def register_handler(config_cls: type) -> Callable[[Handler], Handler]:
-    """Decorator: ``handler(linear, config, layer_calib) -> nn.Module`` for ``config_cls``."""
-
-    def deco(fn: Handler) -> Handler:
-        HANDLERS[config_cls] = fn
-        return fn
-
-    return deco
-
-
-def _get(root: nn.Module, path: str) -> nn.Module | None:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(prefix, block_list)`` of the model's decoder blocks."""
-    for path in BLOCK_LIST_PATHS:
-        blocks = _get(model, path)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return path, blocks
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n = getattr(cfg, "num_hidden_layers", None)
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and n is not None and len(mod) == n:
-            return name, mod
-    raise ValueError(
-        f"could not find the decoder blocks of {type(model).__name__}: tried {', '.join(BLOCK_LIST_PATHS)} "
-        "and a ModuleList of length config.num_hidden_layers; add its path to ttq.patch.BLOCK_LIST_PATHS"
-    )
-
-
-def block_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Linear]:
-    """Full module name -> ``nn.Linear`` for every linear layer inside the decoder blocks.
-
-    The ``.original`` linear kept inside an already-quantized module is not a
-    candidate (quantizing it again would nest modules and defeat ``restore_``).
-    """
-    prefix, blocks = find_blocks(model)
-    held = {id(m.original) for m in blocks.modules() if isinstance(getattr(m, "original", None), nn.Module)}
-    out = {}
-    for name, mod in blocks.named_modules():
-        if isinstance(mod, nn.Linear) and id(mod) not in held:
-            full = f"{prefix}.{name}"
-            if filter_fn is None or filter_fn(full, mod):
-                out[full] = mod
-    return out
-
 
 def name_filter(patterns: str | list[str] | None) -> FilterFn | None:
     """A filter from shell-style patterns on the module name, e.g. ``"*.mlp.*"``; ``!pat`` excludes."""
@@ -103,15 +37,10 @@ def name_filter(patterns: str | list[str] | None) -> FilterFn | None:
     return fn
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def _plan(linears: Mapping[str, nn.Linear], config: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+def _plan(names, config: Any, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
     """``{name: config}`` of the layers to replace: the first matching override wins, None skips."""
     plan = {}
-    for name in linears:
+    for name in names:
         cfg = config
         for pat, ocfg in (overrides or {}).items():
             if fnmatch.fnmatchcase(name, pat):
@@ -120,29 +49,6 @@ def _plan(linears: Mapping[str, nn.Linear], config: Any, overrides: Mapping[str,
         if cfg is not None:
             plan[name] = cfg
     return plan
-
-
-def replace_linears(
-    model: nn.Module,
-    linears: Mapping[str, nn.Linear],
-    plan: Mapping[str, Any],
-    calibration: Mapping[str, Any] | None,
-    progress: bool = False,
-) -> None:
-    """Build every planned layer's module with its handler, then swap them all in (an error leaves the model untouched)."""
-    items = list(plan.items())
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc="quantizing", unit="layer")
-    new = {}
-    for name, cfg in items:
-        calib = None if calibration is None else calibration.get(name)
-        if getattr(cfg, "needs_calibration", False) and calib is None:
-            raise ValueError(f"no calibration statistics for layer {name!r}")
-        new[name] = HANDLERS[type(cfg)](linears[name], cfg, calib)
-    for name, mod in new.items():
-        _set(model, name, mod)
 
 
 def quantize_(
@@ -169,15 +75,26 @@ def quantize_(
     Returns:
         ``{name: config used}`` for every replaced layer.
     """
-    linears = block_linears(model, filter_fn)
-    if not linears:
+    found = [t for t in targets(model) if filter_fn is None or filter_fn(t.name, t.module)]
+    if not found:
         if filter_fn is None:
-            raise ValueError("the decoder blocks hold no (unquantized) nn.Linear; nothing to quantize")
-        raise ValueError("no linear layer of the decoder blocks matched the filter; nothing to quantize")
-    plan = _plan(linears, config, overrides)
-    for cfg in set(plan.values()):
+            raise ConfigError("the decoder blocks hold no (unquantized) nn.Linear or Conv1D; nothing to quantize")
+        raise ConfigError("no linear layer of the decoder blocks matched the filter; nothing to quantize")
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(t.kind for t in found):
+        # linear layers by module name; other kinds (several per module) by parameter name
+        names = [t.name if kind == "linear" else f"{t.name}.{t.parameter}" for t in found if t.kind == kind]
+        by_kind[kind] = _plan(names, config, overrides)
+    for cfg in {c for p in by_kind.values() for c in p.values()}:
         if type(cfg) not in HANDLERS:
-            raise ValueError(f"no handler registered for config {type(cfg).__name__}")
+            raise ConfigError(f"no handler registered for config {type(cfg).__name__}; see ttq.registry.register_handler")
+    skipped = {k: p for k, p in by_kind.items() if k != "linear" and p}
+    for kind, p in skipped.items():  # e.g. 3-D expert tensors: no current method quantizes them
+        if any(kind not in KINDS.get(type(c), ()) for c in p.values()):
+            logger.warning("%d %s parameter(s) left unquantized: the method handles %s only", len(p), kind,
+                           ", ".join(sorted({k for c in p.values() for k in KINDS.get(type(c), ())})))
+    linears = {t.name: t.module for t in found if t.kind == "linear"}
+    plan = by_kind.get("linear", {})
     sequential = any(getattr(cfg, "sequential", False) for cfg in plan.values())
     is_tokens = isinstance(calibration, torch.Tensor)
     if sequential or is_tokens:
@@ -192,8 +109,6 @@ def quantize_(
                 "sequential calibration (sequential=True) needs calibration= the calibration token ids, a non-empty "
                 f"integer tensor (n_windows, seqlen) (see ttq.calibrate.calibration_tokens); got {got}"
             )
-        from ttq.patch.sequential import sequential_replace
-
         sequential_replace(model, linears, plan, calibration, progress=progress)
     else:
         for cfg in set(plan.values()):
@@ -212,7 +127,7 @@ def quantize_(
 
 
 def restore_(model: nn.Module, blocks_only: bool = False) -> int:
-    """Put back the original ``nn.Linear`` wherever a quantized module kept it; returns how many.
+    """Put back the original layer wherever a quantized module kept it (``.original``); returns how many.
 
     ``blocks_only`` leaves modules outside the decoder blocks (a packed LM head) as they are:
     the exact inverse of :func:`quantize_`.
@@ -223,7 +138,7 @@ def restore_(model: nn.Module, blocks_only: bool = False) -> int:
         if not name.startswith(prefix):
             continue
         orig = getattr(mod, "original", None)
-        if isinstance(orig, nn.Linear) and mod is not orig:
-            _set(model, name, orig)
+        if isinstance(orig, nn.Module) and mod is not orig:
+            set_module(model, name, getattr(orig, "source", orig))  # a Conv1D comes back as itself
             n += 1
     return n

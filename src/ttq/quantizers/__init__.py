@@ -1,0 +1,28 @@
+"""The methods: one file per method (or family) holding its config class, its handler and, where the
+default does not fit, how a table makes rows of it (:mod:`ttq.registry`).  The math they call is in
+:mod:`ttq.methods`, the modules they build in :mod:`ttq.nn`.
+
+Importing this package registers every built-in method, in the paper's row order.
+"""
+
+from ttq.quantizers.rtn import RTNConfig
+from ttq.quantizers.awq import AWQConfig
+from ttq.quantizers.gptq import GPTQConfig
+from ttq.quantizers.awp import AWPConfig
+from ttq.quantizers.ttq import TTQConfig
+from ttq.quantizers.lowrank import FACTOR_WHICH, LOWRANK_INITS, ONLINE_RULES, OnlineLowRankTTQConfig, TTQLowRankConfig
+from ttq.quantizers.prune import PruneConfig
+
+__all__ = [
+    "AWPConfig",
+    "AWQConfig",
+    "FACTOR_WHICH",
+    "GPTQConfig",
+    "LOWRANK_INITS",
+    "ONLINE_RULES",
+    "OnlineLowRankTTQConfig",
+    "PruneConfig",
+    "RTNConfig",
+    "TTQConfig",
+    "TTQLowRankConfig",
+]

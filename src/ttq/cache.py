@@ -35,9 +35,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+CACHE_ENV = "TTQ_CACHE_DIR"
 _WARNED: set[str] = set()
 _MODEL_MEMO: dict[int, tuple[tuple, str]] = {}
 _TOKENIZER_MEMO: dict[int, tuple[object, str]] = {}
+
+
+def cache_root() -> Path:
+    """ttq's cache folder: ``$TTQ_CACHE_DIR``, else ``~/.cache/ttq``.  It holds ``tokens/``, ``calib/``,
+    ``models/`` (the default model) and ``kernels/`` (C++ kernel builds); ``ttq ppl``'s result rows
+    are elsewhere (``--cache``, default ``results/cache``)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ttq")
 
 
 def digest(*parts: str | bytes, size: int = 24) -> str:

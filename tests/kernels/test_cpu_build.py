@@ -65,8 +65,8 @@ def cache_copy(tmp_path):
     name = cpu_build.build_name()
     so = cpu_build.cache_dir() / name / f"{name}.so"
     assert cpu_build.check_build(so) is None  # loading it recorded (or verified) the build
-    shutil.copytree(so.parent, tmp_path / name, ignore=shutil.ignore_patterns("lock"))
-    return tmp_path, tmp_path / name / so.name
+    shutil.copytree(so.parent, tmp_path / "kernels" / name, ignore=shutil.ignore_patterns("lock"))
+    return tmp_path, tmp_path / "kernels" / name / so.name
 
 
 def _load_in_subprocess(cache):
@@ -76,7 +76,7 @@ def _load_in_subprocess(cache):
 
     code = ("import torch; from ttq.kernels import cpu_build; cpu_build.load(strict=True); "
             "assert torch.ops.ttq_cpu.has_avx512() in (0, 1)")
-    env = dict(os.environ, **{cpu_build.CACHE_ENV: str(cache)})
+    env = dict(os.environ, **{"TTQ_CACHE_DIR": str(cache)})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
 
 

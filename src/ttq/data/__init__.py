@@ -1,14 +1,14 @@
 """Evaluation / calibration texts and their token windows."""
 
 from ttq.data.texts import CALIB_FILES, DATASETS, EVAL_FILES, check_dataset, check_disjoint, load_text, resolve_file
-from ttq.data.windows import C4_EVAL_WINDOWS, cache_dir, calibration_windows, eval_windows, tokenize
+from ttq.data.windows import C4_EVAL_WINDOWS, CalibSpec, calibration_windows, eval_windows, tokenize
 
 __all__ = [
     "C4_EVAL_WINDOWS",
     "CALIB_FILES",
     "DATASETS",
     "EVAL_FILES",
-    "cache_dir",
+    "CalibSpec",
     "calibration_windows",
     "check_dataset",
     "check_disjoint",

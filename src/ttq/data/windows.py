@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -16,15 +14,11 @@ logger = logging.getLogger(__name__)
 C4_EVAL_WINDOWS = 256  # GPTQ cuts the joined C4 validation text to 256 x seqlen tokens
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TTQ_CACHE_DIR", Path.home() / ".cache" / "ttq"))
-
-
 def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
     """Token ids (1-D int64) of ``text``, cached on disk (safetensors) by tokenizer definition and text hash."""
-    from ttq.cache import digest, load_tensors, save_tensors, tokenizer_fingerprint, writable
+    from ttq.cache import cache_root, digest, load_tensors, save_tensors, tokenizer_fingerprint, writable
 
-    folder = writable(cache_dir() / "tokens", "token") if cache else None
+    folder = writable(cache_root() / "tokens", "token") if cache else None
     path = folder / f"{digest(tokenizer_fingerprint(tokenizer), text)}.safetensors" if folder else None
     if path is not None and path.is_file():
         loaded = load_tensors(path)

@@ -41,7 +41,6 @@ CSRC = Path(__file__).parent / "csrc"
 OPS_SOURCE = CSRC / "ttq_cpu.cpp"
 BIND_SOURCE = CSRC / "ttq_bind.cpp"  # needs Python.h
 HEADERS = tuple(sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.inc")))  # included sources: part of the build name
-CACHE_ENV = "TTQ_CACHE_DIR"
 MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
 CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")
 
@@ -50,9 +49,10 @@ _state: dict = {"loaded": False, "error": None, "module": None}
 
 
 def cache_dir() -> Path:
-    """Root of the build cache (``$TTQ_CACHE_DIR`` or ``~/.cache/ttq/kernels``)."""
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "ttq", "kernels")
-    return Path(root)
+    """Root of the build cache: ``kernels/`` in ttq's cache (``$TTQ_CACHE_DIR`` or ``~/.cache/ttq``)."""
+    from ttq.cache import cache_root
+
+    return cache_root() / "kernels"
 
 
 def _cpu_fingerprint() -> str:

@@ -3,8 +3,33 @@
 Quick use::
 
     import ttq
-    model, tok = ttq.load_model("path/or/hub-id")
+    model, tok = ttq.models.load_model("path/or/hub-id")
     ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=3, group_size=32), rank=16))
+
+Glossary (one word per concept, used the same way in every module):
+
+===================  ==========================================================================
+word                 meaning
+===================  ==========================================================================
+``s``, diagonal      the per-input-channel activation diagonal ``s`` (d_in,) of ``W diag(s)``
+                     (:func:`ttq.methods.scaling.input_scale`); its hyper-parameters are a
+                     ``ScaleSpec``, held in a config's ``scale`` field (names kept for
+                     compatibility: "scale" alone never means ``s`` in new code)
+scale, zero          the per-group quantization scale and zero point of the codes (d_out, n_groups)
+codes                the integer (or codebook index) values of a quantized weight
+group, group_size    consecutive input columns sharing one scale/zero (-1: a whole row)
+format (``fmt``)     how codes map to values: int, nf4, fp4, nvfp4, mxfp4 (``QuantSpec.fmt``)
+layout               how packed codes are laid out for a kernel (``cpu_q4``, ``cpu_q4_i8``, ...)
+block                a decoder block of the model (``find_blocks``); nothing else
+lazy-batch width     GPTQ's columns updated together (``GPTQConfig.block_size``, its paper's name)
+tile                 a kernel's unit of work (the int8 activation tile of 32 columns)
+parameter            the unit of quantization: ``(module name, parameter name, tensor)``
+handler              turns a module and one of its parameters into the quantized module
+method               a registered config class + handler (:mod:`ttq.registry`)
+row                  one line of a results table: a method's config under a label
+prefill, decode      prompt mode's two phases: quantize from the prompt, then one token at a time
+real tokens          the tokens the attention mask marks as text (pads never enter ``s``)
+===================  ==========================================================================
 """
 
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict

@@ -41,15 +41,15 @@ def test_shrunk_correlation_endpoints() -> None:
     x = _acts(200, 16, 0)
     gram = x.T @ x
     c = gram / 200
-    torch.testing.assert_close(shrunk_correlation(gram, 200, 0.0), c)
+    torch.testing.assert_close(shrunk_correlation(gram, 0.0, 200), c)
     eta = torch.diagonal(c).mean()
-    torch.testing.assert_close(shrunk_correlation(gram, 200, 1.0), eta * torch.eye(16))
-    torch.testing.assert_close(shrunk_correlation(gram, 200, 0.3, diagonal=True), 0.7 * torch.diagonal(c) + 0.3 * eta)
+    torch.testing.assert_close(shrunk_correlation(gram, 1.0, 200), eta * torch.eye(16))
+    torch.testing.assert_close(shrunk_correlation(gram, 0.3, 200, diagonal=True), 0.7 * torch.diagonal(c) + 0.3 * eta)
 
 
 def test_sqrt_pair_inverts_and_survives_ill_conditioning() -> None:
     x = _acts(100, 12, 1)
-    c = shrunk_correlation(x.T @ x, 100, 0.1)
+    c = shrunk_correlation(x.T @ x, 0.1, 100)
     half, inv = sqrt_pair(c)
     torch.testing.assert_close(half @ half, c, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(half @ inv, torch.eye(12), rtol=1e-3, atol=1e-3)
@@ -83,7 +83,7 @@ def test_asvd_with_identity_is_svd(rank: int, diagonal: bool) -> None:
 @pytest.mark.parametrize("lam", [0.0, 0.1, 0.5])
 def test_asvd_minimises_the_activation_weighted_error(lam: float) -> None:
     w, x = _weight(20, 16, 3), _acts(300, 16, 4)
-    c = shrunk_correlation(x.T @ x, 300, lam)
+    c = shrunk_correlation(x.T @ x, lam, 300)
     half, _ = sqrt_pair(c)
     b, a = asvd_factors(w, 4, c)
     b0, a0 = svd_factors(w, 4)
@@ -103,13 +103,13 @@ def test_asvd_rank_zero_and_bad_input() -> None:
     with pytest.raises(ValueError, match="rank must be an integer in 0..8"):
         asvd_factors(w, 9, torch.eye(16))
     with pytest.raises(ValueError, match=r"lam must be in \[0, 1\]"):
-        shrunk_correlation(torch.eye(4), 10, 1.5)
+        shrunk_correlation(torch.eye(4), 1.5, 10)
     with pytest.raises(ValueError, match="square"):
-        shrunk_correlation(torch.ones(4, 3), 10, 0.1)
+        shrunk_correlation(torch.ones(4, 3), 0.1, 10)
     with pytest.raises(ValueError, match="at least one token"):
-        shrunk_correlation(torch.eye(4), 0, 0.1)
+        shrunk_correlation(torch.eye(4), 0.1, 0)
     with pytest.raises(ValueError, match="NaN/Inf"):
-        shrunk_correlation(torch.full((4, 4), float("nan")), 3, 0.1)
+        shrunk_correlation(torch.full((4, 4), float("nan")), 0.1, 3)
 
 
 # ---------------------------------------------------------------- alternating (eqs. 34-35)

@@ -33,16 +33,7 @@ from __future__ import annotations
 import torch
 
 from ttq.formats.affine import QuantSpec, dequantize, quantize
-
-
-def shrunk_correlation(gram: torch.Tensor, lam: float) -> torch.Tensor:
-    """``C_lam = (1 - lam) G + lam tr(G) / d I`` (eq. 13) from ``G = X X^T`` (d, d); float32."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"shrinkage lam must be in [0, 1], got {lam}")
-    g = gram.float()
-    d = g.shape[0]
-    eta = torch.diagonal(g).sum() / d
-    return (1 - lam) * g + lam * eta * torch.eye(d, dtype=g.dtype, device=g.device)
+from ttq.methods.scaling import shrunk_correlation  # noqa: F401  (eq. 13; AWP's C_lam)
 
 
 def spectral_norm(c: torch.Tensor, iters: int = 30) -> float:

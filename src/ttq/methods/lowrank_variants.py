@@ -23,7 +23,7 @@ import torch
 from ttq.formats.affine import QuantSpec, qdq
 from ttq.methods.lowrank import check_rank, residual, svd_factors
 from ttq.methods.pruning import check_sparsity, masked_qdq, prune_mask
-from ttq.methods.scaling import scaled_qdq
+from ttq.methods.scaling import scaled_qdq, shrunk_correlation  # noqa: F401  (eq. 13; the ASVD correlation)
 
 WHICH = ("A", "B", "both")
 EIG_FLOOR = 1e-6  # smallest eigenvalue of C kept, relative to the largest
@@ -32,32 +32,6 @@ EIG_FLOOR = 1e-6  # smallest eigenvalue of C kept, relative to the largest
 def check_which(which: str) -> None:
     if which not in WHICH:
         raise ValueError(f"which factor(s) must be one of {', '.join(WHICH)}, got {which!r}")
-
-
-def shrunk_correlation(gram: torch.Tensor, n_tokens: int, lam: float, diagonal: bool = False) -> torch.Tensor:
-    """``C_lam`` (eq. 13) from a Gram matrix ``X X^T``.
-
-    Args:
-        gram: (d, d) sum over tokens of ``x x^T``.
-        n_tokens: tokens in the sum (``C = gram / n_tokens``).
-        lam: shrinkage towards ``mean(diag C) I``, in [0, 1].
-        diagonal: keep only the diagonal (the statistic TTQ uses).
-    Returns:
-        (d, d) float32 correlation, or its diagonal (d,) when ``diagonal``.
-    """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"ASVD shrinkage lam must be in [0, 1], got {lam!r}")
-    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram must be a square (d, d) matrix, got shape {tuple(gram.shape)}")
-    if n_tokens <= 0:
-        raise ValueError(f"the correlation needs at least one token, got n_tokens={n_tokens}")
-    c = gram.float() / n_tokens
-    if not torch.isfinite(c).all():
-        raise ValueError("calibration Gram matrix contains NaN/Inf; cannot build the ASVD correlation")
-    eta = torch.diagonal(c).mean()
-    if diagonal:
-        return (1 - lam) * torch.diagonal(c) + lam * eta
-    return (1 - lam) * c + lam * eta * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
 
 
 def sqrt_pair(corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

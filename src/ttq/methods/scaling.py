@@ -130,3 +130,33 @@ def scaled_qdq(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tenso
     """``Q[W diag(s)] diag(s)^-1`` (eq. 20), in ``w``'s dtype."""
     codes, scale, zero = scaled_quantize(w, s, spec)
     return (dequantize(codes, scale, zero, spec.group_size, fmt=spec.fmt) / s).to(w.dtype)
+
+
+def shrunk_correlation(gram: torch.Tensor, lam: float, n_tokens: int = 1, diagonal: bool = False) -> torch.Tensor:
+    """``C_lam = (1 - lam) C + lam eta I`` (eq. 13) with ``C = gram / n_tokens`` and ``eta = tr(C) / d``.
+
+    The one shrunk correlation of the package: AWP's ``C_lam`` (eq. 18) and the ASVD correlation
+    (Appendix E) are both this.
+
+    Args:
+        gram: (d, d) sum over tokens of ``x x^T``.
+        lam: shrinkage towards ``eta I``, in [0, 1].
+        n_tokens: tokens in the sum (1: ``gram`` is already the correlation).
+        diagonal: return only the diagonal (d,) (the statistic TTQ itself uses).
+    Returns:
+        (d, d) float32 correlation, or its diagonal (d,) when ``diagonal``.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"shrinkage lam must be in [0, 1], got {lam!r}")
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be a square (d, d) matrix, got shape {tuple(gram.shape)}")
+    if n_tokens <= 0:
+        raise ValueError(f"the correlation needs at least one token, got n_tokens={n_tokens}")
+    c = gram.float() / n_tokens if n_tokens != 1 else gram.float()
+    if not torch.isfinite(c).all():
+        raise ValueError("the Gram matrix contains NaN/Inf; cannot build the shrunk correlation")
+    d = c.shape[0]
+    eta = torch.diagonal(c).sum() / d
+    if diagonal:
+        return (1 - lam) * torch.diagonal(c) + lam * eta
+    return (1 - lam) * c + lam * eta * torch.eye(d, dtype=c.dtype, device=c.device)

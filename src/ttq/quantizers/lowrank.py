@@ -118,7 +118,7 @@ def _ttq_lowrank(linear: nn.Linear, _parameter_name: str, cfg: TTQLowRankConfig,
         )
     gram = None if calib is None else calib.gram.to(w.device)
     if cfg.init == "asvd":
-        corr = shrunk_correlation(gram, calib.n_tokens, cfg.asvd_lam, cfg.asvd_diagonal)
+        corr = shrunk_correlation(gram, cfg.asvd_lam, calib.n_tokens, cfg.asvd_diagonal)
         b, a = asvd_factors(w, cfg.rank, corr)
     elif cfg.init == "alternating":
         s = None if calib is None else input_scale(calib.stats, cfg.scale).to(w.device)

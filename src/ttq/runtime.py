@@ -3,9 +3,11 @@
 ``set_mode(model, "prompt")`` makes every :class:`ttq.nn.TTQLinear` quantize
 once per prompt and decode from packed low-bit weights; ``"per_sequence"``
 (the default, the paper's evaluation) quantizes at every forward.  In prompt
-mode nothing else is needed around ``model.generate``: a forward with more
-than one token per sequence is a prefill and re-quantizes, one-token forwards
-reuse the packed weights.  A batch of prompts shares one ``s`` (the statistic
+mode each layer's :class:`ttq.nn.prompt.PromptState` runs the two steps of
+generation, ``prefill`` and ``decode``, and nothing else is needed around
+``model.generate``: a forward with more than one token per sequence is a
+prefill and re-quantizes, one-token forwards are decode steps that reuse the
+packed weights.  A batch of prompts shares one ``s`` (the statistic
 covers all their real tokens: positions the ``attention_mask`` marks as padding are left out,
 :mod:`ttq.patch.tokens`).  A one-token prompt
 after another prompt looks like a decode step: call :func:`reset` first.
@@ -70,18 +72,18 @@ def reset(model: nn.Module) -> None:
 
 def quantization_seconds(model: nn.Module) -> float:
     """Total wall time the TTQ layers spent quantizing in prompt mode since their last reset."""
-    return sum(m.quant_seconds for m in ttq_layers(model))
+    return sum(m.prompt.seconds for m in ttq_layers(model))
 
 
 def packed_bytes(model: nn.Module) -> int:
     """Bytes of packed codes + scales + zeros currently held (prompt mode)."""
-    return sum(m.packed.nbytes() for m in ttq_layers(model) if m.packed is not None)
+    return sum(m.prompt.packed.nbytes() for m in ttq_layers(model) if m.prompt.packed is not None)
 
 
 def packed_layouts(model: nn.Module) -> dict[str, int]:
     """How many TTQ layers currently hold packed weights in each layout (prompt mode), e.g. ``{"cpu_q4": 210}``;
     ``u8`` is the reference path (no kernel fits, or ``TTQ_DISABLE_KERNELS=1``)."""
-    return dict(Counter(m.packed.layout for m in ttq_layers(model) if m.packed is not None))
+    return dict(Counter(m.prompt.packed.layout for m in ttq_layers(model) if m.prompt.packed is not None))
 
 
 def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:

@@ -129,3 +129,90 @@ def test_packed_weight_bytes():
     w, s = _case(d_out=8, d_in=64)
     p = reference_pack(w, s, QuantSpec(bits=4, group_size=32))
     assert p.nbytes() == 8 * 64 + 2 * 8 * 2 * 4 and p.n_groups == 2
+
+
+# ---------------------------------------------------------------- pack_linear / PackedLinear
+
+
+def _cpu_layouts() -> list[str]:
+    return ["u8"] + (["cpu_q4", "cpu_q3"] if cpu_build.load() else [])
+
+
+@pytest.mark.parametrize("layout", _cpu_layouts())
+@pytest.mark.parametrize("rank", [0, 3])
+def test_pack_linear_equals_pack_ttq_and_packed_linear(layout, rank):
+    """One call packs the residual and binds its product: the same codes as pack_ttq, the same outputs as
+    packed_linear (bit for bit; the bound decoder included)."""
+    w, s = _case(d_out=24, d_in=64, seed=3)
+    b, a = svd_factors(w, rank)
+    bias = torch.randn(24)
+    spec = QuantSpec(bits=int(layout[-1]) if layout != "u8" else 4, group_size=32)
+    lin = api.pack_linear(w - b @ a, s, spec, bias, b.contiguous(), a.contiguous(), layout=layout)
+    assert isinstance(lin, api.PackedLinear) and lin.packed.layout == layout and lin.reference_weight is None
+    assert (lin.decoder is not None) == (layout != "u8")
+    assert torch.equal(unpack(lin.packed)[0], unpack(pack_ttq(w - b @ a, s, spec, layout=layout))[0])
+    for x in (torch.randn(1, 1, 64), torch.randn(2, 5, 64), torch.randn(64)):
+        assert torch.equal(lin(x), packed_linear(x, lin.packed, s, bias, lin.b, lin.a))
+    with pytest.raises(ValueError, match="expects 64"):
+        lin(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="bias"):
+        api.pack_linear(w, s, spec, torch.zeros(3), layout=layout)
+
+
+def test_pack_linear_crosses_the_kernel_layer_once(monkeypatch):
+    """Layout selection, kernel lookup, packing and decoder binding happen once per call."""
+    calls = {"get_kernel": 0, "decoder": 0}
+    real = api.get_kernel
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getattr__(self, name):
+            return getattr(self.kernel, name)
+
+        def decoder(self, *args):
+            calls["decoder"] += 1
+            return getattr(self.kernel, "decoder", lambda *a: None)(*args)
+
+    def get_kernel(layout, device_type):
+        calls["get_kernel"] += 1
+        return Counted(real(layout, device_type))
+
+    monkeypatch.setattr(api, "get_kernel", get_kernel)
+    w, s = _case()
+    lin = api.pack_linear(w, s, QuantSpec(bits=4, group_size=32))
+    assert calls == {"get_kernel": 1, "decoder": 1}
+    lin(torch.randn(3, 64))
+    assert calls == {"get_kernel": 1, "decoder": 1}  # the product: no lookup per call
+    api.pack_linear(w, s, QuantSpec(bits=4, group_size=32), decoder=False)
+    assert calls == {"get_kernel": 2, "decoder": 1}
+
+
+def test_pack_linear_reference_option():
+    w, s = _case(seed=4)
+    bias = torch.randn(24)
+    lin = api.pack_linear(w, s, QuantSpec(bits=3, group_size=16), bias, reference=True)
+    assert lin.decoder is None and torch.equal(lin.reference_weight, dequantize_packed(lin.packed))
+    x = torch.randn(2, 1, 64)
+    assert torch.equal(lin(x), reference_linear(x, lin.packed, s, bias))
+
+
+@pytest.mark.parametrize("layout", _cpu_layouts())
+def test_packed_linear_copies_rebind_to_their_own_tensors(layout):
+    import copy
+    import pickle
+
+    w, s = _case(seed=5)
+    spec = QuantSpec(bits=int(layout[-1]) if layout != "u8" else 4, group_size=32)
+    lin = api.pack_linear(w, s, spec, torch.randn(24), layout=layout)
+    x = torch.randn(1, 1, 64)
+    before = lin(x)
+    for other in (copy.deepcopy(lin), pickle.loads(pickle.dumps(lin))):
+        assert other.packed.qweight is not lin.packed.qweight and other.kernel is lin.kernel
+        assert (other.decoder is None) == (lin.decoder is None)
+        if lin.decoder is not None:
+            assert other.decoder is not lin.decoder
+        assert torch.equal(other(x), before)
+        other.packed.qweight.zero_()  # the copy's decoder reads the copy's codes, not the original's
+        assert not torch.equal(other(x), before) and torch.equal(lin(x), before)

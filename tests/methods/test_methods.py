@@ -11,8 +11,8 @@ from ttq.formats.affine import QuantSpec, qdq
 from ttq.methods.awq import DEFAULT_ALPHAS, awq_apply, awq_search, output_error
 from ttq.methods.lowrank import check_rank, residual, svd_factors
 from ttq.methods.rtn import rtn
-from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq
-from ttq.methods.ttq import ttq_qdq
+from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq, scaled_quantize
+from ttq.methods.ttq import ttq_linear, ttq_qdq, ttq_quantize, ttq_scale
 from ttq.nn.linear import TTQLinear
 
 
@@ -258,6 +258,47 @@ def test_ttq_linear_matches_ttq_qdq(rank: int, alpha: float) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     if rank == 0 and alpha == 0.0:
         torch.testing.assert_close(got, F.linear(x, rtn(lin.weight.detach(), spec), lin.bias), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ttq_linear_is_the_modules_forward(rank: int, dtype: torch.dtype) -> None:
+    """One copy of the math: TTQLinear and LowRankTTQLinear compute exactly ttq_linear for one sequence."""
+    from ttq.nn.lowrank_linear import LowRankTTQLinear
+
+    lin = nn.Linear(48, 24, bias=True).to(dtype)
+    spec, sc = QuantSpec(3, 16), ScaleSpec()
+    x = _skewed_acts(9, 48, 13)[None].to(dtype)  # (1, T, d)
+    b, a = svd_factors(lin.weight.detach(), rank)
+    s = ttq_scale(x, sc)
+    mod = TTQLinear(lin, spec, sc, rank)  # keeps its factors in the weight's dtype
+    b_mod, a_mod = mod.lr_b, mod.lr_a
+    with torch.no_grad():
+        want = ttq_linear(x, residual(lin.weight.detach(), b_mod.float(), a_mod.float()), b_mod, a_mod, s, spec,
+                          lin.bias)
+        assert torch.equal(mod(x), want)
+        got = LowRankTTQLinear(lin, spec, sc, b, a)(x)
+        assert torch.equal(got, ttq_linear(x, residual(lin.weight.detach(), b, a), b, a, s, spec, lin.bias))
+    if dtype == torch.float32:  # the effective weight of ttq_qdq gives the same output up to rounding
+        torch.testing.assert_close(got, F.linear(x, ttq_qdq(lin.weight.detach(), x, spec, sc, b, a), lin.bias),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_ttq_scale_and_quantize() -> None:
+    w, x = _weight(24, 48, 14), _skewed_acts(12, 48, 14)
+    spec, sc = QuantSpec(4, 16), ScaleSpec(0.5, 0.4, 1.0, "norm")
+    s = ttq_scale(x, sc)
+    assert torch.equal(s, input_scale(ChannelStats.from_activations(x, 1.0), sc))
+    assert torch.equal(ttq_scale(ChannelStats.from_activations(x, 1.0), sc), s)
+    for got, want in zip(ttq_quantize(w, s, spec), scaled_quantize(w, s, spec)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="scale has shape"):
+        ttq_quantize(w, s[:-1], spec)
+    bad = w.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        ttq_quantize(bad, s, spec)
+    ttq_quantize(bad, s, spec, check=False)  # layers checked their weight once already
 
 
 def test_ttq_linear_quantizes_each_sequence_separately() -> None:

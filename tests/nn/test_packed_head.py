@@ -66,3 +66,18 @@ def test_restore_blocks_only_keeps_the_head(stories_model):
     assert ttq.restore_(stories_model, blocks_only=True) == n
     assert isinstance(stories_model.get_output_embeddings(), PackedHeadLinear)
     assert ttq.restore_(stories_model) == 1
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_head_binds_once_and_equals_packed_linear(bits):
+    """The head holds one bound PackedLinear; its output is packed_linear's, bit for bit, for decode- and
+    prefill-shaped inputs (the bound one-token decoder included)."""
+    from ttq.kernels.api import PackedLinear, packed_linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 40)
+    head = PackedHeadLinear(lin, QuantSpec(bits=bits, group_size=32))
+    assert isinstance(head.linear, PackedLinear) and head.packed is head.linear.packed
+    with torch.no_grad():
+        for x in (torch.randn(1, 1, 64), torch.randn(2, 1, 64), torch.randn(1, 9, 64)):
+            assert torch.equal(head(x), packed_linear(x, head.packed, head.ones, lin.bias))

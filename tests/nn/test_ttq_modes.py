@@ -29,7 +29,7 @@ def test_prompt_mode_greedy_equals_reference(stories_model, bits, rank):
     ids = torch.tensor([PROMPT])
     runtime.set_mode(model, "prompt")
     fast = _generate(model, ids)
-    layouts = {m.packed.layout for m in runtime.ttq_layers(model)}
+    layouts = {m.prompt.packed.layout for m in runtime.ttq_layers(model)}
     runtime.set_mode(model, "prompt", reference=True)  # same packed weights, dequantize-then-matmul
     slow = _generate(model, ids)
     assert torch.equal(fast, slow)
@@ -46,11 +46,11 @@ def test_prompt_mode_quantizes_once_per_prompt(stories_model):
     assert n == 35
     layer = runtime.ttq_layers(model)[0]
     _generate(model, torch.tensor([PROMPT]), n=6)
-    assert layer.n_quantizations == 1  # prefill only; 5 decode steps reuse the packed weights
-    first = layer.prompt_scale.clone()
+    assert layer.prompt.n_quantizations == 1  # prefill only; 5 decode steps reuse the packed weights
+    first = layer.prompt.s.clone()
     _generate(model, torch.tensor([PROMPT[:5]]), n=3)  # a new prompt: new prefill re-quantizes
-    assert layer.n_quantizations == 2
-    assert not torch.equal(first, layer.prompt_scale)
+    assert layer.prompt.n_quantizations == 2
+    assert not torch.equal(first, layer.prompt.s)
     assert runtime.quantization_seconds(model) > 0
     assert runtime.packed_bytes(model) > 0
 
@@ -84,8 +84,8 @@ def test_refresh_every_requantizes(stories_model):
     runtime.set_mode(model, "prompt", refresh_every=4)
     layer = runtime.ttq_layers(model)[3]
     _generate(model, torch.tensor([PROMPT]), n=10)  # 1 prefill + 9 decode steps -> refreshes after 4 and 8
-    assert layer.n_quantizations == 3
-    assert layer._stats.n_tokens == len(PROMPT) + 9
+    assert layer.prompt.n_quantizations == 3
+    assert layer.prompt.stats.n_tokens == len(PROMPT) + 9
 
 
 def test_batch_of_prompts_shares_one_scale(stories_model):
@@ -105,7 +105,7 @@ def test_batch_of_prompts_shares_one_scale(stories_model):
     from ttq.methods.scaling import ChannelStats, input_scale
 
     want = input_scale(ChannelStats.from_activations(captured["x"], layer.scale_spec.p), layer.scale_spec)
-    assert torch.equal(layer.prompt_scale, want)  # statistic over both sequences' tokens
+    assert torch.equal(layer.prompt.s, want)  # statistic over both sequences' tokens
     out = _generate(model, batch, n=4)
     assert out.shape == (2, len(PROMPT) + 4)
 
@@ -149,30 +149,33 @@ def test_decode_fast_path_equals_kernel_linear(layout, rank):
     layer.set_mode("prompt", PromptOptions(layout=layout))
     with torch.no_grad():
         layer(torch.randn(2, 7, 96))  # prefill: quantize and bind
-        assert layer._decode is not None and layer.packed.layout == layout
-        b, a = layer._lowrank()
+        lin = layer.prompt.linear
+        assert lin.decoder is not None and layer.prompt.packed.layout == layout
+        b, a = lin.b, lin.a
         for x in (torch.randn(2, 1, 96), torch.randn(96), torch.randn(1, 1, 96).bfloat16()):
-            want = layer._kernel.linear(x, layer.packed, layer.prompt_scale, layer.bias, b, a)
+            want = lin.kernel.linear(x, lin.packed, lin.s, layer.bias, b, a)
             got = layer(x)
             assert got.shape == want.shape and got.dtype == x.dtype
             assert torch.equal(got, want)
-        assert layer.n_quantizations == 1
+        assert layer.prompt.n_quantizations == 1
         with pytest.raises(ValueError, match="expects 96"):
             layer(torch.randn(1, 1, 48))
     layer.set_mode("prompt", PromptOptions(layout=layout, reference=True))
     with torch.no_grad():
         layer(torch.randn(2, 7, 96))
-        assert layer.packed is not None and layer._decode is None  # the reference option never binds the fast path
+        lin = layer.prompt.linear
+        assert lin.packed is not None and lin.decoder is None  # the reference option never binds the fast path
         # the oracle dequantizes once per quantization and decodes exactly as a fresh dequantization would
         from ttq.kernels.reference import dequantize_packed, reference_linear
 
-        assert torch.equal(layer._ref_weight, dequantize_packed(layer.packed))
+        assert torch.equal(lin.reference_weight, dequantize_packed(lin.packed))
         x = torch.randn(2, 1, 96)
-        assert torch.equal(layer(x), reference_linear(x, layer.packed, layer.prompt_scale, layer.bias, *layer._lowrank()))
+        assert torch.equal(layer(x), reference_linear(x, lin.packed, lin.s, layer.bias, lin.b, lin.a))
         layer(torch.randn(1, 4, 96) * 3)  # a new prompt re-quantizes: the kept weight follows
-        assert torch.equal(layer._ref_weight, dequantize_packed(layer.packed))
+        lin = layer.prompt.linear
+        assert torch.equal(lin.reference_weight, dequantize_packed(lin.packed))
         with pytest.raises(ValueError, match="pass dequantize_packed"):  # a weight of another shape is refused
-            reference_linear(x, layer.packed, layer.prompt_scale, weight=layer._ref_weight[:, :48])
+            reference_linear(x, lin.packed, lin.s, weight=lin.reference_weight[:, :48])
 
 
 def test_half_params_option(monkeypatch):
@@ -192,19 +195,19 @@ def test_half_params_option(monkeypatch):
             layer = TTQLinear(lin, ttq.QuantSpec(bits=bits, group_size=32), ttq.ScaleSpec())
             layer.set_mode("prompt", PromptOptions(half_params=half))
             layer(x)
-            assert layer.packed.scale.dtype == want and layer.packed.zero.dtype == want
+            assert layer.prompt.packed.scale.dtype == want and layer.prompt.packed.zero.dtype == want
             fast = layer(x1)
             layer.set_mode("prompt", PromptOptions(half_params=half, reference=True))
             layer(x)
-            assert layer.packed.scale.dtype == want
+            assert layer.prompt.packed.scale.dtype == want
             torch.testing.assert_close(fast, layer(x1), rtol=1e-5, atol=1e-5)  # oracle on the same stored values
         monkeypatch.setenv("TTQ_HALF_PARAMS", "0")
         layer = TTQLinear(lin, ttq.QuantSpec(bits=4, group_size=32), ttq.ScaleSpec())
         layer.set_mode("prompt", PromptOptions(half_params=True))  # env says 0: the option wins
         layer(x)
-        first = layer.packed
+        first = layer.prompt.packed
         layer(x * 2)  # a new prompt re-packs into the same float16 tensors
-        assert layer.packed.scale is first.scale and first.scale.dtype == torch.float16
+        assert layer.prompt.packed.scale is first.scale and first.scale.dtype == torch.float16
     with pytest.raises(ValueError, match="half_params must be"):
         PromptOptions(half_params=1)
 
@@ -240,9 +243,10 @@ def test_copies_and_pickles_decode_from_their_own_packed_weights(tmp_path):
         torch.save(layer, tmp_path / "layer.pt")
         loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
         for other in (twin, loaded):
-            assert other._decode is not None and other._decode is not layer._decode
+            assert other.prompt.linear.decoder is not None
+            assert other.prompt.linear.decoder is not layer.prompt.linear.decoder
             assert torch.equal(other(x), before)
         layer(torch.randn(1, 6, 96) * 5 + 1)  # the original re-quantizes in place (same buffers)
         assert not torch.equal(layer(x), before)
         assert torch.equal(twin(x), before) and torch.equal(loaded(x), before)
-        assert twin.n_quantizations == loaded.n_quantizations == 1
+        assert twin.prompt.n_quantizations == loaded.prompt.n_quantizations == 1

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ttq.threads import single_threaded_below
 from ttq.typecheck import check_types
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -157,12 +158,13 @@ def _grouped(w: torch.Tensor, g: int) -> torch.Tensor:
     return w.reshape(d_out, -1, g)
 
 
-def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(w: torch.Tensor, spec: QuantSpec, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero-point per group.
 
     Args:
         w: weights (d_out, d_in), any float dtype (math in float32).
         spec: the format.
+        check: refuse NaN/Inf weights (one pass over ``w``; callers that checked it already pass False).
     Returns:
         (scale, zero), each float32 of shape (d_out, n_groups).  A constant
         group gets scale 0 and zero = its value (dequantizes exactly).
@@ -172,7 +174,8 @@ def group_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
         return scale, torch.zeros_like(scale)
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
-    check_finite(w, "weight")
+    if check:
+        check_finite(w, "weight")
     g = effective_group_size(w.shape[1], spec.group_size)
     wg = _grouped(w.float(), g)  # (d_out, n_groups, g)
     wmax, wmin = wg.amax(dim=-1), wg.amin(dim=-1)  # (d_out, n_groups)
@@ -193,7 +196,8 @@ def expand_groups(p: torch.Tensor, d_in: int, group_size: int) -> torch.Tensor:
 
 
 def quantize(
-    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None
+    w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes of ``w`` (eq. 6).
 
@@ -201,19 +205,27 @@ def quantize(
         w: (d_out, d_in) weights.
         spec: the format.
         scale, zero: optional precomputed (d_out, n_groups) parameters.
+        check: refuse NaN/Inf weights (integer format; the codebook formats always check).
     Returns:
         codes uint8 (d_out, d_in) in [0, 2^q - 1], scale and zero float32 (d_out, n_groups).
     """
     if spec.fmt != "int":
         codes, scale = _codebook_format(spec.fmt)[1](w, spec, scale)
         return codes, scale, torch.zeros_like(scale) if zero is None else zero
-    if scale is None or zero is None:
-        scale, zero = group_params(w, spec)
-    d_in = w.shape[1]
-    s = expand_groups(scale, d_in, spec.group_size)
-    z = expand_groups(zero, d_in, spec.group_size)
-    safe = torch.where(s > 0, s, torch.ones_like(s))  # zero range: code 0 -> W_hat = Z exactly
-    codes = torch.round((w.float() - z) / safe).clamp_(0, spec.qmax).to(torch.uint8)
+    if scale is None and zero is None:
+        from ttq.kernels.cpu_codes import quantize_codes  # imported here: ttq.kernels imports this module
+
+        fused = quantize_codes(w, spec)  # one compiled pass on CPU (see ttq.threads); None: not applicable
+        if fused is not None:
+            return fused
+    with single_threaded_below(w.numel()):  # ~10 short ops: no parallel regions next to busy processes
+        if scale is None or zero is None:
+            scale, zero = group_params(w, spec, check)
+        d_in = w.shape[1]
+        s = expand_groups(scale, d_in, spec.group_size)
+        z = expand_groups(zero, d_in, spec.group_size)
+        safe = torch.where(s > 0, s, torch.ones_like(s))  # zero range: code 0 -> W_hat = Z exactly
+        codes = torch.round((w.float() - z) / safe).clamp_(0, spec.qmax).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -231,10 +243,16 @@ def dequantize(
         if fmt not in FORMATS:
             raise ValueError(f"unknown quantization format {fmt!r}; allowed: {', '.join(FORMATS)}")
         return _codebook_format(fmt)[2](codes, scale, group_size).to(dtype)
-    d_in = codes.shape[1]
-    s = expand_groups(scale, d_in, group_size)
-    z = expand_groups(zero, d_in, group_size)
-    return (codes.float() * s + z).to(dtype)
+    from ttq.kernels.cpu_codes import dequantize_codes
+
+    w = dequantize_codes(codes, scale, zero, group_size)  # one compiled pass on CPU; None: not applicable
+    if w is not None:
+        return w.to(dtype)
+    with single_threaded_below(codes.numel()):
+        d_in = codes.shape[1]
+        s = expand_groups(scale, d_in, group_size)
+        z = expand_groups(zero, d_in, group_size)
+        return (codes.float() * s + z).to(dtype)
 
 
 def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

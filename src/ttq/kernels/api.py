@@ -4,11 +4,15 @@ TTQ paper, Section 2 (eq. 3) and Appendix H: the prompt's statistic ``s`` (the
 diagonal ``D^{1/2}``) quantizes ``(W - B A) diag(s)`` once, and every decode step
 computes ``y = deq(Wq) (x / s) + B (A x) + bias`` from packed low-bit codes.
 
-Two functions are the whole public surface; every kernel sits behind them:
+Three functions are the whole public surface; every kernel sits behind them:
 
 * :func:`pack_ttq` -- codes of ``(W - B A) diag(s)`` (groupwise affine, see
   :mod:`ttq.formats.affine`), packed into a named layout in one pass;
-* :func:`packed_linear` -- ``y = deq(packed) @ (x / s) + B (A x) + bias``.
+* :func:`packed_linear` -- ``y = deq(packed) @ (x / s) + B (A x) + bias``;
+* :func:`pack_linear` -- both at once for callers that run one packed weight many
+  times (prompt mode, :mod:`ttq.nn.prompt`; the packed LM head): it packs once and
+  returns a :class:`PackedLinear`, the packed weight with its kernel and its product's
+  arguments bound (plus the kernel's one-token ``decoder`` when it has one), ``y = lin(x)``.
 
 Layouts (one vocabulary; ``d_out, d_in = shape``, ``n_groups = ceil(d_in / g)``
 with ``g`` the effective group size, ``group_size = -1`` meaning per output row):
@@ -134,7 +138,8 @@ class Kernel(Protocol):
     # Optional: a true ``half_params`` attribute: pack / pack_into accept ``half_params`` (float16
     # scale / zero, see :func:`pack_ttq`).
     # Optional: ``decoder(packed, s, bias, b, a) -> Callable | None`` returns ``x -> linear(x, packed,
-    # s, bias, b, a)`` with the arguments bound once (prompt mode's per-token fast path), or None.
+    # s, bias, b, a)`` with the arguments bound once (prompt mode's per-token fast path; the bound
+    # function returns None for inputs it does not take), or None; :func:`pack_linear` binds it.
 
     def linear(
         self,
@@ -326,6 +331,14 @@ def pack_ttq(
         a :class:`PackedWeight`.
     """
     s = _check_ttq_args(w, s, b, a)
+    return _pack(w, s, spec, b, a, layout, strict, out, half_params)[0]
+
+
+def _pack(
+    w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b: torch.Tensor | None, a: torch.Tensor | None,
+    layout: str | None, strict: bool, out: PackedWeight | None, half_params: bool | None,
+) -> tuple[PackedWeight, Kernel]:
+    """:func:`pack_ttq` on checked arguments (s float32 (d_in,)); also returns the layout's kernel."""
     if half_params is not None and not isinstance(half_params, bool):
         raise ValueError(f"half_params must be True, False or None, got {half_params!r}")
     name = select_layout(spec, tuple(w.shape), w.device.type, w.dtype, layout, strict)
@@ -339,8 +352,107 @@ def pack_ttq(
     reuse = (out is not None and out.layout == name and out.shape == tuple(w.shape) and out.bits == spec.bits
              and out.group_size == spec.group_size and out.device == w.device and hasattr(kernel, "pack_into"))
     if reuse:
-        return kernel.pack_into(out, w, s, spec, b, a, **kw)
-    return kernel.pack(w, s, spec, b, a, **kw)
+        return kernel.pack_into(out, w, s, spec, b, a, **kw), kernel
+    return kernel.pack(w, s, spec, b, a, **kw), kernel
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLinear:
+    """A packed weight bound to its kernel and to the other arguments of its product.
+
+    ``lin(x)`` is ``y = deq(packed) @ (x / s) + B (A x) + bias`` for x (..., d_in) -> (..., d_out) in
+    x's dtype, exactly :func:`packed_linear` of the same arguments (no per-call kernel lookup).
+    Built by :func:`pack_linear`.  Copies and pickles rebind the ``decoder`` to their own tensors.
+
+    Args:
+        packed: the packed weight; kernel: its layout's kernel (:func:`get_kernel`).
+        s: float32 (d_in,) scale used when packing; bias: (d_out,) or None.
+        b, a: low-rank factors (d_out, r), (r, d_in) added by the product, contiguous float32, or None.
+        decoder: the kernel's bound product (its optional ``decoder``): returns y for the inputs it takes
+            (one token per sequence) and None for any other; None when the kernel has none or it was not asked for.
+        reference_weight: ``dequantize_packed(packed)`` when the product is the plain dequantize-then-matmul
+            oracle (:func:`ttq.kernels.reference.reference_linear`) on these packed weights; else None.
+    """
+
+    packed: PackedWeight
+    kernel: Kernel
+    s: torch.Tensor
+    bias: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    decoder: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    reference_weight: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decoder is not None:
+            y = self.decoder(x)  # None for inputs it does not take (prefill-sized, other devices)
+            if y is not None:
+                return y
+        d_in = self.packed.shape[1]
+        if x.shape[-1] != d_in:
+            raise ValueError(f"input has {x.shape[-1]} features, packed weight expects {d_in} "
+                             f"(shape {self.packed.shape})")
+        if self.reference_weight is not None:
+            from ttq.kernels.reference import reference_linear
+
+            return reference_linear(x, self.packed, self.s, self.bias, self.b, self.a, weight=self.reference_weight)
+        return self.kernel.linear(x, self.packed, self.s, self.bias, self.b, self.a)
+
+    def __reduce__(self):  # the bound decoder holds this object's tensors: a copy binds its own
+        return _bind, (self.packed, self.s, self.bias, self.b, self.a, self.decoder is not None,
+                       self.reference_weight is not None)
+
+
+def _bind(
+    packed: PackedWeight, s: torch.Tensor, bias: torch.Tensor | None, b: torch.Tensor | None,
+    a: torch.Tensor | None, decoder: bool, reference: bool, kernel: Kernel | None = None,
+) -> PackedLinear:
+    """:class:`PackedLinear` of ``packed`` (its kernel looked up unless given)."""
+    kernel = kernel if kernel is not None else get_kernel(packed.layout, packed.device.type)
+    ref = None
+    if reference:
+        from ttq.kernels.reference import dequantize_packed
+
+        ref = dequantize_packed(packed)  # (d_out, d_in) float32, once per packing
+    bind = getattr(kernel, "decoder", None) if decoder and not reference else None
+    dec = bind(packed, s, bias, b, a) if bind is not None else None
+    return PackedLinear(packed, kernel, s, bias, b, a, dec, ref)
+
+
+def pack_linear(
+    w_res: torch.Tensor,
+    s: torch.Tensor,
+    spec: QuantSpec,
+    bias: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    layout: str | None = None,
+    strict: bool = False,
+    out: PackedWeight | None = None,
+    half_params: bool | None = None,
+    decoder: bool = True,
+    reference: bool = False,
+) -> PackedLinear:
+    """Pack ``w_res diag(s)`` and bind its product: one crossing of the kernel layer per packing.
+
+    Args:
+        w_res: the weight to quantize (d_out, d_in): ``W`` when r = 0, else the residual ``W - B A``
+            already subtracted (a layer caches it).
+        s: (d_in,) positive scale; spec: the format.
+        bias: (d_out,) or None; b, a: low-rank factors (d_out, r), (r, d_in) that the product adds back
+            (``B (A x)``), contiguous float32 (else kernels copy them every call), or None.
+        layout, strict, out, half_params: as for :func:`pack_ttq`.
+        decoder: bind the kernel's one-token ``decoder`` too (prompt mode's decode steps).
+        reference: the product is the dequantize-then-matmul oracle on the packed weights (its weight
+            dequantized once here); no decoder.
+    Returns:
+        a :class:`PackedLinear`.
+    """
+    s = _check_ttq_args(w_res, s, b, a)
+    if bias is not None and bias.shape != (w_res.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({w_res.shape[0]},)")
+    packed, kernel = _pack(w_res, s, spec, None, None, layout, strict, out, half_params)
+    return _bind(packed, s, bias, b, a, decoder, reference, kernel)
 
 
 def packed_linear(

@@ -2,16 +2,81 @@
 diagonal scale comes from the current forward pass's own tokens.
 
 ``W_hat(X) = B A + Q[(W - B A) diag(s(X))] diag(s(X))^-1`` with ``s`` from
-:func:`ttq.methods.scaling.input_scale`; r = 0 drops the low-rank part.
+:func:`ttq.methods.scaling.input_scale`; r = 0 drops the low-rank part.  A layer
+computes it without forming ``W_hat``::
+
+    y = F.linear(x / s, deq(Q[(W - B A) diag(s)])) + (x A^T) B^T + bias
+
+This module is the one copy of that math; every TTQ layer (:class:`ttq.nn.linear.TTQLinear`,
+:mod:`ttq.nn.lowrank_linear`) calls :func:`ttq_linear`:
+
+* :func:`ttq_scale` -- ``s`` (d_in,) from activations or a :class:`ChannelStats`;
+* :func:`ttq_quantize` -- codes, scale, zero of ``(W - B A) diag(s)``;
+* :func:`ttq_linear` -- the layer output ``y`` for one sequence;
+* :func:`ttq_qdq` -- the effective weight ``W_hat`` (d_out, d_in), for analysis and tests.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ttq.formats.affine import QuantSpec
+from ttq.formats.affine import QuantSpec, dequantize, quantize
 from ttq.methods.lowrank import residual
-from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_qdq
+from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale
+
+
+def ttq_scale(x: torch.Tensor | ChannelStats, scale: ScaleSpec) -> torch.Tensor:
+    """``s`` (d_in,) float32 for activations ``x`` (..., d_in; every leading dim is a token) or their statistic."""
+    stats = x if isinstance(x, ChannelStats) else ChannelStats.from_activations(x, scale.p)
+    return input_scale(stats, scale)
+
+
+def ttq_quantize(
+    w_res: torch.Tensor, s: torch.Tensor, spec: QuantSpec, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes uint8 (d_out, d_in), scale and zero (d_out, n_groups) of ``(W - B A) diag(s)``.
+
+    Args:
+        w_res: the residual ``W - B A`` (d_out, d_in) (W itself when r = 0).
+        s: (d_in,) positive finite scale.
+        spec: the format.
+        check: refuse a non-finite ``w_res * s`` (one pass over the weight); layers that checked
+            their weight once pass False (a finite weight times a finite scale stays finite).
+    """
+    if s.shape != (w_res.shape[1],):
+        raise ValueError(f"scale has shape {tuple(s.shape)}, expected ({w_res.shape[1]},) for weight {tuple(w_res.shape)}")
+    return quantize(w_res.float() * s, spec, check=check)  # (d_out, d_in) * (d_in,)
+
+
+def ttq_linear(
+    x: torch.Tensor,
+    w_res: torch.Tensor,
+    b: torch.Tensor | None,
+    a: torch.Tensor | None,
+    s: torch.Tensor,
+    spec: QuantSpec,
+    bias: torch.Tensor | None,
+    check: bool = True,
+) -> torch.Tensor:
+    """``y = F.linear(x / s, deq(Q[w_res diag(s)])) + (x A^T) B^T + bias`` for one sequence.
+
+    Args:
+        x: (..., d_in) activations, any float dtype (the product runs in x's dtype).
+        w_res: the residual ``W - B A`` (d_out, d_in), float32.
+        b, a: low-rank factors (d_out, r), (r, d_in), or None (r = 0).
+        s: (d_in,) scale of this sequence (:func:`ttq_scale`).
+        spec: the format; bias: (d_out,) or None.
+        check: as in :func:`ttq_quantize`.
+    Returns:
+        (..., d_out) in x's dtype.
+    """
+    codes, sc, zero = ttq_quantize(w_res, s, spec, check)
+    w_q = dequantize(codes, sc, zero, spec.group_size, fmt=spec.fmt).to(x.dtype)  # (d_out, d_in)
+    y = F.linear(x / s.to(x.dtype), w_q, bias)
+    if b is not None and b.shape[1]:
+        y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # (..., d_in) -> (..., r) -> (..., d_out)
+    return y
 
 
 def ttq_qdq(
@@ -30,9 +95,10 @@ def ttq_qdq(
         spec, scale: format and diagonal-statistic hyper-parameters.
         b, a: optional static low-rank factors (d_out, r), (r, d_in).
     Returns:
-        The effective weight ``B A + W_q`` (d_out, d_in) in float32.
+        The effective weight ``B A + Q[(W - B A) diag(s)] diag(s)^-1`` (d_out, d_in) in float32.
     """
-    s = input_scale(ChannelStats.from_activations(x, scale.p), scale)
-    if b is None or b.shape[1] == 0:
-        return scaled_qdq(w.float(), s, spec)
-    return scaled_qdq(residual(w, b, a), s, spec) + b @ a
+    s = ttq_scale(x, scale)
+    lowrank = b is not None and b.shape[1] > 0
+    codes, sc, zero = ttq_quantize(residual(w, b, a) if lowrank else w.float(), s, spec)
+    w_hat = dequantize(codes, sc, zero, spec.group_size, fmt=spec.fmt) / s  # (d_out, d_in)
+    return w_hat + b @ a if lowrank else w_hat

@@ -8,62 +8,35 @@
 
   - ``"per_sequence"`` (default; the paper's evaluation): every forward
     computes ``s`` from its own tokens, one quantization per sequence of the batch;
-  - ``"prompt"`` (generation, TTQ paper Section 2 eq. 3 and Appendix H): a
-    forward with more than one token per sequence (the prefill) computes ``s``
-    from all its tokens -- a batch of prompts shares one ``s`` -- and packs
-    ``(W - B A) diag(s)`` once (:func:`ttq.kernels.api.pack_ttq`); one-token
-    forwards (decode steps with a KV cache) reuse the packed weights through
-    :func:`ttq.kernels.api.packed_linear`.  The next prefill re-quantizes.
-    ``refresh_every = N`` re-quantizes every N decode steps from the running
-    statistic of the prompt and the generated tokens.  Set it on a whole model
-    with :func:`ttq.runtime.set_mode`.
+  - ``"prompt"`` (generation, TTQ paper Section 2 eq. 3 and Appendix H): the
+    layer's :class:`ttq.nn.prompt.PromptState` runs a prefill (more than one
+    token per sequence: ``s`` from all its real tokens -- a batch of prompts
+    shares one ``s`` -- and ``(W - B A) diag(s)`` packed once) or a decode step
+    (one token per sequence, with a KV cache: the packed weights).  The next
+    prefill re-quantizes; ``refresh_every = N`` re-quantizes every N decode
+    steps from the running statistic of the prompt and the generated tokens.
+    Set it on a whole model with :func:`ttq.runtime.set_mode`.
 
-Both keep the original ``nn.Linear`` reachable (``.original``) so that
-:func:`ttq.patch.restore_` can put it back.
+The TTQ math itself is :func:`ttq.methods.ttq.ttq_linear`.  The weight is checked for
+NaN/Inf once, when the layer wraps it, and again only after it changes in place
+(:class:`WeightWatch`), not at every forward.  Both layers keep the original
+``nn.Linear`` reachable (``.original``) so that :func:`ttq.patch.restore_` can put it back.
 """
 
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ttq.formats.affine import QuantSpec, dequantize
+from ttq.formats.affine import QuantSpec, check_finite, dequantize
 from ttq.methods.lowrank import residual, svd_factors
-from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
+from ttq.methods.scaling import ScaleSpec
+from ttq.methods.ttq import ttq_linear, ttq_quantize, ttq_scale
+from ttq.nn.prompt import PromptOptions, PromptState, Weights  # PromptOptions is re-exported here too
 from ttq.patch.tokens import TokenMask, real_tokens
 
 MODES = ("per_sequence", "prompt")
-
-
-@dataclass(frozen=True)
-class PromptOptions:
-    """Options of the ``"prompt"`` runtime mode.
-
-    Args:
-        refresh_every: re-quantize after this many decode steps from the running statistic of
-            the prompt and the generated tokens (0 = never).
-        layout: packed layout for :func:`ttq.kernels.api.pack_ttq` (None = best for the device).
-        strict: raise instead of falling back to the reference path when no kernel fits.
-        reference: decode with the plain dequantize-then-matmul oracle on the same packed weights.
-        half_params: float16 scale / zero for bits <= 4 (CPU layouts; fewer bytes per decode step,
-            scale and zero rounded to float16); None = the ``TTQ_HALF_PARAMS`` environment default (off).
-    """
-
-    refresh_every: int = 0
-    layout: str | None = None
-    strict: bool = False
-    reference: bool = False
-    half_params: bool | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 0:
-            raise ValueError(f"refresh_every must be a non-negative integer (0 = never), got {self.refresh_every!r}")
-        if self.half_params is not None and not isinstance(self.half_params, bool):
-            raise ValueError(f"half_params must be True, False or None, got {self.half_params!r}")
 
 
 def per_sequence(fn, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
@@ -75,6 +48,29 @@ def per_sequence(fn, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Te
         return torch.cat([fn(xi[None], real_tokens(xi, None if keep is None else keep[i])) for i, xi in enumerate(x)],
                          dim=0)  # B x (1, T, d_out) -> (B, T, d_out)
     return fn(x, real_tokens(x, keep))
+
+
+class WeightWatch:
+    """NaN/Inf check of a test-time layer's full-precision weight: when the layer wraps it, then only
+    after it changes (its version counter or its storage: an in-place update, a device move; an
+    inference-mode tensor has no version counter, so only its storage counts).  The per-forward
+    quantization then skips the check (``check=False``): a finite weight times the finite scale ``s``
+    stays finite short of float32 overflow (|W| s > 3.4e38)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self._key: tuple[int, int] | None = None
+        self.changed(weight)
+
+    def changed(self, weight: torch.Tensor) -> bool:
+        """Check ``weight`` (d_out, d_in) if it changed since the last call; True when it had (or on the
+        first call), so that the caller refreshes what it derives from it.  Raises ValueError naming the
+        weight's shape when it holds NaN/Inf."""
+        key = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
+        if key == self._key:
+            return False
+        check_finite(weight.detach(), f"the weight of shape {tuple(weight.shape)} of a TTQ layer")
+        self._key = key
+        return True
 
 
 class DequantCachedLinear(nn.Module):
@@ -138,10 +134,11 @@ class TTQLinear(nn.Module):
     """Test-time quantized linear layer (TTQ paper, Section 2).
 
     Quantizes ``W - B A`` scaled by ``s`` (computed from the activations) and
-    returns ``x W_q^T + (x A^T) B^T + bias``.  ``mode`` (see the module
-    docstring): ``"per_sequence"`` quantizes every forward, one quantization per
-    sequence of a batch; ``"prompt"`` quantizes at each prefill and decodes from
-    packed weights.  Inference only (the packed path has no gradient).
+    returns ``x W_q^T + (x A^T) B^T + bias`` (:func:`ttq.methods.ttq.ttq_linear`).
+    ``mode`` (see the module docstring): ``"per_sequence"`` quantizes every
+    forward, one quantization per sequence of a batch; ``"prompt"`` runs the
+    prefill / decode steps of :attr:`prompt` (a :class:`ttq.nn.prompt.PromptState`).
+    Inference only (the packed path has no gradient).
     """
 
     def __init__(
@@ -159,6 +156,7 @@ class TTQLinear(nn.Module):
         self.weight = original.weight  # full precision, kept by design
         self.bias = original.bias
         self.original = original
+        self._watch = WeightWatch(original.weight)  # NaN/Inf: checked here, then only after a change
         b, a = svd_factors(original.weight.detach(), rank)
         self.register_buffer("lr_b", b.to(original.weight.dtype))  # (d_out, r)
         self.register_buffer("lr_a", a.to(original.weight.dtype))  # (r, d_in)
@@ -167,121 +165,47 @@ class TTQLinear(nn.Module):
         self.set_mode(mode, options)
 
     def residual_weight(self) -> torch.Tensor:
-        """``W - B A`` (float32), computed once."""
-        if self._residual is None:
+        """``W - B A`` (float32), computed once (again after the weight changes)."""
+        if self._watch.changed(self.weight) or self._residual is None:
             self._residual = residual(self.weight.detach(), self.lr_b.float(), self.lr_a.float())
         return self._residual
 
     def quantize_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes, scale, zero of ``(W - B A) diag(s)`` and ``s`` (d_in,) for activations ``x``."""
-        s = input_scale(ChannelStats.from_activations(x, self.scale_spec.p), self.scale_spec)
-        codes, scale, zero = scaled_quantize(self.residual_weight(), s, self.spec)
+        s = ttq_scale(x, self.scale_spec)
+        codes, scale, zero = ttq_quantize(self.residual_weight(), s, self.spec, check=False)
         return codes, scale, zero, s
 
     token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
 
     def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        codes, scale, zero, s = self.quantize_for(real)
-        w_q = dequantize(codes, scale, zero, self.spec.group_size, fmt=self.spec.fmt).to(x.dtype)  # (d_out, d_in)
-        y = F.linear(x / s.to(x.dtype), w_q, self.bias)
-        if self.rank:
-            y = y + F.linear(F.linear(x, self.lr_a.to(x.dtype)), self.lr_b.to(x.dtype))
-        return y
+        s = ttq_scale(real, self.scale_spec)  # (d_in,) from this sequence's real tokens
+        return ttq_linear(x, self.residual_weight(), self.lr_b, self.lr_a, s, self.spec, self.bias, check=False)
 
     # ------------------------------------------------------------------ runtime modes
     def set_mode(self, mode: str, options: PromptOptions | None = None) -> None:
         """Switch runtime mode (drops any packed state)."""
         if mode not in MODES:
             raise ValueError(f"unknown TTQ runtime mode {mode!r}; allowed: {', '.join(MODES)}")
-        self.mode, self.options = mode, options or PromptOptions()
-        self.reset()
+        self.mode = mode
+        self.prompt = PromptState(self._prompt_weights, self.spec, self.scale_spec, options)
 
     def reset(self) -> None:
         """Forget the prompt's packed weights and statistics (the next forward re-quantizes)."""
-        self.packed = None  # ttq.kernels.api.PackedWeight of the current prompt
-        self.prompt_scale: torch.Tensor | None = None  # s (d_in,) float32 of the current prompt
-        self._stats: ChannelStats | None = None  # running statistic (refresh_every > 0)
-        self._steps = 0  # decode steps since the last quantization
-        self._kernel = None  # the packed layout's kernel (ttq.kernels.api.get_kernel)
-        self._decode = None  # the kernel's bound decode product (its optional ``decoder``): x -> y, or None
-        self._ref_weight = None  # reference=True: deq(packed) (float32), dequantized once per quantization
-        self.quant_seconds = 0.0  # wall time spent quantizing in prompt mode since reset
-        self.n_quantizations = 0
+        self.prompt.reset()
 
-    def _lowrank(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _prompt_weights(self) -> Weights:
+        """What prompt mode packs and binds: ``W`` (r = 0; in its own dtype, the kernels read it) or the
+        cached residual ``W - B A``, the bias, and contiguous float32 factors (None when r = 0)."""
         if not self.rank:
-            return None, None
+            return self.weight.detach(), self.bias, None, None
         if self._lr_f32 is None:
             self._lr_f32 = (self.lr_b.float().contiguous(), self.lr_a.float().contiguous())  # (d_out, r), (r, d_in)
-        return self._lr_f32
-
-    def quantize_prompt(self, stats: ChannelStats) -> None:
-        """Pack ``(W - B A) diag(s)`` for the statistic ``stats`` (prompt mode)."""
-        from ttq.kernels.api import get_kernel, pack_ttq
-
-        t0 = time.perf_counter()
-        s = input_scale(stats, self.scale_spec)  # (d_in,)
-        w = self.residual_weight() if self.rank else self.weight.detach()
-        o = self.options
-        self.packed = pack_ttq(w, s, self.spec, layout=o.layout, strict=o.strict, out=self.packed,
-                               half_params=o.half_params)
-        self.prompt_scale = s
-        self._kernel = get_kernel(self.packed.layout, self.packed.device.type)  # decode calls it directly
-        self._decode = self._bind_decode()
-        if o.reference:
-            from ttq.kernels.reference import dequantize_packed
-
-            self._ref_weight = dequantize_packed(self.packed)
-        self._steps = 0
-        self.n_quantizations += 1
-        self.quant_seconds += time.perf_counter() - t0
-
-    def _bind_decode(self):
-        """The kernel's decode product bound to this layer's packed weights (None when it has none)."""
-        o = self.options
-        bind = None if o.reference or o.refresh_every else getattr(self._kernel, "decoder", None)
-        return bind(self.packed, self.prompt_scale, self.bias, *self._lowrank()) if bind is not None else None
-
-    def __getstate__(self):
-        # the bound product holds references to this instance's tensors: copies and pickles rebind to theirs
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_decode"] = None
-        return state
-
-    def __setstate__(self, state) -> None:
-        super().__setstate__(state)
-        if self.mode == "prompt" and self.packed is not None and self._kernel is not None:
-            self._decode = self._bind_decode()
-
-    def _forward_prompt(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[-2] if x.dim() >= 2 else 1  # per sequence: (B, T, d) -> T, (T, d) -> T
-        refresh = self.options.refresh_every
-        real = x if self.token_mask is None else real_tokens(x, self.token_mask.rows(x))  # pads left out
-        if tokens > 1 or self.packed is None:  # a prefill (or a first forward): quantize from it
-            stats = ChannelStats.from_activations(real, self.scale_spec.p)  # all sequences share s
-            self._stats = stats if refresh else None
-            self.quantize_prompt(stats)
-        elif refresh:
-            self._stats = self._stats.merge(ChannelStats.from_activations(real, self.scale_spec.p))
-            self._steps += 1
-            if self._steps >= refresh:
-                self.quantize_prompt(self._stats)
-        b, a = self._lowrank()
-        if self.options.reference:
-            from ttq.kernels.reference import reference_linear
-
-            return reference_linear(x, self.packed, self.prompt_scale, self.bias, b, a, weight=self._ref_weight)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
-        return self._kernel.linear(x, self.packed, self.prompt_scale, self.bias, b, a)  # shapes known: skip api checks
+        return self.residual_weight(), self.bias, *self._lr_f32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "prompt":
-            if self._decode is not None:  # decode steps: the bound kernel (None for a prefill-shaped x)
-                y = self._decode(x)
-                if y is not None:
-                    return y
-            return self._forward_prompt(x)
+            return self.prompt(x, self.token_mask)  # prefill or decode step (PromptState.__call__)
         return per_sequence(self._forward_one, x, self.token_mask)
 
     def extra_repr(self) -> str:

@@ -11,44 +11,23 @@
   ``U`` from its own tokens, then quantizes ``W - B A``.
 
 Both compute ``y = F.linear(x / s, deq(Q[(W - B A) diag(s)])) + B (A x) + bias``
-(the reference path of :class:`ttq.nn.linear.TTQLinear`) and keep ``.original``
-for :func:`ttq.patch.restore_`.
+with :func:`ttq.methods.ttq.ttq_linear` (as :class:`ttq.nn.linear.TTQLinear` does), check
+their weight for NaN/Inf when they wrap it and again only after it changes
+(:class:`ttq.nn.linear.WeightWatch`), and keep ``.original`` for :func:`ttq.patch.restore_`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ttq.formats.affine import QuantSpec, dequantize
+from ttq.formats.affine import QuantSpec
 from ttq.methods.lowrank import residual, svd_factors
 from ttq.methods.online_lowrank import RULES, isvd_update, oja_update, power_update, projection_factors, scaled_factors
-from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale, scaled_quantize
-from ttq.nn.linear import per_sequence
+from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale
+from ttq.methods.ttq import ttq_linear, ttq_scale
+from ttq.nn.linear import WeightWatch, per_sequence
 from ttq.patch.tokens import TokenMask
-
-
-def ttq_lowrank_forward(
-    x: torch.Tensor,
-    res: torch.Tensor,
-    b: torch.Tensor,
-    a: torch.Tensor,
-    spec: QuantSpec,
-    scale: ScaleSpec,
-    bias: torch.Tensor | None,
-    stats: ChannelStats | None = None,
-) -> torch.Tensor:
-    """One sequence: ``x`` (..., d_in), residual ``res`` (d_out, d_in), factors (d_out, r), (r, d_in);
-    ``stats`` of ``x`` when already computed."""
-    stats = stats if stats is not None else ChannelStats.from_activations(x, scale.p)
-    s = input_scale(stats, scale)  # (d_in,)
-    codes, sc, zero = scaled_quantize(res, s, spec)
-    w_q = dequantize(codes, sc, zero, spec.group_size, fmt=spec.fmt).to(x.dtype)  # (d_out, d_in)
-    y = F.linear(x / s.to(x.dtype), w_q, bias)
-    if b.shape[1]:
-        y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # (..., d_in) -> (..., r) -> (..., d_out)
-    return y
 
 
 class LowRankTTQLinear(nn.Module):
@@ -74,22 +53,22 @@ class LowRankTTQLinear(nn.Module):
         self.weight = original.weight
         self.bias = original.bias
         self.original = original
+        self._watch = WeightWatch(original.weight)  # NaN/Inf: checked here, then only after a change
         self.register_buffer("lr_b", b.float())  # (d_out, r)
         self.register_buffer("lr_a", a.float())  # (r, d_in)
         self._residual: torch.Tensor | None = None
 
     def residual_weight(self) -> torch.Tensor:
-        """``W - B A`` (float32), computed once."""
-        if self._residual is None:
+        """``W - B A`` (float32), computed once (again after the weight changes)."""
+        if self._watch.changed(self.weight) or self._residual is None:
             self._residual = residual(self.weight.detach(), self.lr_b, self.lr_a)
         return self._residual
 
     token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
 
     def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        res = self.residual_weight()
-        stats = ChannelStats.from_activations(real, self.scale_spec.p)
-        return ttq_lowrank_forward(x, res, self.lr_b, self.lr_a, self.spec, self.scale_spec, self.bias, stats)
+        s = ttq_scale(real, self.scale_spec)  # (d_in,) from this sequence's real tokens
+        return ttq_linear(x, self.residual_weight(), self.lr_b, self.lr_a, s, self.spec, self.bias, check=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return per_sequence(self._forward_one, x, self.token_mask)
@@ -135,6 +114,7 @@ class OnlineLowRankTTQLinear(nn.Module):
         self.weight = original.weight
         self.bias = original.bias
         self.original = original
+        self._watch = WeightWatch(original.weight)  # NaN/Inf: checked here, then only after a change
         _, a0 = svd_factors(original.weight.detach(), rank)
         u0 = torch.linalg.qr(a0.T)[0] if rank else a0.T  # (d_in, r), span of the top right singular vectors
         self.register_buffer("u0", u0.contiguous())
@@ -167,16 +147,18 @@ class OnlineLowRankTTQLinear(nn.Module):
     token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic and the tracking
 
     def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        self._watch.changed(self.weight)
         w = self.weight.detach()
         stats = ChannelStats.from_activations(real, self.scale_spec.p)
         if self.rule == "asvd":
-            s = input_scale(stats, self.dec_scale)  # C_lam^(1/2) (d_in,)
-            self.update(real, s)
-            b, a = scaled_factors(w, s, self.u)
+            s_dec = input_scale(stats, self.dec_scale)  # C_lam^(1/2) (d_in,)
+            self.update(real, s_dec)
+            b, a = scaled_factors(w, s_dec, self.u)
         else:
             self.update(real)
             b, a = projection_factors(w, self.u)
-        return ttq_lowrank_forward(x, residual(w, b, a), b, a, self.spec, self.scale_spec, self.bias, stats)
+        s = ttq_scale(stats, self.scale_spec)
+        return ttq_linear(x, residual(w, b, a), b, a, s, self.spec, self.bias, check=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return per_sequence(self._forward_one, x, self.token_mask)

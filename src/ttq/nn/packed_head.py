@@ -3,8 +3,8 @@
 The TTQ paper quantizes the decoder blocks only; on a small model the full-precision
 LM head then dominates a decode step (SmolLM2-135M: 28 M of its 135 M weights, read once
 per generated token).  :class:`PackedHeadLinear` quantizes the head once with plain
-round-to-nearest (no activation statistic: ``s = 1``) and runs it through
-:func:`ttq.kernels.api.packed_linear`, like llama.cpp's quantized output tensor.  It is
+round-to-nearest (no activation statistic: ``s = 1``) and binds it to its kernel once
+(:func:`ttq.kernels.api.pack_linear`, as prompt mode does), like llama.cpp's quantized output tensor.  It is
 opt-in (:func:`ttq.runtime.quantize_lm_head`) and changes the logits accordingly.
 """
 
@@ -27,7 +27,7 @@ class PackedHeadLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, layout: str | None = None) -> None:
         super().__init__()
-        from ttq.kernels.api import pack_ttq
+        from ttq.kernels.api import pack_linear
 
         if spec.fmt != "int":
             raise ValueError(f"the packed head supports the integer format only, got fmt={spec.fmt!r}")
@@ -35,16 +35,19 @@ class PackedHeadLinear(nn.Module):
         self.spec = spec
         w = linear.weight.detach()
         self.register_buffer("ones", torch.ones(w.shape[1], dtype=torch.float32, device=w.device), persistent=False)
-        self.packed = pack_ttq(w, self.ones, spec, layout=layout)
+        self.linear = pack_linear(w, self.ones, spec, linear.bias, layout=layout)  # ttq.kernels.api.PackedLinear
+
+    @property
+    def packed(self):
+        """The packed weight (:class:`ttq.kernels.api.PackedWeight`)."""
+        return self.linear.packed
 
     @property
     def weight(self) -> torch.Tensor:  # generation utilities read the head's weight (dtype, device, tying)
         return self.original.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ttq.kernels.api import packed_linear
-
-        return packed_linear(x, self.packed, self.ones, self.original.bias)
+        return self.linear(x)  # (..., d_in) -> (..., vocab)
 
     def extra_repr(self) -> str:
         return f"{self.original.in_features}, {self.original.out_features}, bits={self.spec.bits}, " \

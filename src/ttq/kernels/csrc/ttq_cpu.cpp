@@ -14,7 +14,8 @@
 // Built by ttq/kernels/cpu_build.py through torch.utils.cpp_extension.load with ttq_bind.cpp (ops under
 // torch.ops.ttq_cpu; the Python module holds the bound decode product, see ttq_bind.cpp).  The
 // instruction-set paths live in fragments included below: avx512.inc (exact layouts), vnni.inc (int8
-// activations, AVX-512 VNNI), avx2.inc and avx2_i8.inc (builds without AVX-512); the portable C++ paths,
+// activations, AVX-512 VNNI), avx2.inc and avx2_i8.inc (builds without AVX-512), codes.inc (unpacked codes of
+// ttq.formats.affine.quantize / dequantize in one pass); the portable C++ paths,
 // the dispatch and the ops are here.
 
 #include <ATen/ATen.h>
@@ -504,6 +505,8 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& 
   return as_bf16 ? out.to(at::kBFloat16) : out;
 }
 
+#include "codes.inc"
+
 int64_t has_avx512() { return TTQ_AVX512; }
 #include "avx2_i8.inc"
 
@@ -648,6 +651,8 @@ TORCH_LIBRARY(ttq_cpu, m) {
         " int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
   m.def("dequant(Tensor qweight, Tensor scale, Tensor zero, int bits, int group, int d_out, int d_in, bool as_bf16)"
         " -> Tensor");
+  m.def("quant_codes(Tensor w, int bits, int group, bool symmetric, float nu) -> (Tensor, Tensor, Tensor, int)");
+  m.def("dequant_codes(Tensor codes, Tensor scale, Tensor zero, int group) -> Tensor");
   m.def("has_avx512() -> int");
   m.def("has_avx2_gemm() -> int");
   m.def("packed_mm_q4i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int group, int d_out,"
@@ -663,6 +668,8 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
   m.impl("quant_pack_out", &quant_pack_out);
   m.impl("packed_mm", &packed_mm);
   m.impl("dequant", &dequant);
+  m.impl("quant_codes", &quant_codes);
+  m.impl("dequant_codes", &dequant_codes);
   m.impl("packed_mm_q4i8", &packed_mm_q4i8);
   m.impl("packed_mm_q8i8", &packed_mm_q8i8);
 }

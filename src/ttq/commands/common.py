@@ -60,12 +60,16 @@ def add_out_args(p: argparse.ArgumentParser, default: str | None, suffixes: str)
     p.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
 
 
+def _int(s: str, expected: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+
+
 def positive_int(s: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    v = _int(s, "a positive integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
@@ -73,10 +77,7 @@ def positive_int(s: str) -> int:
 
 def non_negative_int(s: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    v = _int(s, "a non-negative integer")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
@@ -84,10 +85,7 @@ def non_negative_int(s: str) -> int:
 
 def group_size_arg(s: str) -> int:
     """argparse type: a positive group size or -1 (per output channel)."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or -1, got {s!r}") from None
+    v = _int(s, "a positive integer or -1")
     if v < 1 and v != -1:
         raise argparse.ArgumentTypeError(f"must be a positive integer or -1 (per output channel), got {v}")
     return v

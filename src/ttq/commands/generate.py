@@ -86,8 +86,10 @@ def run(args) -> int:
 
     from ttq import runtime
     from ttq.eval.bench import timed_generate
-    from ttq.models import load_model
+    from ttq.models import load_model, max_context
 
+    if not args.prompt.strip():
+        raise ConfigError("the prompt is empty; give the text to continue with --prompt TEXT")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
@@ -99,6 +101,10 @@ def run(args) -> int:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(args.prompt, return_tensors="pt")["input_ids"]
+    limit = max_context(model)
+    if ids.shape[-1] + args.max_new_tokens > limit:
+        raise ConfigError(f"the prompt ({ids.shape[-1]} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the "
+                          f"model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
     streamer = TextStreamer(tok, skip_prompt=False, skip_special_tokens=True)
     t = timed_generate(model, ids.to(args.device), args.max_new_tokens, streamer=streamer, exact=False)
     sys.stdout.flush()

@@ -105,3 +105,11 @@ def test_generate_zero_and_minus_one_are_kept():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--group-size", "-1", "--rank", "0",
                                       "--refresh-every", "0", "--threads", "0", "--lm-head-bits", "0"])
     assert (args.group_size, args.rank, args.refresh_every, args.threads, args.lm_head_bits) == (-1, 0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("prompt,msg", [("", "the prompt is empty"), ("   ", "the prompt is empty"),
+                                        ("word " * 600, "exceeds the model's context of 512 tokens")])
+def test_generate_refuses_empty_or_too_long_prompts(stories_dir, capsys, prompt, msg):
+    rc = main(["generate", "--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and "Traceback" not in err

@@ -4,11 +4,13 @@ consistency of the reported numbers, never speed thresholds."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from ttq.cli import main
+from ttq.cli import build_parser, main
+from ttq.errors import ConfigError
 from ttq.eval import bench
 from ttq.formats.affine import QuantSpec
 
@@ -107,5 +109,109 @@ def test_bench_cli_synthetic_model(stories_dir, tmp_path, capsys):
 
 
 def test_bench_cli_synthetic_needs_three_sizes(stories_dir, capsys):
-    assert main(["bench", "--parts", "c", "--model", str(stories_dir), "--synthetic", "128,256"]) == 2
-    assert "HIDDEN,INTERMEDIATE,LAYERS" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--parts", "c", "--model", str(stories_dir), "--synthetic", "128,256"])
+    assert e.value.code == 2 and "HIDDEN,INTERMEDIATE,LAYERS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value,msg",
+    [
+        ("--batch", "0", "must be at least 1, got 0"),
+        ("--batch", "-2", "must be at least 1, got -2"),
+        ("--repeats", "0", "must be at least 1, got 0"),
+        ("--prompt-tokens", "0", "must be at least 1, got 0"),
+        ("--new-tokens", "0", "must be at least 1, got 0"),
+        ("--new-tokens", "1", "must be at least 2 to time decode"),
+        ("--threads", "-1", "must be 0 or more, got -1"),
+        ("--busy", "0", "must be at least 1, got 0"),
+        ("--bits", "4,9", "each value must be a bit width in 2..8, got 9"),
+        ("--bits", "0", "each value must be a bit width in 2..8, got 0"),
+        ("--bits", ",", "expected at least one value (a bit width in 2..8), got ','"),
+        ("--group-size", "32,0", "each value must be a positive group size or -1 (per output channel), got 0"),
+        ("--group-size", "-2", "got -2"),
+        ("--ranks", "0,-1", "each value must be a rank of 0 or more, got -1"),
+        ("--lm-head-bits", "1", "must be 0 (keep the head) or a bit width in 2..8, got 1"),
+        ("--lm-head-bits", "-8", "must be 0 or more, got -8"),
+        ("--synthetic", "128,0,2", "HIDDEN,INTERMEDIATE,LAYERS[,HEAD_DIM]"),
+    ],
+)
+def test_bench_bad_numbers_are_argparse_errors(capsys, flag, value, msg):
+    """0 or negative counts used to run (--batch 0 timed empty products) or silently became the default."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["bench", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: " in (err := capsys.readouterr().err) and msg in err
+
+
+def test_bench_explicit_numbers_are_kept():
+    args = build_parser().parse_args(["bench", "--quick", "--repeats", "1", "--prompt-tokens", "1", "--new-tokens", "2",
+                                      "--group-size=-1,32", "--ranks", "0", "--threads", "0"])
+    assert (args.repeats, args.prompt_tokens, args.new_tokens, args.group_size, args.ranks) == (1, 1, 2, [-1, 32], [0])
+    from ttq.commands.bench import _default
+
+    assert _default(1, True, 512, 128) == 1 and _default(None, True, 512, 128) == 128
+
+
+@pytest.mark.parametrize("parts,extra,msg", [
+    ("load", ["--prompt-tokens", "100000"], "part load: --prompt-tokens = 100000 exceeds the model's context of 512"),
+    ("c", ["--prompt-tokens", "500", "--new-tokens", "20"], "--prompt-tokens + --new-tokens = 520 exceeds the model's "
+                                                            "context of 512"),
+])
+def test_bench_refuses_lengths_beyond_the_context_before_timing(stories_dir, capsys, parts, extra, msg):
+    assert main(["bench", "--parts", f"a,{parts}", "--shapes", "smollm2", "--model", str(stories_dir), *extra]) == 2
+    captured = capsys.readouterr()
+    assert msg in captured.err and "ask for at most 512" in captured.err
+    assert "## (a)" not in captured.out  # refused right after loading the model, before any timing
+
+
+def test_bench_out_appends_suffixes_and_refuses_existing_files_before_the_run(stories_dir, tmp_path, capsys):
+    prefix = tmp_path / "runs" / "exp.1"
+    argv = ["bench", "--parts", "load", "--model", str(stories_dir), "--synthetic", "64,128,1,32", "--prompt-tokens",
+            "16", "--repeats", "1", "--out", str(prefix)]
+    assert main(argv) == 0
+    assert sorted(p.name for p in prefix.parent.iterdir()) == ["exp.1.json", "exp.1.md"]  # not exp.md / exp.json
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--overwrite" in captured.err and "# ttq bench" not in captured.out  # refused before the run
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_generation_needs_two_new_tokens(stories_model, stories_tokenizer):
+    with pytest.raises(ConfigError, match="at least 2 to time decode"):
+        bench.bench_generation(stories_model, stories_tokenizer, prompt_tokens=8, new_tokens=1, bits=[4], ranks=[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_busy_processes_run_inside_the_block_and_are_killed_after_it():
+    with bench.busy_processes(2) as pids:
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(KeyError), bench.busy_processes(1) as pids:
+        raise KeyError("an error inside the block")
+    assert not _alive(pids[0])
+
+
+def test_bench_cli_load_part(stories_dir, tmp_path, capsys):
+    """Part load: the base and per-sequence TTQ forwards, alone and next to a busy process, with their ratios."""
+    out = tmp_path / "load"
+    rc = main(["bench", "--parts", "load", "--model", str(stories_dir), "--synthetic", "128,256,2", "--prompt-tokens",
+               "32", "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "## (load) one forward of 32 tokens" in text and "1 busy process(es)" in text
+    rows = {r["config"]: r for r in json.loads((tmp_path / "load.json").read_text())["load"]}
+    assert list(rows) == ["fp32", "ttq 3-bit g32 per-sequence"]
+    for r in rows.values():
+        assert r["quiet_s"] > 0 and r["busy_s"] > 0 and r["busy_processes"] == 1 and r["tokens"] == 32
+        assert r["slowdown"] == pytest.approx(r["busy_s"] / r["quiet_s"])
+        assert r["busy_vs_base"] == pytest.approx(r["busy_s"] / rows["fp32"]["busy_s"])
+    assert rows["fp32"]["quiet_vs_base"] == 1.0

@@ -12,7 +12,10 @@ only formats them:
   one per available opt-in layout such as ``cpu_q4_i8``, told apart by ``layout``);
 * :func:`bench_generation` (c): end-to-end ``model.generate`` with a prompt of
   ``prompt_tokens`` and ``new_tokens`` greedy tokens: prefill and decode
-  tokens/s, whole-model prompt-mode quantization time, peak RSS.
+  tokens/s, whole-model prompt-mode quantization time, peak RSS;
+* :func:`bench_load` (load): one forward of the base model and of per-sequence TTQ,
+  alone and next to a busy process it starts (:func:`busy_processes`): how each
+  slows down when the CPU is shared.
 
 Times are medians of ``repeats`` runs after ``warmup`` runs; ratios are against
 the baselines measured in the same call.
@@ -20,11 +23,16 @@ the baselines measured in the same call.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import gc
 import logging
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.streamers import BaseStreamer
 
+from ttq.errors import ConfigError
 from ttq.formats.affine import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -361,6 +370,9 @@ def bench_generation(
     import ttq
     from ttq import runtime
 
+    if new_tokens < 2:
+        raise ConfigError(f"new_tokens must be at least 2 to time decode (the first new token ends the prefill), "
+                          f"got {new_tokens}")
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
     for label, kind, b, r, lay in generation_configs(bits, ranks, head_bits, layouts):
@@ -406,4 +418,76 @@ def bench_generation(
         r["decode_vs_fp32"] = r["decode_tps"] / base["fp32"]["decode_tps"]
         r["decode_vs_bf16"] = r["decode_tps"] / base["bf16"]["decode_tps"]
         r["prefill_vs_fp32"] = r["prefill_tps"] / base["fp32"]["prefill_tps"]
+    return rows
+
+
+BUSY_MAX_SECONDS = 1800  # a busy process ends by itself after this long, even if its parent was killed
+_BUSY_LOOP = """import sys, time
+end = time.monotonic() + float(sys.argv[1])
+print("ready", flush=True)
+while time.monotonic() < end:
+    for _ in range(100000):
+        pass
+"""
+
+
+@contextlib.contextmanager
+def busy_processes(n: int = 1, max_seconds: float = BUSY_MAX_SECONDS) -> Iterator[list[int]]:
+    """``n`` child processes each spinning a pure-Python loop on one core (another program using the CPU).
+
+    They run for at most ``max_seconds`` and are killed when the block ends, also on an error.
+    Yields their process ids once every loop is running.
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(max_seconds)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        for p in procs:
+            if p.stdout.readline().strip() != b"ready":
+                raise RuntimeError(f"the busy process {p.pid} exited before its loop started (status {p.poll()})")
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+            p.stdout.close()
+
+
+def bench_load(model, tokenizer, tokens: int = 1024, bits: int = 3, group_size: int = 32, repeats: int = 3,
+               stat: str = "median", busy: int = 1, data_dir=None) -> list[dict]:
+    """Part (load): one forward of ``tokens`` tokens, alone and next to ``busy`` busy processes.
+
+    Rows: the base model (as given) and a copy quantized by per-sequence TTQ (``bits``, ``group_size``,
+    r = 0: every forward quantizes every linear layer from its own activations).  Each row holds
+    ``quiet_s`` and ``busy_s`` (``stat`` of ``repeats`` forwards after one warm-up forward), the
+    ``slowdown`` busy / quiet, and the TTQ-over-base ratios of each condition.  Quiet rows are timed
+    first, then both models next to the busy processes (:func:`busy_processes`).
+    """
+    import ttq
+
+    if tokens < 1 or repeats < 1 or busy < 1:
+        raise ConfigError(f"tokens, repeats and busy must be positive, got {tokens}, {repeats}, {busy}")
+    ids = prompt_ids(tokenizer, tokens, data_dir)
+    quant = copy.deepcopy(model)
+    ttq.quantize_(quant, ttq.TTQConfig(quant=QuantSpec(bits=bits, group_size=group_size)))
+    base = "fp32" if next(model.parameters()).dtype == torch.float32 else str(next(model.parameters()).dtype)[6:]
+    models = {base: model, f"ttq {bits}-bit g{group_size} per-sequence": quant}
+
+    def forward(m) -> None:
+        with torch.no_grad():
+            m(input_ids=ids)
+
+    for m in models.values():
+        forward(m)  # warm-up: kernels built, residuals and caches ready
+    quiet = {name: median_time(functools.partial(forward, m), repeats, 0, stat) for name, m in models.items()}
+    with busy_processes(busy) as pids:
+        loaded = {name: median_time(functools.partial(forward, m), repeats, 0, stat) for name, m in models.items()}
+    rows = [{"config": name, "tokens": tokens, "threads": torch.get_num_threads(), "busy_processes": len(pids),
+             "quiet_s": quiet[name], "busy_s": loaded[name], "slowdown": loaded[name] / quiet[name],
+             "quiet_vs_base": quiet[name] / quiet[base], "busy_vs_base": loaded[name] / loaded[base]}
+            for name in models]
+    del quant
+    gc.collect()
     return rows

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ttq.threads import single_threaded_below
 from ttq.typecheck import check_types
 
 MIN_BITS, MAX_BITS = 2, 8
@@ -208,6 +207,9 @@ def quantize(
         check: refuse NaN/Inf weights (integer format; the codebook formats always check).
     Returns:
         codes uint8 (d_out, d_in) in [0, 2^q - 1], scale and zero float32 (d_out, n_groups).
+
+    On the CPU the integer format runs as one compiled pass (:mod:`ttq.kernels.cpu_codes`, the same
+    numbers bit for bit) instead of ~20 PyTorch ops, each a parallel region that stalls next to busy processes.
     """
     if spec.fmt != "int":
         codes, scale = _codebook_format(spec.fmt)[1](w, spec, scale)
@@ -215,17 +217,16 @@ def quantize(
     if scale is None and zero is None:
         from ttq.kernels.cpu_codes import quantize_codes  # imported here: ttq.kernels imports this module
 
-        fused = quantize_codes(w, spec)  # one compiled pass on CPU (see ttq.threads); None: not applicable
+        fused = quantize_codes(w, spec)  # one compiled pass on CPU, same numbers; None: not applicable
         if fused is not None:
             return fused
-    with single_threaded_below(w.numel()):  # ~10 short ops: no parallel regions next to busy processes
-        if scale is None or zero is None:
-            scale, zero = group_params(w, spec, check)
-        d_in = w.shape[1]
-        s = expand_groups(scale, d_in, spec.group_size)
-        z = expand_groups(zero, d_in, spec.group_size)
-        safe = torch.where(s > 0, s, torch.ones_like(s))  # zero range: code 0 -> W_hat = Z exactly
-        codes = torch.round((w.float() - z) / safe).clamp_(0, spec.qmax).to(torch.uint8)
+    if scale is None or zero is None:
+        scale, zero = group_params(w, spec, check)
+    d_in = w.shape[1]
+    s = expand_groups(scale, d_in, spec.group_size)
+    z = expand_groups(zero, d_in, spec.group_size)
+    safe = torch.where(s > 0, s, torch.ones_like(s))  # zero range: code 0 -> W_hat = Z exactly
+    codes = torch.round((w.float() - z) / safe).clamp_(0, spec.qmax).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -248,11 +249,10 @@ def dequantize(
     w = dequantize_codes(codes, scale, zero, group_size)  # one compiled pass on CPU; None: not applicable
     if w is not None:
         return w.to(dtype)
-    with single_threaded_below(codes.numel()):
-        d_in = codes.shape[1]
-        s = expand_groups(scale, d_in, group_size)
-        z = expand_groups(zero, d_in, group_size)
-        return (codes.float() * s + z).to(dtype)
+    d_in = codes.shape[1]
+    s = expand_groups(scale, d_in, group_size)
+    z = expand_groups(zero, d_in, group_size)
+    return (codes.float() * s + z).to(dtype)
 
 
 def qdq(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

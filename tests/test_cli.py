@@ -64,3 +64,19 @@ def test_c4_row_without_text_is_a_clear_error(tmp_path, capsys, stories_dir):
                    str(tmp_path), "--cache", "", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "line 4" in err and '"text"' in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv0,preset,want", [("ttq", None, "PASSIVE"), ("ttq", "ACTIVE", "ACTIVE"),
+                                               ("python", None, None)])
+def test_command_line_sets_a_passive_openmp_wait_policy(argv0, preset, want):
+    """The ttq command (not a library import) asks OpenMP's idle threads to sleep, unless the user chose."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = f"import sys; sys.argv = [{argv0!r}]; import os, ttq; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(want)

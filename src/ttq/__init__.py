@@ -32,6 +32,23 @@ real tokens          the tokens the attention mask marks as text (pads never ent
 ===================  ==========================================================================
 """
 
+import os as _os
+import sys as _sys
+
+
+def _command_line_defaults() -> None:
+    """The ``ttq`` command (and ``python -m ttq.cli``) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it,
+    before PyTorch starts OpenMP: a TTQ forward runs thousands of short parallel regions, and spinning threads
+    turn each into a scheduler time slice when another process holds a core (README, "Threads").  A library
+    import changes nothing."""
+    argv = getattr(_sys, "orig_argv", _sys.argv)
+    ours = _os.path.basename(_sys.argv[0] if _sys.argv else "") == "ttq" or "ttq.cli" in argv
+    if ours and "torch" not in _sys.modules:
+        _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_command_line_defaults()
+
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec

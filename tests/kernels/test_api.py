@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ttq import options
 from ttq.formats.affine import QuantSpec, dequantize
 from ttq.kernels import api, cpu_build
 from ttq.kernels.api import PackedWeight, pack_ttq, packed_linear, register_kernel, select_layout, unpack
@@ -35,8 +36,14 @@ def test_reference_pack_and_linear():
     assert torch.equal(dequantize_packed(p), dequantize(codes, scale, zero, 16))
 
 
-def test_reference_path_when_kernels_disabled(monkeypatch, caplog):
-    monkeypatch.setenv("TTQ_DISABLE_KERNELS", "1")
+@pytest.fixture
+def kernels_disabled():
+    """The option disable_kernels on for one test (what TTQ_DISABLE_KERNELS=1 sets at start-up)."""
+    with options.using(disable_kernels=True):
+        yield
+
+
+def test_reference_path_when_kernels_disabled(kernels_disabled, caplog):
     w, s = _case()
     api._LOGGED.clear()
     with caplog.at_level(logging.INFO, logger="ttq.kernels.api"):
@@ -216,3 +223,24 @@ def test_packed_linear_copies_rebind_to_their_own_tensors(layout):
         assert torch.equal(other(x), before)
         other.packed.qweight.zero_()  # the copy's decoder reads the copy's codes, not the original's
         assert not torch.equal(other(x), before) and torch.equal(lin(x), before)
+
+
+def test_builtin_kernel_modules_are_one_explicit_list():
+    """api.KERNEL_MODULES names every module that registers a built-in kernel, and only those: each
+    registered kernel comes from a listed module, and each listed module's source calls register_kernel."""
+    from pathlib import Path
+
+    import ttq.kernels
+
+    assert isinstance(api.KERNEL_MODULES, tuple) and api.KERNEL_MODULES[0] == "ttq.kernels.reference"
+    api.registered_layouts()  # loads the list
+    listed = set(api.KERNEL_MODULES)
+    for (layout, device), entry in api._REGISTRY.items():
+        if not layout.startswith("fake"):  # test doubles registered by other tests
+            assert type(entry.kernel).__module__ in listed, (layout, device, type(entry.kernel))
+    kernel_dir = Path(ttq.kernels.__file__).parent
+    registering = {f"ttq.kernels.{p.stem}" for p in kernel_dir.glob("*.py")
+                   if p.stem != "api" and "register_kernel(" in p.read_text()}
+    assert registering == listed
+    assert {e.layout for e in api._REGISTRY.values() if e.device_type == "cpu"} >= {
+        "cpu_q2", "cpu_q3", "cpu_q4", "cpu_q8", "cpu_q4_i8", "cpu_q8_i8"}  # registered with or without the build

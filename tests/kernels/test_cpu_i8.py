@@ -10,7 +10,7 @@ Two references:
   so the kernels match it up to float32 summation order (bound 1e-5 relative).
 * ``reference_linear`` (dequantize the same codes, float32 ``F.linear``).  Rounding ``x / s``
   to int8 moves each input by ``|d_i| <= sx / 2`` and only the ``S (q - c)`` part of each
-  weight sees it, so ``|y_r - y_ref_r| <= sum_i |S (q_i - c)| sx_b(i) / 2`` (checked
+  weight sees it, so ``|y_r - y_ref_r| <= sum_i |S (q_i - c)| sx_t(i) / 2`` (checked
   elementwise).  For independent uniform rounding errors the expected error is
   ``sqrt(sum_i (S (q_i - c))^2 sx^2 / 12)``; with Gaussian inputs (absmax of 32 ~ 2.2 sigma)
   that is ~0.5% of ||y|| for 4-bit codes (bound 1e-2 asserted) and ~0.5-1% for 8-bit codes
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from ttq import options
 from ttq.formats.affine import QuantSpec
 from ttq.kernels import cpu_build
 from ttq.kernels.api import pack_ttq, packed_linear, registered_layouts, select_layout, unpack
@@ -59,7 +60,7 @@ Q4 = Layout("cpu_q4_i8", "cpu_q4", 4,
             6, 1e-2, 1e-5, 112, (64, 256),
             ((3, 32, "4-bit"), (8, 32, "4-bit"), (4, 16, "multiple of 32"), (4, 48, "multiple of 32")))
 # cpu_q8_i8 shapes: row tails of 16 / 48 bytes in the last 64-byte load, windows of 512 columns partly
-# filled, one group per row, groups spanning several blocks / windows, the LM head's 576 columns
+# filled, one group per row, groups spanning several tiles / windows, the LM head's 576 columns
 Q8 = Layout("cpu_q8_i8", "cpu_q8", 8,
             ((45, 300, 32), (37, 200, -1), (33, 1000, 64), (19, 96, 96), (70, 576, 32), (23, 528, 32),
              (6, 1040, 160), (5, 4096, 128), (3, 16, -1)),
@@ -115,7 +116,7 @@ def i8_reference(x, packed, s=None, bias=None, b=None, a=None) -> torch.Tensor:
 
 
 def worst_case_error(x, packed, s=None) -> torch.Tensor:
-    """sum_i |S (q_i - c)| sx_b(i) / 2 per output: the largest |y - y_ref| int8 rounding can cause."""
+    """sum_i |S (q_i - c)| sx_t(i) / 2 per output: the largest |y - y_ref| int8 rounding can cause."""
     xf = x.float()
     xs = xf / s.float() if s is not None else xf
     _, sx = _int8_acts(xs)
@@ -232,7 +233,7 @@ def test_zero_input_block_and_zero_input(lay):
     w, s, g = _case(8, 96, 5)
     packed = _pack(lay, w, s)
     x = torch.randn(1, 96, generator=g)
-    x[0, 32:64] = 0  # absmax 0: sx = 0, the block contributes nothing
+    x[0, 32:64] = 0  # absmax 0: sx = 0, the tile contributes nothing
     assert _rel(packed_linear(x, packed, s), i8_reference(x, packed, s)) < 1e-5
     assert torch.equal(packed_linear(torch.zeros(1, 96), packed, s), torch.zeros(1, 8))
 
@@ -274,9 +275,15 @@ def test_lowrank_and_bias(lay):
         assert _within_bound(y, y_ref, worst_case_error(x, packed, s))
 
 
+@pytest.fixture
+def half_params_on():
+    """The option half_params on for one test (what TTQ_HALF_PARAMS=1 sets at start-up)."""
+    with options.using(half_params=True):
+        yield
+
+
 @pytest.mark.parametrize("lay", LAYOUTS)
-def test_half_params(lay, monkeypatch):
-    monkeypatch.setenv("TTQ_HALF_PARAMS", "1")
+def test_half_params(lay, half_params_on):
     w, s, g = _case(20, 256, 9, s_kind="random")
     packed = _pack(lay, w, s)
     assert packed.scale.dtype == (torch.float16 if lay.bits <= 4 else torch.float32)  # float16 for bits <= 4 only

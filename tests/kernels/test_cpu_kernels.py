@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ttq import options
 from ttq.formats.affine import QuantSpec
 from ttq.kernels import cpu, cpu_build
 from ttq.kernels.api import pack_ttq, packed_linear, unpack
@@ -40,7 +41,7 @@ def _case(d_out: int, d_in: int, seed: int, dtype=torch.float32, extreme: bool =
 @pytest.mark.parametrize("group_size", [16, 32, 64, 128, -1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_codes_equal_affine_quantize(bits, group_size, dtype):
-    d_out, d_in = 37, 200  # odd rows; 200 is not a multiple of 32/64/128/ a block: short last group + padding
+    d_out, d_in = 37, 200  # odd rows; 200 is not a multiple of 32/64/128/ a tile: short last group + padding
     w, s = _case(d_out, d_in, bits * 1000 + group_size, dtype)
     spec = QuantSpec(bits=bits, group_size=group_size)
     packed = pack_ttq(w, s, spec)
@@ -56,7 +57,7 @@ def test_codes_equal_affine_quantize(bits, group_size, dtype):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 128])
-@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7, 20, 40])  # > 32: blocked dequantize + mm
+@pytest.mark.parametrize("n_tokens", [1, 3, 4, 7, 20, 40])  # > 32: tiled dequantize + mm
 def test_linear_matches_reference(bits, group_size, n_tokens):
     d_out, d_in = 45, 300
     w, s = _case(d_out, d_in, 7 + bits)
@@ -94,9 +95,15 @@ def test_lowrank_and_bias():
         assert _rel(packed_linear(x, packed, s, bias, b, a), reference_linear(x, packed, s, bias, b, a)) < 1e-5
 
 
+@pytest.fixture
+def half_params_on():
+    """The option half_params on for one test (what TTQ_HALF_PARAMS=1 sets at start-up)."""
+    with options.using(half_params=True):
+        yield
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_half_params_option(bits, monkeypatch):
-    monkeypatch.setenv("TTQ_HALF_PARAMS", "1")
+def test_half_params_option(bits, half_params_on):
     w, s = _case(37, 200, bits)
     spec = QuantSpec(bits=bits, group_size=32)
     packed = pack_ttq(w, s, spec)
@@ -123,8 +130,7 @@ def test_zero_range_groups_dequantize_exactly():
     assert torch.equal(unpack(packed)[0][0], torch.zeros(64, dtype=torch.uint8))
 
 
-def test_extreme_scale_keeps_float32_params(monkeypatch):
-    monkeypatch.setenv("TTQ_HALF_PARAMS", "1")
+def test_extreme_scale_keeps_float32_params(half_params_on):
     w, s = _case(33, 160, 9, extreme=True)
     spec = QuantSpec(bits=4, group_size=32)
     packed = pack_ttq(w, s, spec)
@@ -179,7 +185,7 @@ def test_unsupported_group_size_falls_back_or_raises():
 def test_layout_sizes():
     w, s = _case(4, 576, 3)
     sizes = {b: pack_ttq(w, s, QuantSpec(bits=b, group_size=32)).qweight.shape[1] for b in (2, 3, 4, 8)}
-    assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column blocks
+    assert sizes == {2: 9 * 16, 3: 5 * 48, 4: 18 * 16, 8: 576}  # 576 columns: 64/128/32/16-column tiles
 
 
 @pytest.mark.parametrize("binding", ["pybind", "torch.ops"])
@@ -245,16 +251,16 @@ from ttq.kernels.api import pack_ttq, packed_linear, unpack
 from ttq.kernels.reference import reference_linear, dequantize_packed
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import scaled_quantize
+from ttq import options
 import sys
 if sys.argv[1] == "0":  # the plain build also stands in for a Python without its headers: ops only, no binding
     cpu_build.python_headers = lambda: False
 assert cpu_build.load(strict=True) and torch.ops.ttq_cpu.has_avx512() == 0
 assert (cpu_build.module() is None) == (sys.argv[1] == "0")
 assert torch.ops.ttq_cpu.has_avx2_gemm() == int(sys.argv[1])  # x86-64-v3: AVX2 GEMM; x86-64: portable loop
-import os
 g = torch.Generator().manual_seed(0)
 for half in ("0", "1"):  # float32 and float16 scale / zero
-    os.environ["TTQ_HALF_PARAMS"] = half
+    options.configure(half_params=half == "1")
     for bits in (2, 3, 4, 8):
         for gs in (16, 128, -1):
             w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1

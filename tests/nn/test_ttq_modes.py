@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ttq
-from ttq import runtime
+from ttq import options, runtime
 from ttq.nn.linear import PromptOptions, TTQLinear
 
 PROMPT = [1, 403, 407, 261, 378, 261, 286, 270, 1142 % 512, 259, 45, 423]
@@ -55,12 +55,11 @@ def test_prompt_mode_quantizes_once_per_prompt(stories_model):
     assert runtime.packed_bytes(model) > 0
 
 
-def test_prefill_matches_per_sequence_quantization(stories_model, monkeypatch):
+def test_prefill_matches_per_sequence_quantization(stories_model):
     """With the reference layout, the prefill logits of prompt mode are the per-sequence mode's."""
-    monkeypatch.setenv("TTQ_DISABLE_KERNELS", "1")
     model = _quantized(stories_model, bits=3)
     ids = torch.tensor([PROMPT])
-    with torch.no_grad():
+    with torch.no_grad(), options.using(disable_kernels=True):
         per_seq = model(ids).logits
         runtime.set_mode(model, "prompt")
         prompt = model(ids).logits
@@ -178,8 +177,9 @@ def test_decode_fast_path_equals_kernel_linear(layout, rank):
             reference_linear(x, lin.packed, lin.s, weight=lin.reference_weight[:, :48])
 
 
-def test_half_params_option(monkeypatch):
-    """PromptOptions.half_params picks float16 / float32 scale-zero whatever TTQ_HALF_PARAMS says."""
+def test_half_params_option():
+    """PromptOptions.half_params picks float16 / float32 scale-zero whatever the process option says
+    (ttq.options half_params, TTQ_HALF_PARAMS at start-up)."""
     from ttq.kernels import cpu_build
 
     if not cpu_build.load():
@@ -187,11 +187,11 @@ def test_half_params_option(monkeypatch):
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 24)
     x, x1 = torch.randn(1, 5, 64), torch.randn(1, 1, 64)
-    with torch.no_grad():
+    with torch.no_grad(), options.using():  # the process options restored after the test
         for env, half, bits, want in [("0", True, 4, torch.float16), ("1", False, 4, torch.float32),
                                       ("1", None, 4, torch.float16), ("0", None, 3, torch.float32),
                                       ("0", True, 8, torch.float32)]:
-            monkeypatch.setenv("TTQ_HALF_PARAMS", env)
+            options.configure(half_params=env == "1")
             layer = TTQLinear(lin, ttq.QuantSpec(bits=bits, group_size=32), ttq.ScaleSpec())
             layer.set_mode("prompt", PromptOptions(half_params=half))
             layer(x)
@@ -201,7 +201,7 @@ def test_half_params_option(monkeypatch):
             layer(x)
             assert layer.prompt.packed.scale.dtype == want
             torch.testing.assert_close(fast, layer(x1), rtol=1e-5, atol=1e-5)  # oracle on the same stored values
-        monkeypatch.setenv("TTQ_HALF_PARAMS", "0")
+        options.configure(half_params=False)
         layer = TTQLinear(lin, ttq.QuantSpec(bits=4, group_size=32), ttq.ScaleSpec())
         layer.set_mode("prompt", PromptOptions(half_params=True))  # env says 0: the option wins
         layer(x)

@@ -78,7 +78,7 @@ class AppendixHConfig:
             raise ValueError(f"repeats must be >= 3 for a median, got {self.repeats}")
 
 
-# decode-kernel candidates (BLOCK_N, columns per step, num_warps); the best three are retried with more stages
+# decode-kernel candidates (TILE_N, columns per step, num_warps); the best three are retried with more stages
 TUNE_CONFIGS = [(bn, cols, nw) for bn in (1, 2, 4, 8) for cols in (256, 512, 1024) for nw in (1, 2, 4)]
 TUNE_STAGES = (2, 3)
 
@@ -152,13 +152,12 @@ def tune_decode(d_in: int, d_out: int, cfg: AppendixHConfig, gen: torch.Generato
     """Fastest decode-kernel configuration for this shape (rotate mode, r = 0); registers it."""
     import triton
 
-    from ttq.formats.affine import QuantSpec
+    from ttq.formats.affine import QuantSpec, effective_group_size
     from ttq.kernels.api import pack_ttq
     from ttq.kernels.triton_matmul import gemv_words, set_gemv_config
-    from ttq.kernels.triton_quant import effective_group
 
     spec = QuantSpec(bits=cfg.bits, group_size=cfg.group_size)
-    g = effective_group(cfg.group_size, d_in)
+    g = effective_group_size(d_in, cfg.group_size)
     base = _make_layers(d_in, d_out, 1, 0, gen)[0]
     nbytes = pack_ttq(base[0], base[1], spec, layout="cuda_triton").nbytes()
     n = _n_copies("rotate", nbytes, cfg.rotate_bytes)

@@ -21,14 +21,17 @@ The three formats differ only in the per-group scale ``S`` (``W_hat = E2M1[codes
 down to 2^-9).  MXFP4 follows the OCP rule (``emax(E2M1) = 2``), so weights
 in ``(6 S, 8 S)`` saturate to ``6 S``.  The zero-point tensor of the common
 interface is all zeros.  ``QuantSpec.nu`` multiplies each group's absmax
-before the scale is formed; ``QuantSpec.symmetric`` has no effect.
+before the scale is formed; ``QuantSpec.symmetric`` has no effect.  The three are
+registered as formats (:mod:`ttq.formats.registry`); bits per weight ``4 + scale_bits / g``
+for ``fp4``, ``4 + 8 / g`` for the 8-bit scales of ``nvfp4`` and ``mxfp4``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ttq.formats.affine import QuantSpec, _grouped, check_finite, effective_group_size, expand_groups
+from ttq.formats.registry import codebook_format, register_format
+from ttq.formats.spec import QuantSpec, _grouped, check_finite, effective_group_size, expand_groups
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
@@ -131,3 +134,20 @@ def fp4_quantize(
 def fp4_dequantize(codes: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """``E2M1[codes] * S`` (d_out, d_in), float32."""
     return e2m1_decode(codes) * expand_groups(scale, codes.shape[1], group_size)
+
+
+def _fp4_bits_per_weight(spec: QuantSpec, g: int, scale_bits: int) -> float:
+    """``q + scale_bits / g``: fp4 stores its float scale at the caller's width."""
+    return spec.bits + scale_bits / g
+
+
+def _fp8_scale_bits_per_weight(spec: QuantSpec, g: int, scale_bits: int) -> float:
+    """``q + 8 / g``: nvfp4's E4M3 and mxfp4's E8M0 scales (nvfp4's per-tensor fp32 scale is negligible)."""
+    return spec.bits + 8 / g
+
+
+FP4 = register_format(codebook_format("fp4", fp4_params, fp4_quantize, fp4_dequantize, _fp4_bits_per_weight))
+NVFP4 = register_format(codebook_format("nvfp4", fp4_params, fp4_quantize, fp4_dequantize, _fp8_scale_bits_per_weight,
+                                        group_size=16))
+MXFP4 = register_format(codebook_format("mxfp4", fp4_params, fp4_quantize, fp4_dequantize, _fp8_scale_bits_per_weight,
+                                        group_size=32))

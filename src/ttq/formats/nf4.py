@@ -12,13 +12,15 @@ Codes are the sorted level index 0..15 (code 7 is zero), the same order as
 bitsandbytes' NF4 table.  The zero-point tensor of the common interface is
 all zeros.  ``QuantSpec.nu`` multiplies the absmax (nu < 1 clips the
 largest weights); ``QuantSpec.symmetric`` has no effect (NF4 is symmetric).
+Registered as format ``"nf4"`` (:mod:`ttq.formats.registry`): ``4 + scale_bits / g`` bits per weight.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ttq.formats.affine import QuantSpec, _grouped, check_finite, effective_group_size, expand_groups
+from ttq.formats.registry import codebook_format, register_format
+from ttq.formats.spec import QuantSpec, _grouped, check_finite, effective_group_size, expand_groups
 
 # bitsandbytes / QLoRA NF4 levels (create_normal_map(offset=0.9677083), float32).
 NF4_LEVELS = (
@@ -99,3 +101,11 @@ def nf4_dequantize(codes: torch.Tensor, scale: torch.Tensor, group_size: int) ->
     """``NF4[codes] * absmax`` (d_out, d_in), float32."""
     s = expand_groups(scale, codes.shape[1], group_size)
     return nf4_codebook().to(codes.device)[codes.long()] * s
+
+
+def _nf4_bits_per_weight(spec: QuantSpec, g: int, scale_bits: int) -> float:
+    """``q + scale_bits / g``: the codes and one stored absmax per group."""
+    return spec.bits + scale_bits / g
+
+
+NF4 = register_format(codebook_format("nf4", nf4_params, nf4_quantize, nf4_dequantize, _nf4_bits_per_weight))

@@ -25,7 +25,7 @@ layout          tensors (all row-major, contiguous)
                 scale, zero float32 (d_out, n_groups).
 ``cpu_q8``      qweight uint8 (d_out, 16 * ceil(d_in / 16)), one code per byte, columns
                 past d_in hold 0.
-``cpu_q4``      qweight uint8 (d_out, 16 * ceil(d_in / 32)); per block of 32 columns,
+``cpu_q4``      qweight uint8 (d_out, 16 * ceil(d_in / 32)); per tile of 32 columns,
                 byte j holds column 32 i + j (low nibble) and 32 i + 16 + j (high nibble).
 ``cpu_q4_i8``   the ``cpu_q4`` tensors (same packing); opt-in (priority below ``cpu_q4``, never
                 picked by ``layout=None``): bits 4, g a multiple of 32 or -1, AVX-512 VNNI or AVX2.
@@ -33,9 +33,9 @@ layout          tensors (all row-major, contiguous)
                 are not bit-identical to the reference (~0.5% relative on Gaussian inputs).
 ``cpu_q8_i8``   the ``cpu_q8`` tensors (same packing); opt-in like ``cpu_q4_i8`` (priority below
                 ``cpu_q8``): bits 5..8, g a multiple of 32 or -1, AVX-512 VNNI or AVX2, int8 ``x / s``.
-``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per block of 64 columns,
+``cpu_q2``      qweight uint8 (d_out, 16 * ceil(d_in / 64)); per tile of 64 columns,
                 byte j holds column 64 i + 16 k + j in bits 2k..2k+1, k = 0..3.
-``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per block of 128 columns,
+``cpu_q3``      qweight uint8 (d_out, 48 * ceil(d_in / 128)); per tile of 128 columns,
                 16 little-endian 24-bit lanes (bytes 3j..3j+2 = lane j), lane j holding
                 column 128 i + 16 k + j in bits 3k..3k+2, k = 0..7 (3 bits per weight).
 ==============  =========================================================================
@@ -43,7 +43,8 @@ layout          tensors (all row-major, contiguous)
 For the ``cpu_q*`` layouts scale and zero are (d_out, n_groups) float32, so the
 packed weights are exactly :func:`ttq.formats.affine.quantize` of ``(W - B A) * s``
 computed in float32 (the per-sequence mode's weights); with ``half_params=True``
-(:func:`pack_ttq`, ``PromptOptions``, ``--half-params``; ``TTQ_HALF_PARAMS=1`` sets the default)
+(:func:`pack_ttq`, ``PromptOptions``, ``--half-params``; :mod:`ttq.options` ``half_params``, from
+``TTQ_HALF_PARAMS=1``, sets the default)
 they are stored in float16 for bits <= 4 when every value fits (fewer bytes per
 decode step; the oracle dequantizes the stored values, so kernel and oracle still
 see the same weights).  Padded columns carry code 0 and never reach the output.
@@ -56,31 +57,41 @@ packing (``_convert_weight_to_int4pack_for_cpu``) alone costs several times a
 fused prompt-mode quantization of the same layer (measured on the development machine).
 
 Kernels register with :func:`register_kernel` (a CUDA/Triton module can add its
-own layouts for ``device_type="cuda"``).  Selection: an explicit ``layout``
+own layouts for ``device_type="cuda"``); the built-in ones are the modules named in
+``KERNEL_MODULES``, imported on first use.  Selection: an explicit ``layout``
 must be supported or a ``ValueError`` is raised; ``layout=None`` takes the
 highest-priority registered kernel of the weight's device that supports the
 combination, else the ``u8`` reference path with one logged line (or a
-``ValueError`` with ``strict=True``).  ``TTQ_DISABLE_KERNELS=1`` in the
-environment forces the reference path.
+``ValueError`` with ``strict=True``).  The option ``disable_kernels`` of
+:mod:`ttq.options` (``TTQ_DISABLE_KERNELS=1`` in the environment at start-up) forces the
+reference path.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
-from ttq.formats.affine import QuantSpec, num_groups
+from ttq import options
+from ttq.formats.spec import QuantSpec, num_groups
 
 log = logging.getLogger(__name__)
 
 REFERENCE_LAYOUT = "u8"
-DISABLE_ENV = "TTQ_DISABLE_KERNELS"
-# modules of ttq.kernels imported on first use; each registers its kernels with @register_kernel
-KERNEL_MODULE_PREFIXES = ("cpu", "cuda", "triton")
+DISABLE_ENV = options.ENV_VARS["disable_kernels"]  # named in messages: the way users set the option
+# The modules that register the built-in kernels (@register_kernel), imported in this order on first use
+# (:func:`_load_builtin_kernels`): the u8 oracle, the cpu_q* layouts, the int8-activation cpu_q*_i8
+# layouts, the CUDA layouts (Triton; skipped with a debug line when it is not installed).
+KERNEL_MODULES = (
+    "ttq.kernels.reference",
+    "ttq.kernels.cpu",
+    "ttq.kernels.cpu_i8",
+    "ttq.kernels.cuda_register",
+)
 
 
 @dataclass(frozen=True)
@@ -195,8 +206,8 @@ def registered_layouts(device_type: str | None = None) -> list[str]:
 
 
 def kernels_disabled() -> bool:
-    """True when ``TTQ_DISABLE_KERNELS`` is set to a true value (1/true/yes)."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when the option ``disable_kernels`` is on (:mod:`ttq.options`; ``TTQ_DISABLE_KERNELS=1`` at start-up)."""
+    return options.current().disable_kernels
 
 
 def log_once(msg: str) -> None:
@@ -210,18 +221,12 @@ _BUILTINS_LOADED = False
 
 
 def _load_builtin_kernels() -> None:
-    """Import the modules that register built-in kernels (lazily, never raising)."""
+    """Import the modules of ``KERNEL_MODULES`` (lazily, once, never raising)."""
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    import importlib
-    import pkgutil
-
-    import ttq.kernels as pkg
-
-    found = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith(KERNEL_MODULE_PREFIXES))
-    for mod in ["ttq.kernels.reference"] + [f"ttq.kernels.{m}" for m in found]:
+    for mod in KERNEL_MODULES:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:  # an optional dependency (triton, ...) is not installed
@@ -252,7 +257,8 @@ def select_layout(
         if layout == REFERENCE_LAYOUT:
             return layout
         if kernels_disabled():
-            raise ValueError(f"layout {layout!r} was requested but {DISABLE_ENV} is set; unset it or use layout=None")
+            raise ValueError(f"layout {layout!r} was requested but kernels are disabled ({DISABLE_ENV} / "
+                             f"ttq.options disable_kernels); turn the option off or use layout=None")
         why = get_kernel(layout, device_type).supports(spec, shape, dtype)
         if why is not None:
             raise ValueError(f"layout {layout!r} cannot pack bits={spec.bits}, group_size={spec.group_size}, "
@@ -260,8 +266,10 @@ def select_layout(
         return layout
     if kernels_disabled():
         if strict:
-            raise ValueError(f"strict kernel selection but {DISABLE_ENV} is set")
-        log_once(f"{DISABLE_ENV} is set: packed weights use the reference layout 'u8'")
+            raise ValueError(f"strict kernel selection but kernels are disabled ({DISABLE_ENV} / "
+                             f"ttq.options disable_kernels)")
+        log_once(f"kernels are disabled ({DISABLE_ENV} / ttq.options disable_kernels): packed weights use the "
+                 f"reference layout 'u8'")
         return REFERENCE_LAYOUT
     reasons = []
     for e in sorted(_REGISTRY.values(), key=lambda e: -e.priority):
@@ -325,8 +333,9 @@ def pack_ttq(
             kernel has ``pack_into``, its tensors are overwritten (no new allocation) and shared
             by the returned weight.
         half_params: store scale / zero in float16 for bits <= 4 (fewer bytes per decode step;
-            5..8-bit codes keep float32); None = the ``TTQ_HALF_PARAMS`` environment default
-            (off).  Only the ``cpu_q*`` layouts store float16; True with another layout raises.
+            5..8-bit codes keep float32); None = the option ``half_params`` of :mod:`ttq.options`
+            (``TTQ_HALF_PARAMS`` at start-up; off).  Only the ``cpu_q*`` layouts store float16; True
+            with another layout raises.
     Returns:
         a :class:`PackedWeight`.
     """

@@ -12,19 +12,17 @@ against the layout definition rather than against itself.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ttq.formats.affine import QuantSpec, effective_group_size, num_groups
+from ttq import options
+from ttq.formats.spec import QuantSpec, effective_group_size, num_groups
 from ttq.kernels import cpu_build
 from ttq.kernels.api import PackedWeight, register_kernel
 from ttq.methods.lowrank import residual
 
-SMALL_BATCH = 32  # rows of x up to which the packed GEMM is used; above, blocked dequantize + torch.mm (measured)
+SMALL_BATCH = 32  # rows of x up to which the packed GEMM is used; above, tiled dequantize + torch.mm (measured)
 CHUNK = 16  # group sizes must be multiples of this (or cover the whole row)
-HALF_PARAMS_ENV = "TTQ_HALF_PARAMS"  # =1: scale/zero in float16 for bits <= 4 (when they fit), else float32
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LAYOUT_BITS = {"cpu_q2": (2,), "cpu_q3": (3,), "cpu_q4": (4,), "cpu_q8": (5, 6, 7, 8)}
 
@@ -51,12 +49,13 @@ def check_supported(layout: str, spec: QuantSpec, shape: tuple[int, int], dtype:
 
 
 def half_params_enabled() -> bool:
-    """float16 scale / zero (fewer bytes per decode step, weights rounded by 2^-11): ``TTQ_HALF_PARAMS=1``."""
-    return os.environ.get(HALF_PARAMS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """float16 scale / zero by default (fewer bytes per decode step, weights rounded by 2^-11): the option
+    ``half_params`` of :mod:`ttq.options` (``TTQ_HALF_PARAMS=1`` at start-up)."""
+    return options.current().half_params
 
 
 def wants_half(spec: QuantSpec, half_params: bool | None) -> bool:
-    """float16 scale / zero for ``spec``: bits <= 4 and ``half_params`` (None = the ``TTQ_HALF_PARAMS`` default)."""
+    """float16 scale / zero for ``spec``: bits <= 4 and ``half_params`` (None = :func:`half_params_enabled`)."""
     return spec.bits <= 4 and (half_params_enabled() if half_params is None else bool(half_params))
 
 
@@ -64,7 +63,7 @@ def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None,
          half_params: bool | None = None) -> PackedWeight:
     """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`).
 
-    ``half_params``: float16 scale / zero for bits <= 4 (None = ``TTQ_HALF_PARAMS``); kept in
+    ``half_params``: float16 scale / zero for bits <= 4 (None = :func:`half_params_enabled`); kept in
     float32 when a value does not fit float16's normal range.
     """
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
@@ -103,29 +102,29 @@ def dequantize(packed: PackedWeight) -> torch.Tensor:
     return _ops().dequant(packed.qweight, packed.scale, packed.zero, packed.bits, g, d_out, d_in, False)
 
 
-DENSE_BLOCK_BYTES = 4 << 20  # dequantize this much at a time for large batches (a reused heap block, no page faults)
+DENSE_TILE_BYTES = 4 << 20  # dequantize this much at a time for large batches (a reused allocation, no page faults)
 
 
 def _dense_product(xs: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """``xs @ deq(packed)^T`` for many rows of ``xs`` (n, d_in): dequantize blocks of output rows
+    """``xs @ deq(packed)^T`` for many rows of ``xs`` (n, d_in): dequantize tiles of output rows
     (float32, a few MB) and multiply each with ``torch.mm``; returns (n, d_out) float32."""
     d_out, d_in = packed.shape
     g = effective_group_size(d_in, packed.group_size)
-    rows = max(16, DENSE_BLOCK_BYTES // (4 * d_in))
-    y_t = torch.empty(d_out, xs.shape[0], dtype=torch.float32)  # (d_out, n): row blocks are contiguous
+    rows = max(16, DENSE_TILE_BYTES // (4 * d_in))
+    y_t = torch.empty(d_out, xs.shape[0], dtype=torch.float32)  # (d_out, n): row tiles are contiguous
     xs_t = xs.t()  # (d_in, n)
     for r0 in range(0, d_out, rows):
         r1 = min(d_out, r0 + rows)
-        w_blk = _ops().dequant(packed.qweight[r0:r1], packed.scale[r0:r1], packed.zero[r0:r1], packed.bits, g,
+        w_tile = _ops().dequant(packed.qweight[r0:r1], packed.scale[r0:r1], packed.zero[r0:r1], packed.bits, g,
                                r1 - r0, d_in, False)  # (rows, d_in)
-        torch.mm(w_blk, xs_t, out=y_t[r0:r1])
+        torch.mm(w_tile, xs_t, out=y_t[r0:r1])
     # row-major like F.linear's output: downstream ops (SDPA) choose kernels by stride, and a
     # transposed result made them round differently from the reference path
     return y_t.t().contiguous()
 
 
 def dense_linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None) -> torch.Tensor:
-    """Large-batch (prefill) ``deq(packed) @ (x / s) + B (A x) + bias``: blocked dequantize + ``torch.mm``."""
+    """Large-batch (prefill) ``deq(packed) @ (x / s) + B (A x) + bias``: tiled dequantize + ``torch.mm``."""
     d_out, d_in = packed.shape
     xf = x.reshape(-1, d_in).float()  # (..., d_in) -> (n, d_in)
     y = _dense_product(xf / s.float() if s is not None else xf, packed)  # (n, d_out)
@@ -202,16 +201,16 @@ def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     if packed.layout == "cpu_q8":
         codes = qw[:, :d_in]
     elif packed.layout == "cpu_q4":
-        blocks = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_blocks, 1, 16)
-        codes = torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(d_out, -1)[:, :d_in]
+        tiles = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_tiles, 1, 16)
+        codes = torch.cat([tiles & 15, tiles >> 4], dim=2).reshape(d_out, -1)[:, :d_in]
     elif packed.layout == "cpu_q3":
-        lanes = qw.reshape(d_out, -1, 16, 3).to(torch.int32)  # (d_out, n_blocks, 16 lanes, 3 bytes)
+        lanes = qw.reshape(d_out, -1, 16, 3).to(torch.int32)  # (d_out, n_tiles, 16 lanes, 3 bytes)
         v = lanes[..., 0] | (lanes[..., 1] << 8) | (lanes[..., 2] << 16)  # 24-bit lanes
-        codes = torch.stack([(v >> (3 * k)) & 7 for k in range(8)], dim=2)  # (d_out, n_blocks, 8, 16)
+        codes = torch.stack([(v >> (3 * k)) & 7 for k in range(8)], dim=2)  # (d_out, n_tiles, 8, 16)
         codes = codes.to(torch.uint8).reshape(d_out, -1)[:, :d_in]
     else:
-        blocks = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_blocks, 1, 16)
-        codes = torch.cat([(blocks >> (2 * k)) & 3 for k in range(4)], dim=2)  # (d_out, n_blocks, 4, 16)
+        tiles = qw.reshape(d_out, -1, 1, 16)  # (d_out, n_tiles, 1, 16)
+        codes = torch.cat([(tiles >> (2 * k)) & 3 for k in range(4)], dim=2)  # (d_out, n_tiles, 4, 16)
         codes = codes.reshape(d_out, -1)[:, :d_in]
     n = num_groups(d_in, packed.group_size)
     return codes.contiguous(), packed.scale.float().reshape(d_out, n), packed.zero.float().reshape(d_out, n)

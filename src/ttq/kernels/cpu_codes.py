@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ttq.formats.affine import QuantSpec, effective_group_size, num_groups
+from ttq.formats.spec import QuantSpec, effective_group_size, num_groups
 from ttq.kernels import cpu_build
 
 MIN_FUSED_ELEMENTS = 32768  # at::internal::GRAIN_SIZE: smaller tensors never open a parallel region in PyTorch

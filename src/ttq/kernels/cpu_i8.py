@@ -1,13 +1,13 @@
 """The opt-in int8-activation layouts ``cpu_q4_i8`` and ``cpu_q8_i8`` (AVX-512 VNNI or AVX2).
 
 Each reads the packed tensors of its base layout (``cpu_q4`` / ``cpu_q8``: same packer, same
-bytes); only the product differs.  Per call, ``x / s`` is rounded to int8 per block of 32
+bytes); only the product differs.  Per call, ``x / s`` is rounded to int8 per tile of 32
 columns (symmetric, scale ``sx = absmax / 127``) and the unsigned codes are multiplied with
 ``_mm512_dpbusd_epi32`` (``packed_mm_q4i8`` / ``packed_mm_q8i8`` in csrc/ttq_cpu.cpp; the kernels in
 csrc/vnni.inc, and csrc/avx2_i8.inc for AVX2).  Codes are centred at ``c = 2^(bits-1)``; the
 zero-point term ``sum_g (Z_g + c S_g) sum_{i in g} x_i / s_i`` and the rank-r term ``B (A x)`` stay in
 float32, so only the ``S (q - c)`` part of each weight sees the int8 rounding:
-``|y - y_exact| <= sum_i |S_g(i) (q_i - c)| sx_b(i) / 2`` (about
+``|y - y_exact| <= sum_i |S_g(i) (q_i - c)| sx_t(i) / 2`` (about
 0.3-1% relative error on random layers, see tests/kernels/test_cpu_i8.py).  The results are
 therefore not bit-identical to the ``u8`` reference, which is why ``layout=None`` keeps
 choosing the exact float kernel (``cpu_q4`` / ``cpu_q8``, priority 10 > 5).
@@ -17,7 +17,7 @@ are multiples of 32 or one group per row, float32 / bfloat16 / float16 weights a
 activations; batches above ``cpu.SMALL_BATCH`` tokens use the exact dense path of
 :mod:`ttq.kernels.cpu`.  Offered when the extension was built with AVX-512 VNNI and the running CPU
 has ``avx512_vnni``, or in builds without AVX-512 on CPUs with AVX2 + FMA (``_mm256_maddubs_epi16``
-kernels, one 32-column block at a time, the same rounding of ``x / s``; 5..8-bit codes centred to int8).
+kernels, one 32-column tile at a time, the same rounding of ``x / s``; 5..8-bit codes centred to int8).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import dataclasses
 
 import torch
 
-from ttq.formats.affine import QuantSpec, effective_group_size
+from ttq.formats.spec import QuantSpec, effective_group_size
 from ttq.kernels import cpu, cpu_build
 from ttq.kernels.api import PackedWeight, register_kernel
 
 PRIORITY = 5  # below the base layouts' 10: never picked by layout=None while the exact kernel serves
-BLOCK = 32  # columns per int8 activation scale
+TILE = 32  # columns per int8 activation scale (the int8 activation tile)
 
 
 def i8_available() -> bool:
@@ -63,9 +63,9 @@ class CpuI8Kernel:
             return f"{self.layout} holds {held} codes (the {self.base} layout), not {spec.bits}"
         d_in = shape[1]
         g = effective_group_size(d_in, spec.group_size)
-        if g % BLOCK and g < d_in:
-            return (f"group size {spec.group_size} is not a multiple of {BLOCK} (int8 activations are scaled per "
-                    f"{BLOCK} columns; use a multiple of {BLOCK} or -1)")
+        if g % TILE and g < d_in:
+            return (f"group size {spec.group_size} is not a multiple of {TILE} (int8 activations are scaled per "
+                    f"{TILE} columns; use a multiple of {TILE} or -1)")
         why = cpu.check_supported(self.base, spec, shape, dtype)
         if why is not None:
             return why
@@ -101,7 +101,7 @@ class CpuI8Kernel:
             raise RuntimeError(f"packed weight in layout {self.layout!r} needs the ttq C++ extension with AVX-512 "
                                f"VNNI or AVX2 ({cpu_build.error() or 'not available on this CPU'}); "
                                f"repack with layout=None")
-        return cpu.linear(x, packed, s, bias, b, a, op=self.op)  # prefill-sized x: the exact blocked path
+        return cpu.linear(x, packed, s, bias, b, a, op=self.op)  # prefill-sized x: the exact tiled path
 
     def decoder(self, packed, s=None, bias=None, b=None, a=None):
         """Prompt mode's decode product (:func:`ttq.kernels.cpu.bind_small_batch` with ``one_token``; None

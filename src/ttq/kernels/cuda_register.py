@@ -34,10 +34,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttq.formats.affine import QuantSpec, num_groups
+from ttq.formats.spec import QuantSpec, effective_group_size, num_groups
 from ttq.kernels.api import PackedWeight, register_kernel
 from ttq.kernels.triton_matmul import GEMV_MAX_M, dequant_words, epilogue, gemv_words, lowrank_t, prep_bf16
-from ttq.kernels.triton_quant import MAX_RANK, effective_group, quantize_words, supports, unpack_words
+from ttq.kernels.triton_quant import MAX_RANK, quantize_words, supports, unpack_words
 from ttq.methods.lowrank import residual
 
 LAYOUT_TRITON = "cuda_triton"
@@ -97,7 +97,7 @@ class TritonKernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         s32 = None if s is None else s.float()
-        g = effective_group(packed.group_size, d_in)
+        g = effective_group_size(d_in, packed.group_size)
         if x2.shape[0] <= GEMV_MAX_M:
             t = lowrank_t(x2, a) if _rank(a) else None  # (M, r) float32
             y = gemv_words(x2, packed.qweight, packed.scale, packed.zero, s32, packed.bits, g,
@@ -128,14 +128,14 @@ class AtenInt4Kernel:
         if why:
             return why
         d_out, d_in = shape
-        g = effective_group(spec.group_size, d_in)
+        g = effective_group_size(d_in, spec.group_size)
         if spec.bits != 4 or g not in (32, 64, 128, 256) or d_in % g or d_in % 32 or d_out % 8:
             return (f"tinygemm int4 needs bits=4, group 32/64/128/256 dividing d_in, d_in % 32 == 0 and "
                     f"d_out % 8 == 0 (got bits={spec.bits}, group={g}, shape={tuple(shape)})")
         return None
 
     def pack(self, w, s, spec, b, a) -> PackedWeight:
-        g = effective_group(spec.group_size, w.shape[1])
+        g = effective_group_size(w.shape[1], spec.group_size)
         sz = torch.empty(w.shape[1] // g, w.shape[0], 2, dtype=torch.bfloat16, device=w.device)  # (n_groups, d_out, 2)
         return self._pack(w, s, spec, b, a, sz, None, None)
 
@@ -146,7 +146,7 @@ class AtenInt4Kernel:
     def _pack(self, w, s, spec, b, a, sz, norm, qweight) -> PackedWeight:
         d_out, d_in = w.shape
         w, b, a = _split_rank(w, b, a)
-        g = effective_group(spec.group_size, d_in)
+        g = effective_group_size(d_in, spec.group_size)
         words, _, _, norm = quantize_words(
             w, s, 4, g, b, a, spec.symmetric, spec.nu, scale_out=sz[..., 0].t(), zero_out=sz[..., 1].t(),
             normalize=True, swap_nibbles=True, zero_mid=True, norm_out=norm,
@@ -160,7 +160,7 @@ class AtenInt4Kernel:
         d_out, d_in = packed.shape
         lead = x.shape[:-1]
         x2 = x.reshape(-1, d_in)
-        g = effective_group(packed.group_size, d_in)
+        g = effective_group_size(d_in, packed.group_size)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         xq, t = prep_bf16(x2, None if s is None else s.float(), packed.zero, g, a if _rank(a) else None)
@@ -173,7 +173,7 @@ class AtenInt4Kernel:
         """Codes recovered exactly by multiplying with the identity (bf16 output keeps 8 bits,
         enough to tell 16 levels apart), scale/zero from the stored values."""
         d_out, d_in = packed.shape
-        g = effective_group(packed.group_size, d_in)
+        g = effective_group_size(d_in, packed.group_size)
         sc = packed.scale[..., 0].float().t()  # (d_out, n_groups)
         zmid = packed.scale[..., 1].float().t()
         eye = torch.eye(d_in, dtype=torch.bfloat16, device=packed.device)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 GEMV_MAX_M = 8
-# decode kernel (BLOCK_N, columns per step, num_warps, num_stages); set_gemv_config() overrides per shape
+# decode kernel (TILE_N, columns per step, num_warps, num_stages); set_gemv_config() overrides per shape
 DEFAULT_GEMV_CONFIG = (4, 1024, 4, 1)
 _GEMV_CONFIGS: dict[tuple, tuple[int, int, int, int]] = {}
 
@@ -41,39 +41,39 @@ def _gemv_kernel(
     X, S_IN, NORM, WORDS, SZ, LB, T, BIAS, Y,
     d_out, d_in, n_words, n_groups, rank,
     stride_xm, stride_words, stride_sz, stride_lb, stride_tm, stride_ym,
-    BITS: tl.constexpr, G: tl.constexpr, GPB: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_S: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BITS: tl.constexpr, G: tl.constexpr, GPB: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_R: tl.constexpr, HAS_S: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """One program: BLOCK_N output rows of one token, GPB groups of columns per step."""
+    """One program: TILE_N output rows of one token, GPB groups of columns per step."""
     P: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = G // P  # words per group
-    BKW: tl.constexpr = GPB * WPG  # words per row per step
-    BK: tl.constexpr = GPB * G
+    TKW: tl.constexpr = GPB * WPG  # words per row per step
+    TK: tl.constexpr = GPB * G
     QM: tl.constexpr = (1 << BITS) - 1
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_n * TILE_N + tl.arange(0, TILE_N)
     rmask = rows < d_out
     wrow = WORDS + rows[:, None].to(tl.int64) * stride_words
     szrow = SZ + rows[:, None].to(tl.int64) * stride_sz
     xrow = X + m * stride_xm
-    wr = tl.arange(0, BKW)
+    wr = tl.arange(0, TKW)
     sh = tl.arange(0, P) * BITS
-    acc = tl.zeros((BLOCK_N, GPB), dtype=tl.float32)
+    acc = tl.zeros((TILE_N, GPB), dtype=tl.float32)
     for g0 in tl.range(0, n_groups, GPB):
-        wcol = g0 * WPG + wr  # (BKW,)
+        wcol = g0 * WPG + wr  # (TKW,)
         words = tl.load(wrow + wcol[None, :], mask=rmask[:, None] & (wcol < n_words)[None, :], other=0)
-        col = g0 * G + tl.arange(0, BK)
+        col = g0 * G + tl.arange(0, TK)
         cm = col < d_in
         xv = tl.load(xrow + col, mask=cm, other=0.0).to(tl.float32)
         if HAS_S:
             xv = xv / tl.load(S_IN + col, mask=cm, other=1.0)
         # codes -> float without I2F: the bits of 2^23 + c, minus 2^23 (exact)
-        c = ((words[:, :, None] >> sh[None, None, :]) & QM) | 0x4B000000  # (BN, BKW, P)
+        c = ((words[:, :, None] >> sh[None, None, :]) & QM) | 0x4B000000  # (TN, TKW, P)
         c = c.to(tl.float32, bitcast=True) - 8388608.0
-        x3 = tl.reshape(xv, (BKW, P))
-        tw = tl.sum(c * x3[None, :, :], axis=2)  # (BN, BKW): per-word partial dot
-        tg = tl.sum(tl.reshape(tw, (BLOCK_N, GPB, WPG)), axis=2)  # (BN, GPB)
+        x3 = tl.reshape(xv, (TKW, P))
+        tw = tl.sum(c * x3[None, :, :], axis=2)  # (TN, TKW): per-word partial dot
+        tg = tl.sum(tl.reshape(tw, (TILE_N, GPB, WPG)), axis=2)  # (TN, GPB)
         xg = tl.sum(tl.reshape(xv, (GPB, G)), axis=1)  # (GPB,)
         gcol = g0 + tl.arange(0, GPB)
         gm = gcol < n_groups
@@ -82,9 +82,9 @@ def _gemv_kernel(
         zr = tl.load(szrow + 2 * gcol[None, :] + 1, mask=m2, other=0.0).to(tl.float32)
         nrm = tl.load(NORM + gcol, mask=gm, other=0.0)
         acc += (sc * tg + zr * xg[None, :]) * nrm[None, :]
-    y = tl.sum(acc, axis=1)  # (BN,)
+    y = tl.sum(acc, axis=1)  # (TN,)
     if HAS_LR:
-        rr = tl.arange(0, BLOCK_R)
+        rr = tl.arange(0, TILE_R)
         lb = tl.load(LB + rows[:, None] * stride_lb + rr[None, :], mask=rmask[:, None] & (rr < rank)[None, :], other=0.0)
         tv = tl.load(T + m * stride_tm + rr, mask=rr < rank, other=0.0)
         y += tl.sum(lb.to(tl.float32) * tv[None, :], axis=1)
@@ -96,12 +96,12 @@ def _gemv_kernel(
 @triton.jit
 def _dequant_kernel(
     WORDS, SZ, NORM, S_IN, OUT, d_out, d_in, stride_words, stride_sz, stride_out,
-    BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_S: tl.constexpr,
+    BITS: tl.constexpr, G: tl.constexpr, TILE_N: tl.constexpr, TILE_K: tl.constexpr, HAS_S: tl.constexpr,
 ):
     P: tl.constexpr = 32 // BITS
     QM: tl.constexpr = (1 << BITS) - 1
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rows = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
+    cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
     rm, cm = rows < d_out, cols < d_in
     m2 = rm[:, None] & cm[None, :]
     r64 = rows[:, None].to(tl.int64)
@@ -120,17 +120,17 @@ def _dequant_kernel(
 @triton.jit
 def _prep_kernel(
     X, S_IN, NORM, A, XQ, T, d_in, rank, stride_xm, stride_a, stride_xqm, stride_tm,
-    G: tl.constexpr, BLOCK: tl.constexpr, PRESCALE: tl.constexpr, HAS_S: tl.constexpr,
+    G: tl.constexpr, TILE: tl.constexpr, PRESCALE: tl.constexpr, HAS_S: tl.constexpr,
 ):
-    """Programs [0, nb): ``xq = x n_g / s`` (bf16) for one block of columns (when PRESCALE);
+    """Programs [0, nb): ``xq = x n_g / s`` (bf16) for one tile of columns (when PRESCALE);
     programs [nb, nb + rank): ``t[r] = A[r] . x`` (float32) for one rank row."""
     pid = tl.program_id(0)
     m = tl.program_id(1)
     nb = 0
     if PRESCALE:
-        nb = tl.cdiv(d_in, BLOCK)
+        nb = tl.cdiv(d_in, TILE)
     if pid < nb:
-        col = pid * BLOCK + tl.arange(0, BLOCK)
+        col = pid * TILE + tl.arange(0, TILE)
         cm = col < d_in
         x = tl.load(X + m * stride_xm + col, mask=cm, other=0.0).to(tl.float32)
         f = tl.load(NORM + col // G, mask=cm, other=1.0)
@@ -139,9 +139,9 @@ def _prep_kernel(
         tl.store(XQ + m * stride_xqm + col, (x * f).to(XQ.dtype.element_ty), mask=cm)
     else:
         r = pid - nb
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in tl.range(0, d_in, BLOCK):
-            col = k0 + tl.arange(0, BLOCK)
+        acc = tl.zeros((TILE,), dtype=tl.float32)
+        for k0 in tl.range(0, d_in, TILE):
+            col = k0 + tl.arange(0, TILE)
             cm = col < d_in
             x = tl.load(X + m * stride_xm + col, mask=cm, other=0.0).to(tl.float32)
             a = tl.load(A + r * stride_a + col, mask=cm, other=0.0).to(tl.float32)
@@ -152,15 +152,15 @@ def _prep_kernel(
 @triton.jit
 def _epilogue_kernel(
     YIN, LB, T, BIAS, Y, d_out, rank, stride_yin, stride_lb, stride_tm, stride_y,
-    BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    TILE: tl.constexpr, TILE_R: tl.constexpr, HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """``y = yin + B t + bias`` in y's dtype."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
     m = tl.program_id(1)
     rm = rows < d_out
     y = tl.load(YIN + m * stride_yin + rows, mask=rm, other=0.0).to(tl.float32)
     if HAS_LR:
-        rr = tl.arange(0, BLOCK_R)
+        rr = tl.arange(0, TILE_R)
         lb = tl.load(LB + rows[:, None] * stride_lb + rr[None, :], mask=rm[:, None] & (rr < rank)[None, :], other=0.0)
         tv = tl.load(T + m * stride_tm + rr, mask=rr < rank, other=0.0)
         y += tl.sum(lb.to(tl.float32) * tv[None, :], axis=1)
@@ -169,21 +169,21 @@ def _epilogue_kernel(
     tl.store(Y + m * stride_y + rows, y.to(Y.dtype.element_ty), mask=rm)
 
 
-def _block_r(rank: int) -> int:
+def _tile_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(max(rank, 1)))
 
 
 def gemv_config(d_out: int, d_in: int, bits: int, g: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, groups per step, num_warps, num_stages) of the decode kernel for this shape."""
+    """(TILE_N, groups per step, num_warps, num_stages) of the decode kernel for this shape."""
     cfg = _GEMV_CONFIGS.get((d_out, d_in, bits, g))
     if cfg is not None:
         return cfg
-    bn, cols, nw, ns = DEFAULT_GEMV_CONFIG
-    return bn, max(1, min(cols // g, triton.next_power_of_2(-(-d_in // g)))), nw, ns
+    tile_n, cols, nw, ns = DEFAULT_GEMV_CONFIG
+    return tile_n, max(1, min(cols // g, triton.next_power_of_2(-(-d_in // g)))), nw, ns
 
 
 def set_gemv_config(d_out: int, d_in: int, bits: int, g: int, cfg: tuple[int, int, int, int]) -> None:
-    """Use ``cfg`` (BLOCK_N, groups per step, num_warps, num_stages) for this shape from now on."""
+    """Use ``cfg`` (TILE_N, groups per step, num_warps, num_stages) for this shape from now on."""
     _GEMV_CONFIGS[(d_out, d_in, bits, g)] = tuple(cfg)
 
 
@@ -193,7 +193,7 @@ def lowrank_t(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     rank = a.shape[0]
     t = torch.empty(m, rank, dtype=torch.float32, device=x.device)
     _prep_kernel[(rank, m)](x, t, t, a, t, t, d_in, rank, x.stride(0), a.stride(0), 0, t.stride(0),
-                            G=16, BLOCK=1024, PRESCALE=False, HAS_S=False, num_warps=4)
+                            G=16, TILE=1024, PRESCALE=False, HAS_S=False, num_warps=4)
     return t
 
 
@@ -218,23 +218,23 @@ def gemv_words(
             norm: (n_groups,) float32.
         s: (d_in,) float32 input scale or None; bits, g: code width and effective group size.
         bias: (d_out,) or None; lr_b: (d_out, r) and t = A x (M, r) float32, or None.
-        config: (BLOCK_N, groups per step, num_warps, num_stages); default :func:`gemv_config`.
+        config: (TILE_N, groups per step, num_warps, num_stages); default :func:`gemv_config`.
     Returns:
         (M, d_out) in x's dtype.
     """
     m, d_in = x.shape
     d_out, n_words = words.shape
     n_groups = sz.shape[1]
-    bn, gpb, nw, ns = config or gemv_config(d_out, d_in, bits, g)
+    tile_n, gpb, nw, ns = config or gemv_config(d_out, d_in, bits, g)
     y = torch.empty(m, d_out, dtype=x.dtype, device=x.device)
     rank = 0 if lr_b is None else lr_b.shape[1]
     dummy = norm
-    _gemv_kernel[(triton.cdiv(d_out, bn), m)](
+    _gemv_kernel[(triton.cdiv(d_out, tile_n), m)](
         x, s if s is not None else dummy, norm, words, sz,
         lr_b if rank else dummy, t if rank else dummy, bias if bias is not None else dummy, y,
         d_out, d_in, n_words, n_groups, rank,
         x.stride(0), words.stride(0), sz.stride(0), lr_b.stride(0) if rank else 0, t.stride(0) if rank else 0, y.stride(0),
-        BITS=bits, G=g, GPB=gpb, BLOCK_N=bn, BLOCK_R=_block_r(rank),
+        BITS=bits, G=g, GPB=gpb, TILE_N=tile_n, TILE_R=_tile_r(rank),
         HAS_S=s is not None, HAS_LR=bool(rank), HAS_BIAS=bias is not None,
         num_warps=nw, num_stages=ns,
     )
@@ -248,10 +248,10 @@ def dequant_words(
     """Effective weight ``deq(Wq) diag(1/s)`` (d_out, d_in) in ``dtype`` (for prefill with cuBLAS)."""
     d_out = words.shape[0]
     out = torch.empty(d_out, d_in, dtype=dtype, device=words.device)
-    bn, bk = 32, 128
-    _dequant_kernel[(triton.cdiv(d_out, bn), triton.cdiv(d_in, bk))](
+    tile_n, tile_k = 32, 128
+    _dequant_kernel[(triton.cdiv(d_out, tile_n), triton.cdiv(d_in, tile_k))](
         words, sz, norm, s if s is not None else norm, out, d_out, d_in, words.stride(0), sz.stride(0), out.stride(0),
-        BITS=bits, G=g, BLOCK_N=bn, BLOCK_K=bk, HAS_S=s is not None, num_warps=4,
+        BITS=bits, G=g, TILE_N=tile_n, TILE_K=tile_k, HAS_S=s is not None, num_warps=4,
     )
     return out
 
@@ -269,11 +269,11 @@ def prep_bf16(
     rank = 0 if a is None else a.shape[0]
     xq = torch.empty(m, d_in, dtype=torch.bfloat16, device=x.device)
     t = torch.empty(m, max(rank, 1), dtype=torch.float32, device=x.device)
-    block = 1024
-    _prep_kernel[(triton.cdiv(d_in, block) + rank, m)](
+    tile = 1024
+    _prep_kernel[(triton.cdiv(d_in, tile) + rank, m)](
         x, s if s is not None else norm, norm, a if rank else x, xq, t, d_in, rank,
         x.stride(0), a.stride(0) if rank else 0, xq.stride(0), t.stride(0),
-        G=g, BLOCK=block, PRESCALE=True, HAS_S=s is not None, num_warps=4,
+        G=g, TILE=tile, PRESCALE=True, HAS_S=s is not None, num_warps=4,
     )
     return xq, (t if rank else None)
 
@@ -285,10 +285,10 @@ def epilogue(
     m, d_out = y_in.shape
     rank = 0 if t is None else t.shape[1]
     y = torch.empty(m, d_out, dtype=dtype, device=y_in.device)
-    block = 128
-    _epilogue_kernel[(triton.cdiv(d_out, block), m)](
+    tile = 128
+    _epilogue_kernel[(triton.cdiv(d_out, tile), m)](
         y_in, lr_b if rank else y_in, t if rank else y_in, bias if bias is not None else y_in, y,
         d_out, rank, y_in.stride(0), lr_b.stride(0) if rank else 0, t.stride(0) if rank else 0, y.stride(0),
-        BLOCK=block, BLOCK_R=_block_r(rank), HAS_LR=bool(rank), HAS_BIAS=bias is not None, num_warps=4,
+        TILE=tile, TILE_R=_tile_r(rank), HAS_LR=bool(rank), HAS_BIAS=bias is not None, num_warps=4,
     )
     return y

@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ttq.formats.spec import effective_group_size
+
 BITS_SUPPORTED = (2, 4, 8)
 MAX_RANK = 64
 
@@ -43,15 +45,11 @@ def codes_per_word(bits: int) -> int:
     return 32 // bits
 
 
-def effective_group(group_size: int, d_in: int) -> int:
-    return d_in if group_size == -1 or group_size >= d_in else group_size
-
-
 def supports(bits: int, group_size: int, d_in: int, rank: int = 0) -> str | None:
     """None when the fused kernels handle this case, else the reason they do not."""
     if bits not in BITS_SUPPORTED:
         return f"bits={bits} (the Triton path packs {BITS_SUPPORTED})"
-    g = effective_group(group_size, d_in)
+    g = effective_group_size(d_in, group_size)
     if g < 16 or g > 1024 or g & (g - 1):
         return f"group_size={group_size} for d_in={d_in} (needs an effective group that is a power of two in 16..1024)"
     if rank > MAX_RANK:
@@ -79,31 +77,31 @@ def _quant_kernel(
     stride_w, stride_lb, stride_la, stride_words,
     stride_s_row, stride_s_grp, stride_z_row, stride_z_grp,
     nu_a, nu_b,
-    BITS: tl.constexpr, G: tl.constexpr, GPB: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_LR: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_NU: tl.constexpr,
+    BITS: tl.constexpr, G: tl.constexpr, GPB: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_R: tl.constexpr, HAS_LR: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_NU: tl.constexpr,
     SWAP_NIBBLES: tl.constexpr, NORMALIZE: tl.constexpr, ZERO_MID: tl.constexpr, USE_RINT: tl.constexpr,
 ):
     P: tl.constexpr = 32 // BITS
     QMAX: tl.constexpr = (1 << BITS) - 1
-    BK: tl.constexpr = GPB * G
+    TK: tl.constexpr = GPB * G
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    cols = pid_k * BK + tl.arange(0, BK)  # (BK,)
+    rows = pid_n * TILE_N + tl.arange(0, TILE_N)  # (TN,)
+    cols = pid_k * TK + tl.arange(0, TK)  # (TK,)
     rmask = rows < d_out
     cmask = cols < d_in
     m2 = rmask[:, None] & cmask[None, :]
     w = tl.load(W + rows[:, None].to(tl.int64) * stride_w + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-    if HAS_LR:  # residual W - B A; r padded to BLOCK_R with zeros
-        rr = tl.arange(0, BLOCK_R)
+    if HAS_LR:  # residual W - B A; r padded to TILE_R with zeros
+        rr = tl.arange(0, TILE_R)
         b = tl.load(LB + rows[:, None] * stride_lb + rr[None, :], mask=rmask[:, None] & (rr[None, :] < rank), other=0.0)
         a = tl.load(LA + rr[:, None] * stride_la + cols[None, :], mask=(rr[:, None] < rank) & cmask[None, :], other=0.0)
         w = w - tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="tf32x3")  # ~fp32 accuracy
     s = tl.load(S_IN + cols, mask=cmask, other=1.0)
-    v = w * s[None, :]  # (BN, BK): W diag(s)
-    v3 = tl.reshape(v, (BLOCK_N, GPB, G))
-    m3 = tl.reshape(m2, (BLOCK_N, GPB, G))
-    vmax = tl.max(tl.where(m3, v3, float("-inf")), axis=2)  # (BN, GPB)
+    v = w * s[None, :]  # (TN, TK): W diag(s)
+    v3 = tl.reshape(v, (TILE_N, GPB, G))
+    m3 = tl.reshape(m2, (TILE_N, GPB, G))
+    vmax = tl.max(tl.where(m3, v3, float("-inf")), axis=2)  # (TN, GPB)
     vmin = tl.min(tl.where(m3, v3, float("inf")), axis=2)
     if SYMMETRIC:
         vmax = tl.maximum(tl.abs(vmax), tl.abs(vmin))
@@ -119,19 +117,19 @@ def _quant_kernel(
     q = tl.minimum(tl.maximum(q, 0.0), QMAX * 1.0).to(tl.int32)
     q = tl.where(m3, q, 0)
     # P consecutive codes -> one int32 (disjoint bit fields, so the sum is an OR)
-    q = tl.reshape(q, (BLOCK_N, BK // P, P))
+    q = tl.reshape(q, (TILE_N, TK // P, P))
     pos = tl.arange(0, P)
     if SWAP_NIBBLES:
         pos = pos ^ 1
-    words = tl.sum(q << (pos * BITS)[None, None, :], axis=2)  # (BN, BK // P)
-    wcols = pid_k * (BK // P) + tl.arange(0, BK // P)
+    words = tl.sum(q << (pos * BITS)[None, None, :], axis=2)  # (TN, TK // P)
+    wcols = pid_k * (TK // P) + tl.arange(0, TK // P)
     tl.store(WORDS + rows[:, None].to(tl.int64) * stride_words + wcols[None, :], words,
              mask=rmask[:, None] & (wcols[None, :] < n_words))
     gcols = pid_k * GPB + tl.arange(0, GPB)
     gvalid = gcols < n_groups
     if NORMALIZE:  # n_g = max s over the group's columns
-        s3 = tl.reshape(tl.broadcast_to(s[None, :], (BLOCK_N, BK)), (BLOCK_N, GPB, G))
-        norm = tl.max(tl.where(m3, s3, 0.0), axis=2)  # (BN, GPB), equal along rows
+        s3 = tl.reshape(tl.broadcast_to(s[None, :], (TILE_N, TK)), (TILE_N, GPB, G))
+        norm = tl.max(tl.where(m3, s3, 0.0), axis=2)  # (TN, GPB), equal along rows
         norm = tl.where(norm > 0.0, norm, 1.0)
         scale = scale / norm
         vmin = vmin / norm
@@ -145,11 +143,11 @@ def _quant_kernel(
              vmin.to(ZERO.dtype.element_ty), mask=gmask)
 
 
-def _block_config(g: int, d_in: int) -> tuple[int, int, int]:
+def _tile_config(g: int, d_in: int) -> tuple[int, int, int]:
     """(groups per program, rows per program, warps): about 4K weights per program."""
     gpb = max(1, min(256 // g, triton.next_power_of_2(-(-d_in // g))))
-    block_n = min(64, max(16, 4096 // (gpb * g)))
-    return gpb, block_n, 8 if block_n * gpb * g > 8192 else 4
+    tile_n = min(64, max(16, 4096 // (gpb * g)))
+    return gpb, tile_n, 8 if tile_n * gpb * g > 8192 else 4
 
 
 def quantize_words(
@@ -196,7 +194,7 @@ def quantize_words(
         raise ValueError(f"fused Triton quantization does not support {why}")
     if swap_nibbles and bits != 4:
         raise ValueError("swap_nibbles is only meaningful for 4-bit codes")
-    g = effective_group(group_size, d_in)
+    g = effective_group_size(d_in, group_size)
     n_words, n_groups = -(-d_in // codes_per_word(bits)), -(-d_in // g)
     dev = w.device
     w = w.contiguous()
@@ -219,18 +217,18 @@ def quantize_words(
         norm = torch.empty(n_groups, dtype=torch.float32, device=dev)
     if rank:
         lb, la = lr_b.contiguous(), lr_a.contiguous()
-        block_r = max(16, triton.next_power_of_2(rank))
+        tile_r = max(16, triton.next_power_of_2(rank))
     else:
-        lb, la, block_r = w, w, 16  # unused pointers
-    gpb, block_n, warps = _block_config(g, d_in)
-    grid = (triton.cdiv(d_out, block_n), triton.cdiv(n_groups, gpb))
+        lb, la, tile_r = w, w, 16  # unused pointers
+    gpb, tile_n, warps = _tile_config(g, d_in)
+    grid = (triton.cdiv(d_out, tile_n), triton.cdiv(n_groups, gpb))
     _quant_kernel[grid](
         w, s32, lb, la, words, scale, zero, norm,
         d_out, d_in, rank, n_words, n_groups,
         w.stride(0), lb.stride(0), la.stride(0), words.stride(0),
         scale.stride(0), scale.stride(1), zero.stride(0), zero.stride(1),
         (1 + nu) / 2, (1 - nu) / 2,
-        BITS=bits, G=g, GPB=gpb, BLOCK_N=block_n, BLOCK_R=block_r, HAS_LR=bool(rank),
+        BITS=bits, G=g, GPB=gpb, TILE_N=tile_n, TILE_R=tile_r, HAS_LR=bool(rank),
         SYMMETRIC=symmetric, HAS_NU=nu != 1.0, SWAP_NIBBLES=swap_nibbles,
         NORMALIZE=normalize, ZERO_MID=zero_mid, USE_RINT=os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=warps,

@@ -48,7 +48,8 @@ class PromptOptions:
         strict: raise instead of falling back to the reference path when no kernel fits.
         reference: decode with the plain dequantize-then-matmul oracle on the same packed weights.
         half_params: float16 scale / zero for bits <= 4 (CPU layouts; fewer bytes per decode step,
-            scale and zero rounded to float16); None = the ``TTQ_HALF_PARAMS`` environment default (off).
+            scale and zero rounded to float16); None = the option ``half_params`` of :mod:`ttq.options`
+            (``TTQ_HALF_PARAMS`` at start-up; off).
     """
 
     refresh_every: int = 0

@@ -88,6 +88,8 @@ def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     assert gen["ttq 4-bit r=0"]["same_as_reference"] is True and gen["ttq 4-bit r=0 + head 8-bit"]["same_as_reference"] is True
     assert gen["fp32"]["decode_vs_fp32"] == pytest.approx(1.0)
     assert gen["ttq 4-bit r=0"]["quant_s"] > 0 and gen["ttq 4-bit r=0"]["new_tokens"] == 4
+    assert gen["fp32"]["quant_s"] is None and gen["bf16"]["quant_over_prefill"] is None  # nothing quantized: "-"
+    assert "nan" not in text.lower().split("|") and "| nan |" not in text
     assert out.with_suffix(".md").read_text().startswith("# ttq bench") and out.with_suffix(".md").read_text().count("# ttq bench") == 1
 
 

@@ -407,9 +407,9 @@ def bench_generation(
         n_new = runs[0].new_tokens
         row = dict(config=label, prompt_tokens=prompt_tokens, new_tokens=n_new, prefill_s=pre, decode_s=dec,
                    prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
-                   quant_s=STATS[stat](quant) if quant else float("nan"), peak_rss_mb=peak_rss_mb(),
+                   quant_s=STATS[stat](quant) if quant else None, peak_rss_mb=peak_rss_mb(),  # None: "-"
                    output_ids=runs[0].output_ids, same_as_reference=same_ref)
-        row["quant_over_prefill"] = row["quant_s"] / pre if quant else float("nan")
+        row["quant_over_prefill"] = row["quant_s"] / pre if quant else None
         rows.append(row)
         if m is not model:
             del m

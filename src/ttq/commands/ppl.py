@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                         "'Prune 2:4={\"method\": \"prune\", \"n_m\": [2, 4]}' (repeatable; see ttq.METHODS)")
     p.add_argument("--symmetric", action="store_true", help="symmetric integer format (eqs. 29-30)")
     p.add_argument("--fmt", default="int", help="number format: int, nf4, fp4, nvfp4, mxfp4 (the last four are 4-bit)")
+    p.add_argument("--bit-plan", action="append", default=[], metavar="[NAME=]PLAN.json",
+                   help="mixed precision: also run every quantized row with the per-layer bits of this plan "
+                        "(from `ttq allocate`; repeatable), labelled '<row> [NAME]' (NAME: the file's stem)")
     add_scale_args(p)
     p.add_argument("--lm-head-bits", type=non_negative_int, default=0,
                    help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
@@ -70,12 +73,19 @@ def run(args) -> int:
     for ds in args.datasets + [c[0] for c in args.calib]:
         check_dataset(ds)
     extra = [_config_cell(item) for item in args.config]
+    plans = _load_plans(args.bit_plan)
     check_outputs(args.out, SUFFIXES, args.overwrite)  # before an hour of work, not after
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     seqlen = min(args.seqlen, max_context(model))
     scale = scale_from_args(args)
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric, args.fmt)
     cells += extra
+    if plans:
+        from ttq.eval.table import plan_cells
+        from ttq.patch.blocks import block_linears
+
+        _check_plans(plans, block_linears(model))
+        cells += plan_cells(cells, plans)
     if not cells:
         raise ValueError("nothing to evaluate: --methods selected no rows")
     windows = dataset_windows(tok, args.datasets, seqlen, args.max_windows or None, args.data_dir, args.data_source)
@@ -125,3 +135,40 @@ def _config_cell(item: str):
         raise ValueError(f"--config {label!r}: invalid JSON ({e})") from None
     quant = getattr(cfg, "quant", None)
     return Cell(label.strip(), quant.bits if quant else None, quant.group_size if quant else None, cfg)
+
+
+def _load_plans(items: list[str]) -> dict:
+    """``[NAME=]PATH`` entries -> ``{name: BitPlan}`` (JSON files from ``ttq allocate``)."""
+    from ttq.errors import ConfigError, DataNotFoundError
+    from ttq.methods.allocation import BitPlan
+
+    plans = {}
+    for item in items:
+        name, sep, path = item.rpartition("=") if "=" in item else ("", "", item)
+        name = name if sep else Path(path).stem
+        if name in plans:
+            raise ConfigError(f"two --bit-plan entries are named {name!r}; name them NAME=PATH")
+        if not Path(path).is_file():
+            raise DataNotFoundError(f"--bit-plan {path!r}: no such file (make one with `ttq allocate ... --out PLAN`)")
+        try:
+            plans[name] = BitPlan.load(path)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--bit-plan {path!r} is not a bit plan written by `ttq allocate` ({e})") from None
+    return plans
+
+
+def _check_plans(plans: dict, linears: dict) -> None:
+    """Every layer a plan names must be a linear layer of this model's blocks; layers it leaves out keep the
+    row's own bits (with a warning)."""
+    from ttq.errors import ConfigError
+
+    for name, plan in plans.items():
+        stray = [n for n in plan.bits if n.removesuffix(".weight") not in linears]
+        if stray:
+            raise ConfigError(f"bit plan {name!r} names {len(stray)} layer(s) this model does not have (e.g. "
+                              f"{stray[0]!r}); was it made for another model?")
+        missing = [n for n in linears if n not in plan.bits and f"{n}.weight" not in plan.bits]
+        if missing:
+            logger.warning("bit plan %r leaves %d layer(s) out (e.g. %s): they keep the row's own bits", name,
+                           len(missing), missing[0])
+

@@ -7,6 +7,7 @@ completed across several runs with the same arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -33,9 +34,27 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Cell:
     label: str  # row label, e.g. "TTQ (r=16)"
-    bits: int | None  # None for the unquantized model
+    bits: int | float | None  # None for the unquantized model; a plan's average bits for mixed precision
     group_size: int | None
     config: Any = None  # method config; None = full precision
+    plan: Any = None  # a ttq.methods.allocation.BitPlan: per-layer bits replace the config's (mixed precision)
+
+
+def with_bits(config: Any, bits: int) -> Any:
+    """``config`` with its format's bits replaced (every method config holds its format in ``quant``)."""
+    if getattr(config, "quant", None) is None:
+        raise ConfigError(f"method {config.name!r} has no format (quant) to give per-layer bits to")
+    return dataclasses.replace(config, quant=dataclasses.replace(config.quant, bits=bits))
+
+
+def plan_cells(cells: list[Cell], plans: dict[str, Any]) -> list[Cell]:
+    """One mixed-precision cell per (quantized cell, plan): the cell's method with each layer at the plan's
+    bits, labelled ``"<label> [<plan name>]"``, in the column of the plan's parameter-weighted average bits."""
+    out = []
+    for name, plan in plans.items():
+        avg = round(plan.avg_bits_params, 3)
+        out += [Cell(f"{c.label} [{name}]", avg, c.group_size, c.config, plan) for c in cells if c.config is not None]
+    return out
 
 
 def method_choices() -> tuple[str, ...]:
@@ -75,9 +94,11 @@ def build_cells(
 
 def _key(model_key: str, cell: Cell, dataset: str, windows: torch.Tensor, source: str) -> str:
     """Cache key of one (cell, dataset) row: the model (its name and weights fingerprint), the method
-    config and the evaluated token ids themselves (so a changed text, tokenizer or window count is a
-    new row)."""
+    config (and a bit plan's per-layer bits) and the evaluated token ids themselves (so a changed text,
+    tokenizer or window count is a new row)."""
     cfg = config_to_dict(cell.config) if cell.config is not None else {"method": "fp"}
+    if cell.plan is not None:
+        cfg = {**cfg, "bit_plan": dict(sorted(cell.plan.bits.items()))}
     blob = json.dumps([model_key, cfg, dataset, list(windows.shape), tensor_digest(windows), source], sort_keys=True)
     return digest(blob)
 
@@ -153,7 +174,12 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
         calibration = calib_cache[cfg.calib]
     t0 = time.perf_counter()
     if cfg is not None:
-        quantize_(model, cfg, calibration=calibration)
+        overrides = None
+        if cell.plan is not None:
+            from ttq.methods.allocation import plan_overrides
+
+            overrides = plan_overrides(cell.plan, lambda b: with_bits(cfg, b))
+        quantize_(model, cfg, calibration=calibration, overrides=overrides)
     t_quant = time.perf_counter() - t0
     try:
         for ds, win, path in todo:

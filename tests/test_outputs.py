@@ -89,3 +89,12 @@ def test_ppl_out_with_dots_and_overwrite(stories_dir, tmp_path):
     assert main(args + ["--out", str(tmp_path / "exp.1")]) == 2
     assert main(args + ["--out", str(tmp_path / "exp.1"), "--overwrite"]) == 0
     assert json.loads(Path(tmp_path / "exp.1.json").read_text())[0]["method"] == "FP"
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_outputs(tmp_path / "r", {".md": "x"})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "r.md").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

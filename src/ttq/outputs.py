@@ -73,6 +73,7 @@ def atomic_write(path: Path, data: str | bytes, overwrite: bool = False) -> None
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the permissions open() would
         if overwrite:
             os.replace(tmp, path)  # replaces a symlink itself, never its target
         else:
@@ -90,6 +91,12 @@ def atomic_write(path: Path, data: str | bytes, overwrite: bool = False) -> None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_outputs(prefix: str | os.PathLike, contents: Mapping[str, str | bytes], overwrite: bool = False) -> list[Path]:

@@ -1,0 +1,152 @@
+"""``ttq allocate``: AlphaQ's calibration-free bit allocation from weight spectra (writes a BitPlan).
+
+Per 2-D linear weight of the decoder blocks: heavy-tail alpha and weight variance
+(:func:`ttq.eval.allocate.matrix_stats`), then the exact budget-constrained allocation
+(:func:`ttq.methods.allocation.allocate`) or a baseline.  Outputs ``PREFIX.json`` (the plan, as
+``BitPlan.save`` writes it), ``PREFIX.md`` (the summary, also printed) and ``PREFIX.png`` (alpha vs
+bits, unless ``--no-plot``).
+
+Scale/zero overhead (``--count-overhead``): an asymmetric integer format stores a float16 scale and a
+float16 zero point per group, ``2 x 16 = 32`` bits per ``--group-size`` weights, so every width ``b``
+costs ``b + 32 / g`` bits per weight in the budget (the same for every width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import logging
+import math
+
+from ttq.commands.common import DTYPES, add_model_args, add_out_args, group_size_arg, int_list, non_negative_int
+from ttq.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("alphaq", "uniform", "half_split", "random")
+MIN_BITS, MAX_BITS = 2, 8
+SCALE_ZERO_BITS = 2 * 16  # float16 scale + float16 zero point per group
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
+    return v
+
+
+def add_parser(sub) -> None:
+    from ttq.methods.allocation import MODES
+    from ttq.methods.heavytail import ESTIMATORS
+
+    p = sub.add_parser(
+        "allocate",
+        help="AlphaQ: calibration-free per-matrix bit allocation from weight spectra (writes a BitPlan)",
+        description="Give every 2-D linear weight of the decoder blocks a width from --candidates so that the "
+                    "average meets --budget, favouring heavy-tailed (small-alpha) matrices: minimise "
+                    "sum_l (alpha_0/alpha_l)^gamma var(W_l) 2^(-2 b_l), solved exactly. "
+                    "Granularity is one width per linear matrix; 3-D MoE expert tensors are skipped "
+                    "(per-expert allocation comes with expert quantization).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--budget", type=_float, default=3.0,
+                   help="average bits per weight (--mode params) or per matrix (--mode matrices); > 0")
+    p.add_argument("--candidates", type=int_list, default="2,3,4",
+                   help=f"comma-separated widths, each {MIN_BITS}..{MAX_BITS}")
+    p.add_argument("--gamma", type=_float, default=10.0,
+                   help="exponent of the heavy-tail importance (alpha_0/alpha)^gamma; >= 0 (0: variance only)")
+    p.add_argument("--estimator", default="hill", choices=ESTIMATORS,
+                   help="alpha estimator: hill (AlphaQ, top 10%%) or mle (WeightWatcher power-law fit); "
+                        "gamma does not transfer between them")
+    p.add_argument("--no-farms", action="store_true",
+                   help="whole-matrix spectrum instead of FARMS 128x128 sub-block sampling")
+    p.add_argument("--per-type", action="store_true",
+                   help="alpha_0 = median alpha per module type (q/k/v/o/gate/up/down) instead of over all")
+    p.add_argument("--mode", default="params", choices=MODES,
+                   help="budget per weight (params, honest for mixed shapes) or per matrix (matrices, AlphaQ's count)")
+    p.add_argument("--group-size", type=group_size_arg, default=32,
+                   help="quantization group size, for --count-overhead (-1 = per output channel is not supported there)")
+    p.add_argument("--count-overhead", action="store_true",
+                   help=f"count the scale and zero point ({SCALE_ZERO_BITS} bits per group: float16 each) "
+                        "in the budget: each width b costs b + 32/group-size bits per weight")
+    p.add_argument("--method", default="alphaq", choices=METHODS,
+                   help="alphaq (the exact DP optimum; see exact in the plan), or a baseline: uniform (one width), half_split (prefix at the "
+                        "next wider width), random (seeded)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="FARMS sampler and --method random seed")
+    p.add_argument("--no-plot", action="store_true", help="do not write PREFIX.png (the plot needs matplotlib)")
+    p.add_argument("--progress", action="store_true", help="progress bar over the matrices")
+    add_out_args(p, "results/plan", ".json/.md/.png")
+    p.set_defaults(func=run)
+
+
+def _validate(args) -> tuple[tuple[int, ...], float]:
+    """Check the arguments before loading anything; returns ``(candidates, overhead bits per weight)``."""
+    if not args.budget > 0:
+        raise ConfigError(f"--budget must be > 0 bits, got {args.budget:g}")
+    if not args.candidates:
+        raise ConfigError("--candidates is empty: give comma-separated widths such as 2,3,4")
+    bad = [c for c in args.candidates if not MIN_BITS <= c <= MAX_BITS]
+    if bad:
+        raise ConfigError(f"--candidates must each be {MIN_BITS}..{MAX_BITS} bits, got {','.join(map(str, bad))}")
+    if len(set(args.candidates)) != len(args.candidates):
+        raise ConfigError(f"--candidates has repeated widths: {','.join(map(str, args.candidates))}")
+    if not args.gamma >= 0:
+        raise ConfigError(f"--gamma must be >= 0, got {args.gamma:g}")
+    overhead = 0.0
+    if args.count_overhead:
+        if args.group_size == -1:
+            raise ConfigError("--count-overhead needs a positive --group-size: per-channel (-1) overhead depends on "
+                              "each matrix's input width, which a per-width overhead cannot express")
+        overhead = SCALE_ZERO_BITS / args.group_size
+    cands = tuple(sorted(args.candidates))
+    least = cands[0] + overhead  # the narrowest width everywhere: the same average in either mode
+    if args.budget < least:
+        unit = "bits per weight" if args.mode == "params" else "bits per matrix"
+        raise ConfigError(
+            f"--budget {args.budget:g} is infeasible: the minimum is {least:g} {unit} ({cands[0]} bits everywhere"
+            + (f" + {overhead:g} scale/zero overhead at group size {args.group_size})" if overhead else ")")
+        )
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("the PREFIX.png plot needs matplotlib: pip install 'ttq[plots]', or pass --no-plot")
+    return cands, overhead
+
+
+def run(args) -> int:
+    from ttq.eval.allocate import matrix_stats, plot_alpha_bits, summary_tables
+    from ttq.methods.allocation import allocate, half_split_plan, random_plan, uniform_plan
+    from ttq.models import load_model, model_id
+    from ttq.outputs import check_outputs, write_outputs
+
+    cands, overhead = _validate(args)
+    suffixes = (".json", ".md") + (() if args.no_plot else (".png",))
+    check_outputs(args.out, suffixes, args.overwrite)  # before the model is loaded, not after
+    model, _ = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    stats = matrix_stats(model, estimator=args.estimator, farms=not args.no_farms, seed=args.seed,
+                         progress=args.progress)
+    kw = {"candidates": cands, "gamma": args.gamma, "budget": args.budget, "mode": args.mode,
+          "overhead": overhead, "per_type": args.per_type}
+    if args.method == "alphaq":
+        plan = allocate(stats, **kw)
+    elif args.method == "uniform":
+        plan = uniform_plan(stats, **kw)
+    elif args.method == "half_split":
+        plan = half_split_plan(stats, **kw)
+    else:
+        plan = random_plan(stats, seed=args.seed, **kw)
+    header = (f"Model {model_id(args.model, args.gguf_file)}: {args.method} allocation over {len(stats)} linear "
+              f"matrices, {args.estimator} alpha{'' if args.no_farms else ' (FARMS)'}"
+              + (f", scale/zero overhead at group size {args.group_size}" if args.count_overhead else ""))
+    text = header + "\n\n" + summary_tables(plan, stats)
+    print(text)
+    contents: dict[str, str | bytes] = {".json": plan.to_json() + "\n", ".md": text + "\n"}  # .json = BitPlan.save
+    if not args.no_plot:
+        png = io.BytesIO()
+        plot_alpha_bits(plan, stats, png)
+        contents[".png"] = png.getvalue()
+    write_outputs(args.out, contents, args.overwrite)
+    return 0

@@ -1,0 +1,169 @@
+"""AlphaQ bit allocation on a real model: per-matrix heavy-tail statistics, summary tables and a plot.
+
+AlphaQ (calibration-free mixed-precision allocation from weight spectra; notes in
+``shared/papers/alphaq-method-notes.md``) needs, for every weight matrix ``l``, its number of weights
+``n_l``, its heavy-tail exponent ``alpha_l`` (:func:`ttq.methods.heavytail.matrix_metrics`) and the
+variance ``v_l`` of its entries.  :func:`matrix_stats` walks the decoder blocks and returns them as
+:class:`ttq.methods.allocation.MatrixStat`; :func:`ttq.methods.allocation.allocate` (or a baseline)
+turns them into a :class:`~ttq.methods.allocation.BitPlan`; :func:`summary_tables` and
+:func:`plot_alpha_bits` show the plan.  Nothing here prints.
+
+Granularity: one variable per 2-D linear weight (``nn.Linear`` or ``Conv1D``) of the decoder blocks.
+3-D fused expert tensors are skipped (logged): per-expert allocation comes with expert quantization.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from torch import nn
+
+from ttq.errors import MissingDependency, ModelError
+from ttq.methods.allocation import BitPlan, MatrixStat, module_type
+from ttq.methods.heavytail import matrix_metrics
+from ttq.patch.blocks import targets
+
+logger = logging.getLogger(__name__)
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)(?:\.|$)")  # the first numeric path component: the decoder block
+
+
+def matrix_stats(
+    model: nn.Module, estimator: str = "hill", farms: bool = True, seed: int = 0, progress: bool = False
+) -> list[MatrixStat]:
+    """``MatrixStat(name, n_params, alpha, variance)`` of every 2-D linear weight of the decoder blocks.
+
+    Args:
+        model: a causal LM (any device and dtype; metrics are computed in float32 on the weight's device).
+        estimator: ``"hill"`` (AlphaQ, top 10 % of the ESD) or ``"mle"`` (WeightWatcher's power-law fit).
+        farms: FARMS sub-block sampling of the ESD (AlphaQ's default; whole matrix when ``min(m, n) < 128``).
+        seed: seed of the FARMS block sampler.
+        progress: show a tqdm progress bar.
+    Returns:
+        one ``MatrixStat`` per linear, in module order; ``name`` is the module name (as in
+        :func:`ttq.patch.blocks.block_linears`).
+    Raises:
+        ModelError: the blocks hold no linear layer, or a matrix has no heavy tail to fit (names it).
+    """
+    found = list(targets(model))
+    linears = [t for t in found if t.kind == "linear"]
+    skipped = len(found) - len(linears)
+    if skipped:
+        logger.info("skipped %d 3-D expert tensor(s): per-expert allocation comes with expert quantization", skipped)
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
+    items: Iterable = linears
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(linears, desc="spectra", unit="matrix")
+    out = []
+    for t in items:
+        w = t.tensor.detach()
+        if t.layout == "in_out":
+            w = w.t()  # Conv1D (d_in, d_out) -> (d_out, d_in); the spectrum is the same, FARMS blocks follow
+        try:
+            m = matrix_metrics(w, estimator=estimator, farms=farms, seed=seed)
+        except ValueError as e:
+            raise ModelError(f"{t.name}: cannot estimate alpha ({e})") from None
+        if not math.isfinite(m.alpha):
+            raise ModelError(f"{t.name}: the {estimator} alpha is {m.alpha}, not finite")
+        out.append(MatrixStat(t.name, int(w.numel()), float(m.alpha), float(m.variance)))
+    return out
+
+
+def block_index(name: str) -> str:
+    """The decoder-block index in a module name (its first numeric path component), ``"-"`` if none."""
+    m = _BLOCK_INDEX.search(name)
+    return m.group(1) if m else "-"
+
+
+def _joined(plan: BitPlan, stats: Iterable[MatrixStat]) -> list[tuple[MatrixStat, int]]:
+    """``(stat, bits)`` for every matrix of the plan, in the order of ``stats``."""
+    by_name = {s.name: s for s in stats}
+    missing = [n for n in plan.bits if n not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} plan matrices have no statistics, e.g. {missing[0]!r}")
+    return [(s, plan.bits[s.name]) for s in by_name.values() if s.name in plan.bits]
+
+
+def _weighted_bits(rows: list[tuple[MatrixStat, int]]) -> float:
+    return sum(s.n_params * b for s, b in rows) / sum(s.n_params for s, _ in rows)
+
+
+def summary_tables(plan: BitPlan, stats: Iterable[MatrixStat]) -> str:
+    """Markdown: bits per module type, bits per decoder block, and one line describing the plan.
+
+    Per module type (``q_proj``, ``k_proj``, ...; order of first appearance): the number of matrices, how
+    many got each candidate width, the parameter-weighted mean bits and the mean alpha.  Per block: the
+    parameter-weighted mean bits and mean alpha.  Widths exclude the scale/zero overhead; ``budget used``
+    includes it (in the budget's own measure, see ``mode``).
+    """
+    rows = _joined(plan, stats)
+    cands = list(plan.candidates)
+    by_type: dict[str, list[tuple[MatrixStat, int]]] = {}
+    by_block: dict[str, list[tuple[MatrixStat, int]]] = {}
+    for s, b in rows:
+        by_type.setdefault(module_type(s.name), []).append((s, b))
+        by_block.setdefault(block_index(s.name), []).append((s, b))
+
+    def mean_alpha(group: list[tuple[MatrixStat, int]]) -> float:
+        return sum(s.alpha for s, _ in group) / len(group)
+
+    lines = [
+        "| module type | matrices | " + " | ".join(f"{c}-bit" for c in cands) + " | mean bits | mean alpha |",
+        "|---|---:|" + "---:|" * len(cands) + "---:|---:|",
+    ]
+    for kind, group in by_type.items():
+        counts = [sum(1 for _, b in group if b == c) for c in cands]
+        lines.append(f"| {kind} | {len(group)} | " + " | ".join(str(n) for n in counts)
+                     + f" | {_weighted_bits(group):.3f} | {mean_alpha(group):.3f} |")
+    lines += ["", "| block | matrices | mean bits | mean alpha |", "|---:|---:|---:|---:|"]
+    for block, group in by_block.items():
+        lines.append(f"| {block} | {len(group)} | {_weighted_bits(group):.3f} | {mean_alpha(group):.3f} |")
+    over = {float(v) for v in plan.overhead.values()}
+    over_text = f", overhead {over.pop():.4g} bits/weight" if len(over) == 1 else f", overhead {plan.overhead}"
+    lines += [
+        "",
+        (f"Plan ({plan.method}{', exact optimum' if plan.exact else ''}): {plan.avg_bits_params:.4f} bits per weight "
+        f"(parameter-weighted), {plan.avg_bits_matrix:.4f} per matrix; budget {plan.budget:g} ({plan.mode}), "
+        f"used {plan.budget_used:.4f}{over_text}; objective {plan.objective:.6g}; gamma {plan.gamma:g}"
+        f"{' (alpha_0 per module type)' if plan.per_type else ''}; candidates {','.join(map(str, cands))}"
+        f"{f'; seed {plan.seed}' if plan.seed is not None else ''}; {len(rows)} matrices"),
+    ]
+    return "\n".join(lines)
+
+
+def plot_alpha_bits(plan: BitPlan, stats: Iterable[MatrixStat], fileobj: BinaryIO) -> None:
+    """Write a PNG to ``fileobj``: alpha (x) against assigned bits (y), one point per matrix, coloured by module type.
+
+    Points of different module types are nudged apart vertically (by at most +-0.2 bit) so that equal widths
+    stay readable.  Needs matplotlib (``pip install 'ttq[plots]'``); uses no pyplot global state.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise MissingDependency("the alpha/bits plot needs matplotlib: pip install 'ttq[plots]'") from e
+    rows = _joined(plan, stats)
+    kinds = list(dict.fromkeys(module_type(s.name) for s, _ in rows))
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    span = 0.4
+    for i, kind in enumerate(kinds):
+        group = [(s, b) for s, b in rows if module_type(s.name) == kind]
+        nudge = 0.0 if len(kinds) == 1 else span * (i / (len(kinds) - 1) - 0.5)
+        ax.scatter([s.alpha for s, _ in group], [b + nudge for _, b in group], s=18, label=kind)
+    ax.set_yticks(list(plan.candidates))
+    ax.set_xlabel("alpha (heavy-tail exponent; smaller = heavier tail)")
+    ax.set_ylabel("assigned bits")
+    ax.set_title(f"{plan.method}: {plan.avg_bits_params:.3f} bits/weight, gamma {plan.gamma:g}")
+    ax.legend(fontsize="small", ncols=2 if len(kinds) > 4 else 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(fileobj, format="png")

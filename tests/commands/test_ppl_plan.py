@@ -50,6 +50,8 @@ def test_mixed_plan_lies_between_its_widths(stories_dir, stories_model, data_dir
     rows = _ppl(stories_dir, data_dir, tmp_path / "t", "--bits", "2,4", "--bit-plan", f"alpha={tmp_path / 'a3.json'}")
     avg = round(plan.avg_bits_params, 3)
     mixed = rows[("RTN [alpha]", avg)]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert sum(r["method"] == "RTN [alpha]" for r in data) == 1  # one row per plan, not one per --bits
     assert rows[("RTN", 4)] < mixed < rows[("RTN", 2)]
 
 

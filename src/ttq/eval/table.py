@@ -50,10 +50,14 @@ def with_bits(config: Any, bits: int) -> Any:
 def plan_cells(cells: list[Cell], plans: dict[str, Any]) -> list[Cell]:
     """One mixed-precision cell per (quantized cell, plan): the cell's method with each layer at the plan's
     bits, labelled ``"<label> [<plan name>]"``, in the column of the plan's parameter-weighted average bits."""
-    out = []
+    out, seen = [], set()
     for name, plan in plans.items():
         avg = round(plan.avg_bits_params, 3)
-        out += [Cell(f"{c.label} [{name}]", avg, c.group_size, c.config, plan) for c in cells if c.config is not None]
+        for c in cells:
+            key = (c.label, c.group_size, name)  # the plan sets every layer's bits: one cell per row and group size
+            if c.config is not None and key not in seen:
+                seen.add(key)
+                out.append(Cell(f"{c.label} [{name}]", avg, c.group_size, c.config, plan))
     return out
 
 

@@ -377,21 +377,15 @@ def uniform_plan(
     """One width everywhere: the widest candidate that meets the budget (the budget itself when it is a
     candidate and there is no overhead)."""
     stats, cands, over, bud, log_sv = _setup(matrices, candidates, gamma, budget, mode, overhead, per_type)
+    k = _widest_everywhere(cands, bud)
+    return _plan(stats, cands, [cands[k]] * len(stats), log_sv, gamma=gamma, budget=budget, mode=mode,
+                 per_type=per_type, over=over, method="uniform", exact=False)
+
+
+def _widest_everywhere(cands, bud) -> int:
+    """Index of the widest candidate that meets the budget when every matrix gets it."""
     fits = [k for k in range(len(cands)) if sum(row[k] for row in bud.extra) <= bud.slack]
-    k = max(fits, key=lambda k: cands[k])
-    return _plan(
-        stats,
-        cands,
-        [cands[k]] * len(stats),
-        log_sv,
-        gamma=gamma,
-        budget=budget,
-        mode=mode,
-        per_type=per_type,
-        over=over,
-        method="uniform",
-        exact=False,
-    )
+    return max(fits, key=lambda k: cands[k])
 
 
 def half_split_plan(
@@ -412,8 +406,7 @@ def half_split_plan(
     the widest) gives a single width.
     """
     stats, cands, over, bud, log_sv = _setup(matrices, candidates, gamma, budget, mode, overhead, per_type)
-    fits = [k for k in range(len(cands)) if sum(row[k] for row in bud.extra) <= bud.slack]
-    lo = max(fits, key=lambda k: cands[k])
+    lo = _widest_everywhere(cands, bud)
     wider = [k for k in range(len(cands)) if cands[k] > cands[lo]]
     ks = [lo] * len(stats)
     if wider:
@@ -424,19 +417,8 @@ def half_split_plan(
                 break
             used += row[hi] - row[lo]
             ks[l] = hi
-    return _plan(
-        stats,
-        cands,
-        [cands[k] for k in ks],
-        log_sv,
-        gamma=gamma,
-        budget=budget,
-        mode=mode,
-        per_type=per_type,
-        over=over,
-        method="half_split",
-        exact=False,
-    )
+    return _plan(stats, cands, [cands[k] for k in ks], log_sv, gamma=gamma, budget=budget, mode=mode,
+                 per_type=per_type, over=over, method="half_split", exact=False)
 
 
 def random_plan(

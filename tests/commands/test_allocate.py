@@ -105,3 +105,33 @@ def test_allocate_overwrite_replaces_the_plan(stories_dir, tmp_path):
     (tmp_path / "p.json").write_text("old")
     assert main(_argv(stories_dir, tmp_path / "p", "--no-plot", "--overwrite")) == 0
     assert BitPlan.load(tmp_path / "p.json").avg_bits_params <= 3
+
+
+def test_allocate_calibrated_writes_plan_within_budget(stories_dir, stories_model, tmp_path, capsys, monkeypatch):
+    from tests.conftest import shared_dir
+
+    data_dir = shared_dir() / "data"
+    if not (data_dir / "wikitext2").exists():
+        pytest.skip(f"wikitext2 not found under {data_dir}")
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(tmp_path / "cache"))  # no writes to the user's cache
+    out = tmp_path / "c"
+    assert main(_argv(stories_dir, out, "--method", "calibrated", "--calib", "wikitext2:512", "--budget", "3",
+                      "--data-dir", str(data_dir), "--no-plot")) == 0
+    plan = BitPlan.load(tmp_path / "c.json")
+    assert list(plan.bits) == list(block_linears(stories_model))
+    assert plan.method == "calibrated" and plan.exact and plan.budget == 3.0
+    assert plan.avg_bits_params <= 3 and plan.budget_used <= 3 and set(plan.bits.values()) <= {2, 3, 4}
+    assert "calibrated allocation" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "calibrated", "--calib", "nope:512"], "unknown dataset 'nope'"),
+    (["--method", "calibrated", "--calib", "c4,ptb"], "--calib takes one DATASET[:TOKENS]"),
+    (["--method", "calibrated", "--calib", "c4:0"], "--calib tokens must be > 0"),
+])
+def test_allocate_calibrated_bad_calib_exit_2_before_loading(extra, message, tmp_path, capsys):
+    assert main(["allocate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "p"), "--no-plot",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert list(tmp_path.iterdir()) == []

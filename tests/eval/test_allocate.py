@@ -93,3 +93,36 @@ def test_plot_alpha_bits_writes_png(stories_stats):
     plot_alpha_bits(plan, stats, buf)
     assert buf.getvalue().startswith(PNG_SIGNATURE) and len(buf.getvalue()) > 1000
     assert isinstance(BitPlan.from_json(plan.to_json()), BitPlan)
+
+
+def test_calibrated_costs_decrease_with_bits(stories_model, stories_tokenizer):
+    from tests.conftest import shared_dir
+    from ttq.calibrate import calibrate
+    from ttq.data.windows import CalibSpec
+    from ttq.eval.allocate import calibrated_costs
+    from ttq.formats.spec import QuantSpec
+    from ttq.methods.allocation import allocate_costs
+    from ttq.methods.awq import output_error
+    from ttq.methods.rtn import rtn
+
+    data_dir = shared_dir() / "data"
+    if not (data_dir / "wikitext2").exists():
+        pytest.skip(f"wikitext2 not found under {data_dir}")
+    calib = calibrate(stories_model, stories_tokenizer, CalibSpec("wikitext2", 512, seqlen=128), data_dir=data_dir)
+    names, n_params, costs = calibrated_costs(stories_model, calib, (2, 3, 4), 32, progress=True)
+    layers = block_linears(stories_model)
+    assert len(names) == len(n_params) == len(costs) == 35 and names == list(layers)
+    for name, n, row in zip(names, n_params, costs):
+        w = layers[name].weight.detach()
+        assert n == w.numel() and len(row) == 3
+        assert all(math.isfinite(c) for c in row) and row[0] > row[1] > row[2] > 0, (name, row)
+    # one entry by hand: tr[E C E^T] with C = gram / n_tokens
+    w, lc = layers[names[0]].weight.detach(), calib[names[0]]
+    want = output_error(w, rtn(w, QuantSpec(bits=3, group_size=32)), lc.gram / lc.stats.n_tokens)
+    assert costs[0][1] == pytest.approx(want, rel=1e-6)
+    again = calibrated_costs(stories_model, calib, (2, 3, 4), 32)
+    assert again == (names, n_params, costs)  # pure given the tensors
+    plan = allocate_costs(names, n_params, costs, (2, 3, 4), budget=3.0)
+    assert plan.method == "calibrated" and plan.exact and plan.avg_bits_params <= 3.0
+    with pytest.raises(Exception, match="no calibration statistics"):
+        calibrated_costs(stories_model, {k: v for k, v in calib.items() if k != names[3]}, (2, 3), 32)

@@ -14,6 +14,7 @@ from ttq.methods.allocation import (
     BitPlan,
     MatrixStat,
     allocate,
+    allocate_costs,
     half_split_plan,
     importance,
     module_type,
@@ -209,3 +210,67 @@ def test_plan_applied_to_tiny_model(stories_model):
     assert set(used) == set(names)
     for n in names:
         assert stories_model.get_submodule(n).spec.bits == plan.bits[n + ".weight"]
+
+
+def _brute_costs(n_params, costs, cands, budget, mode, overhead=0):
+    """The least total cost over every plan within the budget (costs[l][k] for cands[k])."""
+    w = [n if mode == "params" else 1 for n in n_params]
+    best = math.inf
+    for ks in itertools.product(range(len(cands)), repeat=len(n_params)):
+        used = sum(o * (Fraction(cands[k]) + Fraction(overhead)) for o, k in zip(w, ks))
+        if used <= Fraction(budget) * sum(w):
+            best = min(best, sum(costs[l][k] for l, k in enumerate(ks)))
+    return best
+
+
+@pytest.mark.parametrize("mode", ["params", "matrices"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_allocate_costs_equals_brute_force(mode, seed):
+    rng = np.random.default_rng(seed)
+    n = 6
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(n)]
+    n_params = [64 * int(rng.integers(1, 9)) for _ in range(n)]
+    cands = (2, 3, 4, 8)
+    costs = rng.uniform(0.0, 10.0, size=(n, len(cands)))
+    if seed % 2:  # also non-monotone tables: nothing assumes cost falls with the width
+        costs = -np.sort(-costs, axis=1)
+    for budget, overhead in [(2.0, 0), (2.5, 0), (3.1, 0), (4.4, 0), (8.0, 0), (3.5, 0.5)]:
+        plan = allocate_costs(names, n_params, costs.tolist(), cands, budget, mode, overhead=overhead)
+        bits = [plan.bits[name] for name in names]
+        ks = [cands.index(b) for b in bits]
+        w = n_params if mode == "params" else [1] * n
+        assert sum(o * (Fraction(b) + Fraction(overhead)) for o, b in zip(w, bits)) <= Fraction(budget) * sum(w)
+        assert plan.objective == pytest.approx(sum(costs[l, k] for l, k in enumerate(ks)), rel=1e-12)
+        assert plan.objective == pytest.approx(_brute_costs(n_params, costs, cands, budget, mode, overhead), rel=1e-12)
+        assert (plan.method, plan.exact, plan.mode, plan.candidates) == ("calibrated", True, mode, cands)
+        assert plan.n_params == dict(zip(names, n_params))
+        assert BitPlan.from_json(plan.to_json()) == plan
+
+
+def test_allocate_costs_candidate_order_and_errors():
+    costs = [[1.0, 5.0, 0.5], [2.0, 9.0, 1.0]]  # columns for candidates (3, 2, 4)
+    plan = allocate_costs(["a", "b"], [64, 64], costs, candidates=(3, 2, 4), budget=3.0)
+    assert plan.bits == {"a": 3, "b": 3} and plan.candidates == (2, 3, 4) and plan.objective == 3.0
+    plan = allocate_costs(["a", "b"], [64, 192], costs, candidates=(3, 2, 4), budget=3.25)
+    assert plan.objective == pytest.approx(_brute_costs([64, 192], [[5.0, 1.0, 0.5], [9.0, 2.0, 1.0]], (2, 3, 4), 3.25, "params"))
+    with pytest.raises(ValueError, match="shape"):
+        allocate_costs(["a", "b"], [64, 64], [[1.0, 2.0]], candidates=(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        allocate_costs(["a"], [64], [[1.0, math.nan]], candidates=(2, 3))
+    with pytest.raises(ValueError, match="must not repeat"):
+        allocate_costs(["a"], [64], [[1.0, 2.0]], candidates=(2, 2))
+    with pytest.raises(ValueError, match="unique"):
+        allocate_costs(["a", "a"], [64, 64], [[1.0, 2.0], [1.0, 2.0]], candidates=(2, 3))
+    with pytest.raises(ValueError, match="infeasible"):
+        allocate_costs(["a"], [64], [[1.0, 2.0]], candidates=(2, 3), budget=1.5)
+
+
+def test_allocate_costs_coarsened_meets_budget():
+    rng = np.random.default_rng(5)
+    names = [f"m{i}" for i in range(20)]
+    n_params = [int(x) for x in rng.integers(1000, 100000, size=20)]
+    costs = rng.uniform(0.0, 1.0, size=(20, 3))
+    plan = allocate_costs(names, n_params, costs, (2, 3, 4), 2.7, max_cells=50)
+    assert not plan.exact and plan.avg_bits_params <= 2.7
+    exact = allocate_costs(names, n_params, costs, (2, 3, 4), 2.7, max_cells=None)
+    assert exact.exact and exact.objective <= plan.objective

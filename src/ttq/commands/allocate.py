@@ -9,6 +9,13 @@ bits, unless ``--no-plot``).
 Scale/zero overhead (``--count-overhead``): an asymmetric integer format stores a float16 scale and a
 float16 zero point per group, ``2 x 16 = 32`` bits per ``--group-size`` weights, so every width ``b``
 costs ``b + 32 / g`` bits per weight in the budget (the same for every width).
+
+``--method calibrated`` is the calibration-based baseline (the data-driven approach AlphaQ argues
+against): the cost of ``b`` bits for matrix ``l`` is the output error ``tr[(W - Q_b(W)) C (W - Q_b(W))^T]``
+of RTN at ``b`` bits (``--group-size``) on the ``--calib`` activations (``C``: the layer's calibration gram
+over its token count; :func:`ttq.eval.allocate.calibrated_costs`), and the same exact DP
+(:func:`ttq.methods.allocation.allocate_costs`) picks the widths under the same budget.  ``--gamma`` is
+not used; the alphas are still computed for the summary and the plot.
 """
 
 from __future__ import annotations
@@ -19,12 +26,21 @@ import io
 import logging
 import math
 
-from ttq.commands.common import DTYPES, add_model_args, add_out_args, group_size_arg, int_list, non_negative_int
+from ttq.commands.common import (
+    DTYPES,
+    add_data_args,
+    add_model_args,
+    add_out_args,
+    group_size_arg,
+    int_list,
+    non_negative_int,
+)
+from ttq.commands.ppl import _calib_list
 from ttq.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("alphaq", "uniform", "half_split", "random")
+METHODS = ("alphaq", "uniform", "half_split", "random", "calibrated")
 MIN_BITS, MAX_BITS = 2, 8
 SCALE_ZERO_BITS = 2 * 16  # float16 scale + float16 zero point per group
 
@@ -70,16 +86,20 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", default="params", choices=MODES,
                    help="budget per weight (params, honest for mixed shapes) or per matrix (matrices, AlphaQ's count)")
     p.add_argument("--group-size", type=group_size_arg, default=32,
-                   help="quantization group size, for --count-overhead (-1 = per output channel is not supported there)")
+                   help="quantization group size, for --count-overhead (-1 = per output channel is not supported there) "
+                        "and for the RTN errors of --method calibrated")
     p.add_argument("--count-overhead", action="store_true",
                    help=f"count the scale and zero point ({SCALE_ZERO_BITS} bits per group: float16 each) "
                         "in the budget: each width b costs b + 32/group-size bits per weight")
     p.add_argument("--method", default="alphaq", choices=METHODS,
                    help="alphaq (the exact DP optimum; see exact in the plan), or a baseline: uniform (one width), half_split (prefix at the "
-                        "next wider width), random (seeded)")
+                        "next wider width), random (seeded), calibrated (the same DP on the output error of RTN on --calib activations)")
+    p.add_argument("--calib", type=_calib_list, default="c4:32768",
+                   help="--method calibrated: calibration set, DATASET[:TOKENS] (2^17 tokens when TOKENS is left out)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="FARMS sampler and --method random seed")
     p.add_argument("--no-plot", action="store_true", help="do not write PREFIX.png (the plot needs matplotlib)")
     p.add_argument("--progress", action="store_true", help="progress bar over the matrices")
+    add_data_args(p, sources=False)
     add_out_args(p, "results/plan", ".json/.md/.png")
     p.set_defaults(func=run)
 
@@ -111,21 +131,30 @@ def _validate(args) -> tuple[tuple[int, ...], float]:
             f"--budget {args.budget:g} is infeasible: the minimum is {least:g} {unit} ({cands[0]} bits everywhere"
             + (f" + {overhead:g} scale/zero overhead at group size {args.group_size})" if overhead else ")")
         )
+    if args.method == "calibrated":
+        from ttq.data import check_dataset
+
+        if len(args.calib) != 1:
+            raise ConfigError(f"--calib takes one DATASET[:TOKENS], got {len(args.calib)} entries")
+        dataset, tokens = args.calib[0]
+        check_dataset(dataset)
+        if tokens <= 0:
+            raise ConfigError(f"--calib tokens must be > 0, got {tokens}")
     if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("the PREFIX.png plot needs matplotlib: pip install 'ttq[plots]', or pass --no-plot")
     return cands, overhead
 
 
 def run(args) -> int:
-    from ttq.eval.allocate import matrix_stats, plot_alpha_bits, summary_tables
-    from ttq.methods.allocation import allocate, half_split_plan, random_plan, uniform_plan
-    from ttq.models import load_model, model_id
+    from ttq.eval.allocate import calibrated_costs, matrix_stats, plot_alpha_bits, summary_tables
+    from ttq.methods.allocation import allocate, allocate_costs, half_split_plan, random_plan, uniform_plan
+    from ttq.models import load_model, max_context, model_id
     from ttq.outputs import check_outputs, write_outputs
 
     cands, overhead = _validate(args)
     suffixes = (".json", ".md") + (() if args.no_plot else (".png",))
     check_outputs(args.out, suffixes, args.overwrite)  # before the model is loaded, not after
-    model, _ = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     stats = matrix_stats(model, estimator=args.estimator, farms=not args.no_farms, seed=args.seed,
                          progress=args.progress)
     kw = {"candidates": cands, "gamma": args.gamma, "budget": args.budget, "mode": args.mode,
@@ -134,13 +163,26 @@ def run(args) -> int:
         plan = allocate(stats, **kw)
     elif args.method == "uniform":
         plan = uniform_plan(stats, **kw)
+    elif args.method == "calibrated":
+        from ttq.calibrate import calibrate
+        from ttq.data.windows import CalibSpec
+
+        dataset, tokens = args.calib[0]
+        spec = CalibSpec(dataset, tokens, seqlen=min(2048, max_context(model)))
+        calibration = calibrate(model, tok, spec, data_dir=args.data_dir,
+                                model_key=model_id(args.model, args.gguf_file), progress=args.progress)
+        names, n_params, costs = calibrated_costs(model, calibration, cands, args.group_size, progress=args.progress)
+        plan = allocate_costs(names, n_params, costs, candidates=cands, budget=args.budget, mode=args.mode,
+                              overhead=overhead)
     elif args.method == "half_split":
         plan = half_split_plan(stats, **kw)
     else:
         plan = random_plan(stats, seed=args.seed, **kw)
     header = (f"Model {model_id(args.model, args.gguf_file)}: {args.method} allocation over {len(stats)} linear "
               f"matrices, {args.estimator} alpha{'' if args.no_farms else ' (FARMS)'}"
-              + (f", scale/zero overhead at group size {args.group_size}" if args.count_overhead else ""))
+              + (f", scale/zero overhead at group size {args.group_size}" if args.count_overhead else "")
+              + (f", costs: RTN output error at group size {args.group_size} on {args.calib[0][0]} "
+                 f"({args.calib[0][1]} tokens)" if args.method == "calibrated" else ""))
     text = header + "\n\n" + summary_tables(plan, stats)
     print(text)
     contents: dict[str, str | bytes] = {".json": plan.to_json() + "\n", ".md": text + "\n"}  # .json = BitPlan.save

@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import BinaryIO
 
+import torch
 from torch import nn
 
 from ttq.errors import MissingDependency, ModelError
 from ttq.methods.allocation import BitPlan, MatrixStat, module_type
 from ttq.methods.heavytail import matrix_metrics
 from ttq.patch.blocks import targets
+from ttq.patch.capture import LayerCalib
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,62 @@ def matrix_stats(
             raise ModelError(f"{t.name}: the {estimator} alpha is {m.alpha}, not finite")
         out.append(MatrixStat(t.name, int(w.numel()), float(m.alpha), float(m.variance)))
     return out
+
+
+def calibrated_costs(
+    model: nn.Module,
+    calibration: Mapping[str, LayerCalib],
+    candidates: Iterable[int] = (2, 3, 4),
+    group_size: int = 32,
+    progress: bool = False,
+) -> tuple[list[str], list[int], list[list[float]]]:
+    """The calibration-based allocation baseline's cost table (the data-driven approach AlphaQ argues against).
+
+    For every 2-D linear weight ``W`` of the decoder blocks and every candidate width ``b``:
+    ``cost_l(b) = tr[(W - Q_b(W)) C (W - Q_b(W))^T]``, the output error of RTN at ``b`` bits
+    (:func:`ttq.methods.rtn.rtn`, asymmetric integers at ``group_size``) on the calibration activations,
+    ``C = gram / n_tokens`` (the mean ``x x^T``).  Pure given the tensors.  Feed the result to
+    :func:`ttq.methods.allocation.allocate_costs`.
+
+    Args:
+        model: a causal LM.
+        calibration: ``{layer: LayerCalib}`` from :func:`ttq.calibrate.calibrate` (every linear needed).
+        candidates: the widths, in the order of the cost columns.
+        group_size: RTN group size (-1: per output channel).
+        progress: show a tqdm progress bar.
+    Returns:
+        ``(names, n_params, costs)`` in module order, ``costs[l][k]`` for ``candidates[k]``.
+    Raises:
+        ModelError: no linear layers, or a linear without calibration statistics (names it).
+    """
+    from ttq.formats.spec import QuantSpec
+    from ttq.methods.awq import output_error
+    from ttq.methods.rtn import rtn
+
+    cands = [int(b) for b in candidates]
+    specs = [QuantSpec(bits=b, group_size=group_size) for b in cands]
+    linears = [t for t in targets(model) if t.kind == "linear"]
+    if not linears:
+        raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
+    missing = [t.name for t in linears if t.name not in calibration]
+    if missing:
+        raise ModelError(f"{len(missing)} linear layer(s) have no calibration statistics, e.g. {missing[0]!r}")
+    items: Iterable = linears
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(linears, desc="calibrated costs", unit="matrix")
+    names, n_params, costs = [], [], []
+    for t in items:
+        w = t.tensor.detach()
+        if t.layout == "in_out":
+            w = w.t()  # Conv1D (d_in, d_out) -> (d_out, d_in)
+        lc = calibration[t.name]
+        gram = lc.gram.to(device=w.device, dtype=torch.float32) / max(int(lc.stats.n_tokens), 1)
+        names.append(t.name)
+        n_params.append(int(w.numel()))
+        costs.append([output_error(w, rtn(w, spec), gram) for spec in specs])
+    return names, n_params, costs
 
 
 def block_index(name: str) -> str:

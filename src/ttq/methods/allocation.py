@@ -35,6 +35,9 @@ Otherwise the unit is coarsened by ``q = ceil(slack / max_cells)`` with extras r
 plan still meets the budget but may be slightly sub-optimal (``exact=False``).  Time is
 ``O(L * K * cells)``, memory ``L * cells`` bytes.
 
+:func:`allocate_costs` runs the same DP on any cost table ``costs[l][k]`` (e.g. the calibration-based
+baseline: output error of RTN on calibration activations, :func:`ttq.eval.allocate.calibrated_costs`).
+
 Baselines at the same budget (:func:`uniform_plan`, :func:`half_split_plan`, :func:`random_plan`)
 and the continuous water-filling solution (:func:`waterfill`) are plain functions too.
 """
@@ -81,11 +84,13 @@ class BitPlan:
         avg_bits_params: ``sum n_l b_l / sum n_l`` (widths only, no overhead).
         avg_bits_matrix: ``sum b_l / L``.
         budget_used: the budget's own measure: average of ``w(b) = b + overhead(b)`` weighted as ``mode`` says.
-        objective: ``sum_l s_l v_l 2^(-2 b_l)`` (gamma and per_type as given).
+        objective: ``sum_l s_l v_l 2^(-2 b_l)`` (gamma and per_type as given); ``"calibrated"``: the sum
+            of the chosen costs.
         gamma, candidates, budget, mode, per_type: the inputs.
         overhead: ``{str(bits): overhead bits per weight}`` for each candidate.
-        method: ``"dp"``, ``"uniform"``, ``"half_split"`` or ``"random"``.
-        exact: whether the plan is provably optimal (``"dp"`` only; baselines: False).
+        method: ``"dp"``, ``"uniform"``, ``"half_split"``, ``"random"`` or ``"calibrated"``
+            (:func:`allocate_costs`; its ``objective`` is the sum of the chosen costs).
+        exact: whether the plan is provably optimal (``"dp"`` and ``"calibrated"``; baselines: False).
         seed: the seed of a ``"random"`` plan, else None.
     """
 
@@ -261,7 +266,8 @@ def _budget(
     return _Budget(extra, cells, True, widths, omega)
 
 
-def _plan(stats, cands, bits, log_sv, *, gamma, budget, mode, per_type, over, method, exact, seed=None) -> BitPlan:
+def _plan(stats, cands, bits, log_sv, *, gamma, budget, mode, per_type, over, method, exact, seed=None,
+          objective=None) -> BitPlan:
     n = [m.n_params for m in stats]
     omega = n if mode == "params" else [1] * len(stats)
     used = sum(o * (b + over[b]) for o, b in zip(omega, bits)) / sum(omega)
@@ -271,7 +277,7 @@ def _plan(stats, cands, bits, log_sv, *, gamma, budget, mode, per_type, over, me
         avg_bits_params=float(Fraction(sum(k * b for k, b in zip(n, bits)), sum(n))),
         avg_bits_matrix=float(Fraction(sum(bits), len(bits))),
         budget_used=float(used),
-        objective=_objective(log_sv, bits),
+        objective=_objective(log_sv, bits) if objective is None else float(objective),
         gamma=float(gamma),
         candidates=tuple(cands),
         budget=float(budget),
@@ -322,20 +328,30 @@ def allocate(
     k_max = max(range(len(cands)), key=lambda k: (bud.widths[k], cands[k]))
     if sum(row[k_max] for row in bud.extra) <= bud.slack:  # the widest everywhere fits: optimal (cost falls with b)
         return _plan(stats, cands, [cands[k_max]] * len(stats), log_sv, exact=True, **kw)
-    if max_cells is not None and bud.slack > max_cells:  # coarsen the unit, extras rounded up: still feasible
-        q = -(-bud.slack // max_cells)
-        bud = dataclasses.replace(
-            bud, extra=[[-(-x // q) for x in row] for row in bud.extra], slack=bud.slack // q, exact=False
-        )
     # costs scaled by exp(-max log(s v)) so that a large gamma cannot overflow; the argmin is unchanged
     finite = log_sv[np.isfinite(log_sv)]
     shift = float(finite.max()) if finite.size else 0.0
     b = np.asarray(cands, dtype=float)
     cost = np.exp(log_sv[:, None] - shift - 2.0 * math.log(2.0) * b[None, :])  # (L, K)
+    ks, exact = _solve(bud, cost, max_cells)
+    return _plan(stats, cands, [cands[k] for k in ks], log_sv, exact=exact, **kw)
+
+
+def _solve(bud: _Budget, cost: np.ndarray, max_cells: int | None) -> tuple[list[int], bool]:
+    """The exact multiple-choice-knapsack DP shared by :func:`allocate` and :func:`allocate_costs`:
+    candidate indices ``k_l`` minimising ``sum_l cost[l, k_l]`` subject to
+    ``sum_l extra[l][k_l] <= slack`` (the unit coarsened first when ``slack > max_cells``).
+    Returns ``(ks, exact)``; ties go to the least-used budget, then to the earlier candidate."""
+    if max_cells is not None and bud.slack > max_cells:  # coarsen the unit, extras rounded up: still feasible
+        q = -(-bud.slack // max_cells)
+        bud = dataclasses.replace(
+            bud, extra=[[-(-x // q) for x in row] for row in bud.extra], slack=bud.slack // q, exact=False
+        )
+    n = len(bud.extra)
     cells = bud.slack + 1
     dp = np.full(cells, np.inf)  # dp[c]: least cost of the matrices so far using exactly c extra units
     dp[0] = 0.0
-    choice = np.zeros((len(stats), cells), dtype=np.int8)  # (L, cells)
+    choice = np.zeros((n, cells), dtype=np.int8)  # (L, cells)
     for l, row in enumerate(bud.extra):
         new = np.full(cells, np.inf)
         for k, e in enumerate(row):
@@ -348,11 +364,63 @@ def allocate(
             choice[l, better] = k
         dp = new
     c = int(np.argmin(dp))  # the least-used budget among equal optima
-    ks = [0] * len(stats)
-    for l in range(len(stats) - 1, -1, -1):
+    ks = [0] * n
+    for l in range(n - 1, -1, -1):
         ks[l] = int(choice[l, c])
         c -= bud.extra[l][ks[l]]
-    return _plan(stats, cands, [cands[k] for k in ks], log_sv, exact=bud.exact, **kw)
+    return ks, bud.exact
+
+
+def allocate_costs(
+    names: Sequence[str],
+    n_params: Sequence[int],
+    costs: Sequence[Sequence[float]] | np.ndarray,
+    candidates: Iterable[int] = (2, 3, 4),
+    budget: float = 3.0,
+    mode: str = "params",
+    overhead: Overhead = 0.0,
+    max_cells: int | None = 1_000_000,
+) -> BitPlan:
+    """The optimal bit plan for a given cost table (the same exact DP and budget as :func:`allocate`).
+
+    For cost models other than AlphaQ's, e.g. the calibration-based baseline
+    (:func:`ttq.eval.allocate.calibrated_costs`: output error of RTN at each width on calibration
+    activations).  Minimises ``sum_l costs[l][k_l]`` under the budget; nothing is assumed about how the
+    costs vary with the width.
+
+    Args:
+        names: one unique name per matrix, in model order.
+        n_params: the number of weights of each matrix.
+        costs: ``costs[l][k]``, the cost of giving matrix ``l`` the width ``candidates[k]`` (candidates in
+            the order given); finite.
+        candidates, budget, mode, overhead, max_cells: as for :func:`allocate`.
+    Returns:
+        a :class:`BitPlan` with ``method="calibrated"``, ``objective = sum_l costs[l][k_l]``, and
+        ``gamma=0``, ``per_type=False`` (not used).
+    Raises:
+        ValueError: mismatched lengths, repeated candidates, non-finite costs, or an infeasible budget.
+    """
+    given = [int(b) for b in candidates]
+    cands = _candidates(given)
+    if len(cands) != len(given):
+        raise ValueError(f"candidate bits must not repeat, got {given!r}")
+    names, n_params = list(names), list(n_params)
+    if len(names) != len(n_params):
+        raise ValueError(f"{len(names)} names but {len(n_params)} n_params")
+    table = np.asarray(costs, dtype=float)
+    if table.shape != (len(names), len(given)):
+        raise ValueError(f"costs must have shape (matrices, candidates) = {(len(names), len(given))}, got {table.shape}")
+    if not np.isfinite(table).all():
+        raise ValueError("costs must be finite")
+    table = table[:, [given.index(b) for b in cands]]  # columns in the order of the sorted candidates
+    stats = _stats([MatrixStat(str(name), n, 1.0, 0.0) for name, n in zip(names, n_params)])
+    over = _overhead(overhead, cands)
+    bud = _budget(stats, cands, budget, mode, over)
+    scale = float(np.abs(table).max()) or 1.0  # a common positive factor: the argmin is unchanged
+    ks, exact = _solve(bud, table / scale, max_cells)
+    objective = float(sum(table[l, k] for l, k in enumerate(ks)))
+    return _plan(stats, cands, [cands[k] for k in ks], None, gamma=0.0, budget=budget, mode=mode,
+                 per_type=False, over=over, method="calibrated", exact=exact, objective=objective)
 
 
 # ---------------------------------------------------------------------------------------------------- baselines

@@ -119,3 +119,13 @@ def test_token_mask_rows_and_real_tokens():
     assert real_tokens(xs, torch.zeros(3, dtype=torch.bool)) is xs  # an all-pad row: its own tokens
     holder.mask = torch.ones(3, 5, dtype=torch.bool)  # another batch size: not this input's mask
     assert holder.rows(x) is None
+
+
+def test_rows_are_computed_once_per_call_and_length():
+    holder = TokenMask()
+    holder.mask = torch.tensor([[True, True, False], [True, True, True]])
+    x = torch.randn(2, 3, 4)
+    first = holder.rows(x)
+    assert first is holder.rows(torch.randn(2, 3, 8))  # another layer of the same call: the same mask object
+    holder.mask = torch.ones(2, 3, dtype=torch.bool)  # a new call forgets the last one's rows
+    assert holder.rows(x) is None

@@ -20,21 +20,34 @@ class TokenMask:
     """The real-token mask ``(B, T_total)`` of the call the model is running, or None."""
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
+        self.mask = None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        """The mask of a new call (None: no mask); forgets the per-length masks of the last call."""
+        self._mask = mask
+        self._rows: dict[tuple[int, torch.device], torch.Tensor | None] = {}
 
     def rows(self, x: torch.Tensor) -> torch.Tensor | None:
         """``(B, T)`` bool mask of the tokens of a layer input ``x`` (B, T, d), or None when every
         token is real or no mask applies (no mask given, or shapes that are not the batch's).
 
         With a KV cache the mask spans past and current tokens; the current ones are its last T.
+        Computed once per call (and length): every layer of the call shares it, so the all-real check
+        (a host sync on GPU) is not repeated per layer.
         """
         m = self.mask
         if m is None or x.dim() != 3 or m.shape[0] != x.shape[0] or m.shape[1] < x.shape[1]:
             return None
-        m = m[:, m.shape[1] - x.shape[1]:]  # (B, T_total) -> (B, T)
-        if bool(m.all()):
-            return None
-        return m.to(x.device)
+        key = (x.shape[1], x.device)
+        if key not in self._rows:
+            m = m[:, m.shape[1] - x.shape[1]:]  # (B, T_total) -> (B, T)
+            self._rows[key] = None if bool(m.all()) else m.to(x.device)
+        return self._rows[key]
 
 
 def _record(holder: TokenMask):

@@ -166,3 +166,23 @@ def test_unreadable_result_row_is_recomputed(stories_dir, data_copy, tmp_path, c
     for f in rows.glob("*.json"):
         f.write_text('{"ppl": ')  # truncated
     assert _ppl(stories_dir, data_copy, tmp_path / "b", results_cache=rows)["FP"] == first
+
+
+def test_result_rows_follow_the_code(stories_dir, data_copy, tmp_path, cache_env, monkeypatch):
+    """A row cached by other code (other ttq sources or torch/transformers versions) is not served."""
+    import ttq.eval.table as table
+
+    rows = tmp_path / "rows"
+    true = _ppl(stories_dir, data_copy, tmp_path / "a", results_cache=rows)["FP"]
+    for f in rows.glob("*.json"):  # plant a number: served while the code is the same
+        f.write_text(json.dumps({**json.loads(f.read_text()), "ppl": 12345.0}))
+    assert _ppl(stories_dir, data_copy, tmp_path / "b", results_cache=rows)["FP"] == 12345.0
+    monkeypatch.setattr(table, "code_fingerprint", lambda: "other code")
+    assert _ppl(stories_dir, data_copy, tmp_path / "c", results_cache=rows)["FP"] == true
+
+
+def test_code_fingerprint_covers_the_sources():
+    assert cache.code_fingerprint() == cache.code_fingerprint()  # computed once
+    root = Path(cache.__file__).parent
+    assert (root / "kernels" / "csrc" / "codes.inc").suffix in cache.CODE_SUFFIXES
+    assert len(cache.code_fingerprint()) == 24

@@ -5,10 +5,13 @@ What a cached value depends on is hashed into its key, never a name or a length:
 ===================  =====================================================================
 cache                key
 ===================  =====================================================================
-result rows          model fingerprint, method config, token ids of the evaluated windows
-calibration stats    model fingerprint, calibration spec, l_p, calibration text, tokenizer
-token ids            tokenizer fingerprint, text
+result rows          model fingerprint, method config, token ids of the evaluated windows, code
+calibration stats    model fingerprint, calibration spec, l_p, calibration text, tokenizer, code
+token ids            tokenizer fingerprint, text, code
 ===================  =====================================================================
+
+"code" is :func:`code_fingerprint`: ttq's own sources and the torch / transformers / tokenizers versions,
+so a cache written by another version of the code is not reused.
 
 * :func:`model_fingerprint` hashes every parameter and buffer (names, shapes, dtypes and bytes), so
   two models with the same directory name but other weights never share a row;
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +50,28 @@ def cache_root() -> Path:
     ``models/`` (the default model) and ``kernels/`` (C++ kernel builds); ``ttq ppl``'s result rows
     are elsewhere (``--cache``, default ``results/cache``)."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ttq")
+
+
+CODE_SUFFIXES = (".py", ".cpp", ".inc", ".h")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of ttq's own source files (Python and C++ kernels) and of the torch, transformers and tokenizers
+    versions: a result or statistic computed by other code is never served (computed once per process)."""
+    import importlib.metadata as md
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in CODE_SUFFIXES and p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    for dist in ("torch", "transformers", "tokenizers"):
+        try:
+            h.update(f"{dist}={md.version(dist)}".encode())
+        except md.PackageNotFoundError:
+            h.update(f"{dist}=-".encode())
+    return h.hexdigest()[:24]
 
 
 def digest(*parts: str | bytes, size: int = 24) -> str:

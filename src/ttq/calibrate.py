@@ -9,7 +9,10 @@ import logging
 
 import torch
 
-from ttq.cache import cache_root, digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint, writable
+from ttq.cache import (
+    cache_root, code_fingerprint, digest, load_tensors, locked, model_fingerprint, save_tensors, tokenizer_fingerprint,
+    writable,
+)
 from ttq.data.windows import CalibSpec
 from ttq.data import calibration_windows, check_dataset, check_disjoint, load_text, tokenize
 from ttq.methods.scaling import ChannelStats
@@ -67,8 +70,8 @@ def calibrate(
     folder = writable(cache_root() / "calib", "calibration") if model_key else None
     if folder is None:
         return _collect(model, tokenizer, text, calib, p, progress)
-    key = digest(model_fingerprint(model), json.dumps(dataclasses.asdict(calib), sort_keys=True), repr(float(p)),
-                 source, digest(text), tokenizer_fingerprint(tokenizer))
+    key = digest(code_fingerprint(), model_fingerprint(model), json.dumps(dataclasses.asdict(calib), sort_keys=True),
+                 repr(float(p)), source, digest(text), tokenizer_fingerprint(tokenizer))
     path = folder / f"{_safe_name(model_key)}-{calib.dataset}-{calib.n_tokens}-{key}.safetensors"
     with locked(path):
         if path.is_file():

@@ -16,10 +16,13 @@ C4_EVAL_WINDOWS = 256  # GPTQ cuts the joined C4 validation text to 256 x seqlen
 
 def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
     """Token ids (1-D int64) of ``text``, cached on disk (safetensors) by tokenizer definition and text hash."""
-    from ttq.cache import cache_root, digest, load_tensors, save_tensors, tokenizer_fingerprint, writable
+    from ttq.cache import (
+        cache_root, code_fingerprint, digest, load_tensors, save_tensors, tokenizer_fingerprint, writable,
+    )
 
     folder = writable(cache_root() / "tokens", "token") if cache else None
-    path = folder / f"{digest(tokenizer_fingerprint(tokenizer), text)}.safetensors" if folder else None
+    key = digest(code_fingerprint(), tokenizer_fingerprint(tokenizer), text)
+    path = folder / f"{key}.safetensors" if folder else None
     if path is not None and path.is_file():
         loaded = load_tensors(path)
         if loaded is not None and "ids" in loaded[0]:

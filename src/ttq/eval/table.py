@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ttq.cache import digest, model_fingerprint, tensor_digest, writable, write_bytes
+from ttq.cache import code_fingerprint, digest, model_fingerprint, tensor_digest, writable, write_bytes
 from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import CalibSpec, config_to_dict
 from ttq.data import C4_EVAL_WINDOWS, eval_windows, load_text, tokenize
@@ -145,7 +145,7 @@ def run_cells(
     results = []
     calib_cache: dict[CalibSpec, dict] = {}
     cache = writable(cache, "result") if cache else None
-    cache_key = f"{model_key}|{model_fingerprint(model)}" if cache else model_key
+    cache_key = f"{model_key}|{model_fingerprint(model)}|{code_fingerprint()}" if cache else model_key
     for cell in cells:
         todo, done = [], {}
         for ds, win in windows.items():

@@ -37,11 +37,11 @@ from ttq.commands.common import (
 )
 from ttq.commands.ppl import _calib_list
 from ttq.errors import ConfigError
+from ttq.formats.spec import MAX_BITS, MIN_BITS
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("alphaq", "uniform", "half_split", "random", "calibrated")
-MIN_BITS, MAX_BITS = 2, 8
 SCALE_ZERO_BITS = 2 * 16  # float16 scale + float16 zero point per group
 
 

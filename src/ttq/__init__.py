@@ -50,6 +50,8 @@ def _command_line_defaults() -> None:
 _command_line_defaults()
 
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
+from ttq.quantizers.awp import AWPConfig
+from ttq.quantizers.gptq import GPTQConfig
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
 from ttq.patch.blocks import block_linears, find_blocks, walk
@@ -62,6 +64,8 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS",
     "AWQConfig",
+    "AWPConfig",
+    "GPTQConfig",
     "CalibSpec",
     "QuantSpec",
     "RTNConfig",

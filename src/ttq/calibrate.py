@@ -18,6 +18,7 @@ from ttq.data import calibration_windows, check_dataset, check_disjoint, load_te
 from ttq.methods.scaling import ChannelStats
 from ttq.patch.capture import LayerCalib, collect_layer_stats
 from ttq.patch.blocks import block_linears
+from ttq.patch.experts import unfused
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def _collect(model, tokenizer, text: str, calib: CalibSpec, p: float, progress: 
     ids = tokenize(tokenizer, text)
     windows = calibration_windows(ids, calib.n_tokens, calib.seqlen, calib.seed)
     logger.info("calibrating on %s: %d windows of %d tokens", calib.dataset, *windows.shape)
-    return collect_layer_stats(model, block_linears(model), windows, p, progress=progress)
+    with unfused(model):  # MoE experts: one linear per expert, each sees the tokens routed to it
+        return collect_layer_stats(model, block_linears(model), windows, p, progress=progress)
 
 
 def _safe_name(name: str) -> str:

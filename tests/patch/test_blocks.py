@@ -82,7 +82,7 @@ def test_gpt2_at_2_bits_moves_the_logits():
     assert float((q - ref).norm() / ref.norm()) > 0.02
 
 
-def test_expert_tensors_are_found_and_left_alone(caplog):
+def test_expert_tensors_are_found_then_quantized_per_expert():
     model = _qwen3_moe()
     found = list(targets(model))
     experts = [t for t in found if t.kind == "experts"]
@@ -92,8 +92,9 @@ def test_expert_tensors_are_found_and_left_alone(caplog):
     assert len(experts) == 4 and all(t.layout == "out_in" for t in experts)
     assert {p for _, p, _ in walk(model)} == {"weight", "gate_up_proj", "down_proj"}
     before = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
-    with caplog.at_level("WARNING"):
-        plan = ttq.quantize_(model, RTNConfig())
-    assert len(plan) == 8  # q, k, v, o of 2 blocks; the router is not a linear layer
-    assert "4 experts parameter(s) left unquantized" in caplog.text
+    plan = ttq.quantize_(model, RTNConfig())
+    # q, k, v, o of 2 blocks + 4 experts x (gate_up, down) x 2 blocks; the router is not a linear layer
+    assert len(plan) == 8 + 16
+    assert "model.layers.1.mlp.experts.down_proj.3" in plan
+    assert ttq.restore_(model) == 24
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj, before)

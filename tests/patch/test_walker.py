@@ -277,9 +277,10 @@ def test_find_blocks_fallback_and_error() -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
-def test_moe_only_attention_is_linear(family: str) -> None:
-    """transformers v5 MoE blocks: experts are fused 3-D parameters and the router is not an nn.Linear,
-    so the walker quantizes the attention projections only and leaves experts and router as they were."""
+def test_moe_attention_and_every_expert_are_linears(family: str) -> None:
+    """transformers v5 MoE blocks: the fused 3-D experts are found (kind "experts"), quantize_ turns them
+    into one linear per expert (ttq.patch.experts) and restore_ gives back the very same tensors; the router
+    is not an nn.Linear and stays as it was."""
     model = _model(family)
     ids = _ids()
     ref = _logits(model, ids)
@@ -290,13 +291,14 @@ def test_moe_only_attention_is_linear(family: str) -> None:
         "self_attn.v_proj",
         "self_attn.o_proj",
     }
-    experts = {k: v.clone() for k, v in model.state_dict().items() if ".mlp." in k}
-    assert any(v.dim() == 3 for v in experts.values())  # fused expert weights (n_experts, ., .)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(v.dim() == 3 for v in before.values())  # fused expert weights (n_experts, ., .)
     plan = quantize_(model, TTQConfig(QuantSpec(4, 32)))
-    assert len(plan) == 8
-    for k, v in model.state_dict().items():
-        if ".mlp." in k:
-            assert torch.equal(v, experts[k]), k
+    n_experts = model.config.num_experts if family == "qwen3_moe" else model.config.num_local_experts
+    assert len(plan) == 8 + 2 * 2 * n_experts
+    assert not any(k.endswith(".gate") for k in plan)
     out = _logits(model, ids)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert restore_(model) == 8 and torch.equal(_logits(model, ids), ref)
+    assert restore_(model) == len(plan) and torch.equal(_logits(model, ids), ref)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

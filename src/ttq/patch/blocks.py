@@ -9,19 +9,24 @@ Architecture knowledge is data:
   family: ``(d_in, d_out)``);
 * :data:`EXPERT_PARAMETERS` / :data:`EXPERT_LAYOUTS` name the 3-D fused expert tensors of
   mixture-of-experts blocks (transformers v5 ``...Experts`` modules: ``gate_up_proj (E, 2I, H)``,
-  ``down_proj (E, H, I)``; GPT-OSS stores them transposed).
+  ``down_proj (E, H, I)``; GPT-OSS stores them transposed); :mod:`ttq.patch.experts` turns the ones
+  whose layout the module states into one linear per expert;
+* :data:`ROUTER_LAYERS` names the router gates that are ``nn.Linear`` (e.g. Qwen2-MoE's
+  ``shared_expert_gate``): they stay in full precision.
 
 :func:`targets` lists every parameter of the decoder blocks a method may quantize (LM head and
 embeddings live outside the blocks and are never touched); :func:`build` calls a method's handler
 as ``handler(module, parameter_name, config, calibration)``.  A ``Conv1D`` reaches handlers as an
 ``nn.Linear`` view of its weight (:class:`Conv1DLinear`), so every linear method quantizes it, and
-:func:`ttq.patch.restore_` puts the ``Conv1D`` back.  3-D expert tensors are found (kind
-``"experts"``) and left as they are by every current method: handlers declare the kinds they accept
-(:func:`ttq.registry.register_handler`), and :func:`targets` is the one place that enumerates them.
+:func:`ttq.patch.restore_` puts the ``Conv1D`` back.  Experts unfused by :func:`ttq.patch.experts.unfuse_`
+are linears (``<experts>.gate_up_proj.<e>``); 3-D expert tensors still fused are found (kind
+``"experts"``): handlers declare the kinds they accept (:func:`ttq.registry.register_handler`), and
+:func:`targets` is the one place that enumerates them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +35,10 @@ import torch
 import torch.nn as nn
 
 from ttq.errors import ConfigError, ModelError
-from ttq.registry import HANDLERS
+from ttq.patch.experts import ExpertLinear
+from ttq.registry import HANDLERS, METHODS
+
+logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[str, nn.Module], bool]
 
@@ -53,13 +61,16 @@ def _conv1d_type() -> type | None:
 
 
 # layer type -> axis order of its 2-D weight: "out_in" (d_out, d_in) or "in_out" (d_in, d_out)
-LINEAR_TYPES: dict[type, str] = {nn.Linear: "out_in"}
+LINEAR_TYPES: dict[type, str] = {nn.Linear: "out_in", ExpertLinear: "out_in"}
 if _conv1d_type() is not None:
     LINEAR_TYPES[_conv1d_type()] = "in_out"
 
 # 3-D fused expert tensors (E, d_out, d_in) by parameter name; classes that store them (E, d_in, d_out)
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj", "gate_proj", "up_proj")
 EXPERT_LAYOUTS: dict[str, str] = {"GptOssExperts": "in_out"}
+
+# last name component of router gates stored as nn.Linear: never quantized (they pick the experts)
+ROUTER_LAYERS = ("gate", "router", "shared_expert_gate")
 
 @dataclass(frozen=True)
 class Target:
@@ -134,7 +145,8 @@ def targets(model: nn.Module) -> Iterator[Target]:
         full = f"{prefix}.{name}"
         layout = LINEAR_TYPES.get(type(mod))
         if layout is not None:
-            yield Target(full, "weight", "linear", mod, layout)
+            if name.rpartition(".")[2] not in ROUTER_LAYERS:
+                yield Target(full, "weight", "linear", mod, layout)
             continue
         for pname in EXPERT_PARAMETERS:
             p = mod._parameters.get(pname)
@@ -170,10 +182,25 @@ def as_linear(module: nn.Module) -> nn.Module:
     return Conv1DLinear(module) if LINEAR_TYPES.get(type(module)) == "in_out" else module
 
 
-def build(name: str, module: nn.Module, parameter: str, config: Any, calibration: Any) -> nn.Module:
-    """The module that replaces ``module`` under ``config``: the one place a handler is called."""
+def uncalibrated_expert(config: Any) -> Any:
+    """The config an expert that no calibration token reached gets instead of ``config``: round-to-nearest
+    in the same format (the documented fallback), or None (left as it is) for a config without a format."""
+    quant = getattr(config, "quant", None)
+    return None if quant is None else METHODS["rtn"](quant=quant)
+
+
+def build(name: str, module: nn.Module, parameter: str, config: Any, calibration: Any) -> nn.Module | None:
+    """The module that replaces ``module`` under ``config``: the one place a handler is called.
+
+    An expert (:class:`ttq.patch.experts.ExpertLinear`) that received no calibration token gets
+    :func:`uncalibrated_expert` (None: it stays as it is); any other layer without statistics is an error.
+    """
     if getattr(config, "needs_calibration", False) and calibration is None:
-        raise ConfigError(f"no calibration statistics for layer {name!r}")
+        if not isinstance(module, ExpertLinear):
+            raise ConfigError(f"no calibration statistics for layer {name!r}")
+        config = uncalibrated_expert(config)
+        if config is None:
+            return None
     return HANDLERS[type(config)](as_linear(module), parameter, config, calibration)
 
 
@@ -193,6 +220,13 @@ def replace_linears(
     new = {}
     for name, cfg in items:
         calib = None if calibration is None else calibration.get(name)
-        new[name] = build(name, linears[name], "weight", cfg, calib)
+        mod = build(name, linears[name], "weight", cfg, calib)
+        if mod is not None:
+            new[name] = mod
+    fallback = [n for n, c in plan.items() if getattr(c, "needs_calibration", False)
+                and (calibration is None or n not in calibration)]
+    if fallback:
+        logger.warning("%d expert(s) received no calibration token: quantized with round-to-nearest in the same "
+                       "format instead (e.g. %s)", len(fallback), fallback[0])
     for name, mod in new.items():
         set_module(model, name, mod)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ttq.errors import ConfigError
+from ttq.errors import ConfigError, ModelError
 from ttq.patch.blocks import FilterFn, find_blocks, replace_linears, set_module, targets
+from ttq.patch.experts import RoutedExperts, refuse, routed_experts, unfuse_
 from ttq.patch.sequential import sequential_replace
 from ttq.registry import HANDLERS, KINDS
 
@@ -75,6 +76,20 @@ def quantize_(
     Returns:
         ``{name: config used}`` for every replaced layer.
     """
+    unfused = unfuse_(model)  # fused MoE experts -> one linear per expert (ttq.patch.experts)
+    try:
+        plan = _quantize(model, config, filter_fn, overrides, calibration, progress)
+    except BaseException:
+        for name in unfused:
+            refuse(model, name)
+        raise
+    for name, routed in list(routed_experts(model)):  # experts the plan left alone stay fused
+        if not any(isinstance(getattr(m, "original", None), nn.Module) for m in routed.modules()):
+            refuse(model, name)
+    return plan
+
+
+def _quantize(model, config, filter_fn, overrides, calibration, progress) -> dict[str, Any]:
     found = [t for t in targets(model) if filter_fn is None or filter_fn(t.name, t.module)]
     if not found:
         if filter_fn is None:
@@ -88,8 +103,17 @@ def quantize_(
     for cfg in {c for p in by_kind.values() for c in p.values()}:
         if type(cfg) not in HANDLERS:
             raise ConfigError(f"no handler registered for config {type(cfg).__name__}; see ttq.registry.register_handler")
-    skipped = {k: p for k, p in by_kind.items() if k != "linear" and p}
-    for kind, p in skipped.items():  # e.g. 3-D expert tensors: no current method quantizes them
+    fused = by_kind.get("experts", {})
+    if fused:  # 3-D expert tensors still fused: their module does not state its layout
+        name = next(iter(fused))
+        mod = model.get_submodule(name.rpartition(".")[0])
+        raise ModelError(
+            f"cannot quantize the fused experts {name!r} ({type(mod).__name__}): the module does not state its "
+            "layout (transformers' has_gate / has_bias / is_transposed flags, see ttq.patch.experts); leave them "
+            f"in full precision with overrides={{{name.rpartition('.')[0] + '.*'!r}: None}}"
+        )
+    skipped = {k: p for k, p in by_kind.items() if k not in ("linear", "experts") and p}
+    for kind, p in skipped.items():
         if any(kind not in KINDS.get(type(c), ()) for c in p.values()):
             logger.warning("%d %s parameter(s) left unquantized: the method handles %s only", len(p), kind,
                            ", ".join(sorted({k for c in p.values() for k in KINDS.get(type(c), ())})))
@@ -115,15 +139,24 @@ def quantize_(
             if getattr(cfg, "needs_calibration", False) and calibration is None:
                 raise ValueError(f"method {cfg.name!r} needs calibration data; pass calibration= (see ttq.calibrate)")
         replace_linears(model, linears, plan, calibration, progress)
-    test_time = [m for m in map(model.get_submodule, plan) if hasattr(m, "token_mask")]
+    test_time = [m for m in map(model.get_submodule, [n for n in plan if _replaced(model, n)])
+                 if hasattr(m, "token_mask")]
     if test_time:  # layers with a statistic of their own tokens: show them which tokens are padding
         from ttq.patch.tokens import attach
 
         holder = attach(model)
         for m in test_time:
             m.token_mask = holder
+        for _, routed in routed_experts(model):  # experts pass it on for their routed tokens
+            routed.token_mask = holder
+    plan = {n: c for n, c in plan.items() if _replaced(model, n)}
     logger.info("quantized %d linear layers", len(plan))
     return plan
+
+
+def _replaced(model: nn.Module, name: str) -> bool:
+    """Whether the layer at ``name`` is a quantized module now (an expert may have been left as it is)."""
+    return isinstance(getattr(model.get_submodule(name), "original", None), nn.Module)
 
 
 def restore_(model: nn.Module, blocks_only: bool = False) -> int:
@@ -134,8 +167,13 @@ def restore_(model: nn.Module, blocks_only: bool = False) -> int:
     """
     n = 0
     prefix = find_blocks(model)[0] + "." if blocks_only else ""
+    gone: tuple[str, ...] = ()  # modules under a re-fused experts module
     for name, mod in list(model.named_modules()):
-        if not name.startswith(prefix):
+        if not name.startswith(prefix) or name.startswith(gone):
+            continue
+        if isinstance(mod, RoutedExperts):  # the original fused tensors come back (never changed)
+            n += refuse(model, name)
+            gone += (f"{name}.",)
             continue
         orig = getattr(mod, "original", None)
         if isinstance(orig, nn.Module) and mod is not orig:

@@ -135,3 +135,28 @@ def test_allocate_calibrated_bad_calib_exit_2_before_loading(extra, message, tmp
     err = capsys.readouterr().err
     assert message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_allocate_synthetic_moe_per_expert(tmp_path, capsys):
+    out = tmp_path / "moe"
+    argv = ["allocate", "--synthetic-moe", "qwen3_moe:4,64,32,2", "--only", "*.experts.*", "--budget", "2.5",
+            "--granularity", "expert", "--no-plot", "--no-farms", "--out", str(out)]
+    assert main(argv) == 0
+    plan = BitPlan.load(tmp_path / "moe.json")
+    assert plan.granularity == "expert" and len(plan.bits) == 2 * 4 * 2
+    assert all(".experts." in n for n in plan.bits) and plan.avg_bits_params <= 2.5
+    printed = capsys.readouterr().out
+    assert "| experts (bits per matrix, gate_up_proj/down_proj) | e0 | e1 | e2 | e3 |" in printed
+    assert "Time: heavy-tail metrics" in printed and "ms per matrix" in printed
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--synthetic-moe", "qwen3_moe:4,64"], "four integers E,H,I,L"),
+    (["--synthetic-moe", "qwen3_moe:0,64,32,2"], "must be >= 1"),
+    (["--synthetic-moe", "llama"], "unknown MoE family 'llama'"),
+    (["--synthetic-moe", "qwen3_moe:4,64,32,1", "--only", "*.nothing"], "matches no linear matrix"),
+    (["--synthetic-moe", "qwen3_moe:4,64,32,1", "--method", "calibrated"], "needs text and a tokenizer"),
+])
+def test_allocate_synthetic_moe_bad_input(tmp_path, capsys, extra, message):
+    assert main(["allocate", *extra, "--no-plot", "--no-farms", "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err

@@ -190,8 +190,8 @@ def test_plan_overrides_dict():
     moe = allocate(
         [("m.experts.gate_up_proj[0]", 64, 2.0, 1.0), ("m.experts.gate_up_proj[1]", 64, 3.0, 1.0)], (2, 4), 1.0, 3.0
     )
-    with pytest.raises(ValueError, match="per-expert application"):
-        plan_overrides(moe, lambda b: b)
+    assert plan_overrides(moe, lambda b: b) == {"m.experts.gate_up_proj.0": 4, "m.experts.gate_up_proj.1": 2}
+    assert module_type("model.layers.0.mlp.experts.down_proj.7") == "down_proj"
 
 
 def test_plan_applied_to_tiny_model(stories_model):
@@ -274,3 +274,61 @@ def test_allocate_costs_coarsened_meets_budget():
     assert not plan.exact and plan.avg_bits_params <= 2.7
     exact = allocate_costs(names, n_params, costs, (2, 3, 4), 2.7, max_cells=None)
     assert exact.exact and exact.objective <= plan.objective
+
+
+def test_units_expert_and_block():
+    from ttq.methods.allocation import unit_of
+
+    assert unit_of("model.layers.3.mlp.experts.down_proj.7", "expert") == "model.layers.3.mlp.experts[7]"
+    assert unit_of("model.layers.3.self_attn.q_proj", "expert") == "model.layers.3.self_attn.q_proj"
+    assert unit_of("model.layers.3.self_attn.q_proj", "block") == "block 3"
+    with pytest.raises(ValueError, match="allowed: matrix, expert, block"):
+        unit_of("a", "layer")
+
+
+def test_by_units_gives_one_width_per_expert_and_keeps_the_budget():
+    from ttq.methods.allocation import by_units
+
+    stats = [(f"m.layers.{l}.mlp.experts.{p}.{e}", 64 if p == "gate_up_proj" else 32, 2.0 + e + 0.1 * l, 1.0)
+             for l in range(2) for e in range(4) for p in ("gate_up_proj", "down_proj")]
+    plan = by_units(stats, "expert", lambda st: allocate(st, (2, 3, 4), 10.0, 3.0))
+    assert plan.granularity == "expert" and len(plan.bits) == 16
+    for l in range(2):
+        for e in range(4):
+            assert plan.bits[f"m.layers.{l}.mlp.experts.gate_up_proj.{e}"] == plan.bits[f"m.layers.{l}.mlp.experts.down_proj.{e}"]
+    assert plan.avg_bits_params <= 3.0 + 1e-9
+    assert plan.bits["m.layers.0.mlp.experts.gate_up_proj.0"] >= plan.bits["m.layers.0.mlp.experts.gate_up_proj.3"]
+    block = by_units(stats, "block", lambda st: allocate(st, (2, 3, 4), 10.0, 2.5))
+    assert len({b for n, b in block.bits.items() if ".layers.0." in n}) == 1
+    assert BitPlan.from_json(plan.to_json()) == plan
+    matrix = by_units(stats, "matrix", lambda st: allocate(st, (2, 3, 4), 10.0, 3.0))
+    assert matrix == allocate(stats, (2, 3, 4), 10.0, 3.0)
+
+
+def test_costs_by_units_sum_costs():
+    from ttq.methods.allocation import costs_by_units, expand
+
+    names = ["l.0.experts.gate_up_proj.0", "l.0.experts.down_proj.0", "l.0.attn.q_proj"]
+    units, n, costs, members = costs_by_units(names, [4, 2, 8], [[3.0, 2.0], [1.0, 0.5], [5.0, 1.0]], "expert")
+    assert units == ["l.0.experts[0]", "l.0.attn.q_proj"] and n == [6, 8] and costs[0] == [4.0, 2.5]
+    plan = allocate_costs(units, n, costs, candidates=(2, 4), budget=3.0)
+    full = expand(plan, members, "expert")
+    assert full.bits["l.0.experts.gate_up_proj.0"] == full.bits["l.0.experts.down_proj.0"]
+
+
+def test_per_expert_plan_applied_by_quantize():
+    import ttq
+    from ttq.eval.allocate import matrix_stats
+    from ttq.tiny_moe import tiny_moe
+
+    model = tiny_moe("qwen3_moe", hidden=64, experts=4, expert_width=32)
+    stats = matrix_stats(model, farms=False)
+    experts = [s for s in stats if ".experts." in s.name]
+    assert len(experts) == 2 * 2 * 4 and experts[0].name == "model.layers.0.mlp.experts.gate_up_proj.0"
+    plan = allocate(experts, (2, 4), 1.0, 3.0)
+    over = plan_overrides(plan, lambda b: ttq.RTNConfig(quant=ttq.QuantSpec(bits=b, group_size=16)))
+    done = ttq.quantize_(model, ttq.RTNConfig(quant=ttq.QuantSpec(bits=8, group_size=16)), overrides=over)
+    for name, bits in plan.bits.items():
+        assert done[name].quant.bits == bits
+        assert model.get_submodule(name).spec.bits == bits
+    assert done["model.layers.0.self_attn.q_proj"].quant.bits == 8

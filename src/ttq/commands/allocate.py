@@ -21,10 +21,12 @@ not used; the alphas are still computed for the summary and the plot.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import io
 import logging
 import math
+import time
 
 from ttq.commands.common import (
     DTYPES,
@@ -56,7 +58,7 @@ def _float(s: str) -> float:
 
 
 def add_parser(sub) -> None:
-    from ttq.methods.allocation import MODES
+    from ttq.methods.allocation import GRANULARITIES, MODES
     from ttq.methods.heavytail import ESTIMATORS
 
     p = sub.add_parser(
@@ -65,8 +67,9 @@ def add_parser(sub) -> None:
         description="Give every 2-D linear weight of the decoder blocks a width from --candidates so that the "
                     "average meets --budget, favouring heavy-tailed (small-alpha) matrices: minimise "
                     "sum_l (alpha_0/alpha_l)^gamma var(W_l) 2^(-2 b_l), solved exactly. "
-                    "Granularity is one width per linear matrix; 3-D MoE expert tensors are skipped "
-                    "(per-expert allocation comes with expert quantization).",
+                    "Granularity (--granularity): one width per linear matrix (each expert of a fused MoE "
+                    "tensor is its own matrix), per expert (its matrices share a width, alpha averaged) or per "
+                    "decoder block.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_args(p)
@@ -83,6 +86,12 @@ def add_parser(sub) -> None:
                    help="whole-matrix spectrum instead of FARMS 128x128 sub-block sampling")
     p.add_argument("--per-type", action="store_true",
                    help="alpha_0 = median alpha per module type (q/k/v/o/gate/up/down) instead of over all")
+    p.add_argument("--granularity", default="matrix", choices=GRANULARITIES,
+                   help="the unit given one width: matrix, expert (an MoE expert's matrices together; other "
+                        "matrices stay their own unit) or block (a decoder block)")
+    p.add_argument("--only", default=None, metavar="PATTERN",
+                   help="allocate only matrices whose name matches this shell pattern (e.g. '*.experts.*', AlphaQ's "
+                        "setting for MoE models); the others are left out of the plan (quantize them at a fixed width)")
     p.add_argument("--mode", default="params", choices=MODES,
                    help="budget per weight (params, honest for mixed shapes) or per matrix (matrices, AlphaQ's count)")
     p.add_argument("--group-size", type=group_size_arg, default=32,
@@ -96,6 +105,10 @@ def add_parser(sub) -> None:
                         "next wider width), random (seeded), calibrated (the same DP on the output error of RTN on --calib activations)")
     p.add_argument("--calib", type=_calib_list, default="c4:32768",
                    help="--method calibrated: calibration set, DATASET[:TOKENS] (2^17 tokens when TOKENS is left out)")
+    p.add_argument("--synthetic-moe", default=None, metavar="FAMILY[:E,H,I,L]",
+                   help="instead of --model: a random MoE model of this transformers family (ttq.tiny_moe: "
+                        "qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, gpt_oss) with E experts, width H, expert "
+                        "width I and L blocks (default 8,256,128,2), to time the per-expert pipeline offline")
     p.add_argument("--seed", type=non_negative_int, default=0, help="FARMS sampler and --method random seed")
     p.add_argument("--no-plot", action="store_true", help="do not write PREFIX.png (the plot needs matplotlib)")
     p.add_argument("--progress", action="store_true", help="progress bar over the matrices")
@@ -147,23 +160,35 @@ def _validate(args) -> tuple[tuple[int, ...], float]:
 
 def run(args) -> int:
     from ttq.eval.allocate import calibrated_costs, matrix_stats, plot_alpha_bits, summary_tables
-    from ttq.methods.allocation import allocate, allocate_costs, half_split_plan, random_plan, uniform_plan
+    from ttq.methods.allocation import (
+        allocate, allocate_costs, by_units, costs_by_units, expand, half_split_plan, random_plan, uniform_plan,
+    )
     from ttq.models import load_model, max_context, model_id
     from ttq.outputs import check_outputs, write_outputs
 
     cands, overhead = _validate(args)
     suffixes = (".json", ".md") + (() if args.no_plot else (".png",))
     check_outputs(args.out, suffixes, args.overwrite)  # before the model is loaded, not after
-    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    if args.synthetic_moe:
+        if args.method == "calibrated":
+            raise ConfigError("--method calibrated needs text and a tokenizer: use --model, not --synthetic-moe")
+        model, tok, name = *_synthetic_moe(args.synthetic_moe), f"random {args.synthetic_moe}"
+    else:
+        model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+        name = model_id(args.model, args.gguf_file)
+    t0 = time.perf_counter()
     stats = matrix_stats(model, estimator=args.estimator, farms=not args.no_farms, seed=args.seed,
                          progress=args.progress)
+    t_metrics = time.perf_counter() - t0
+    if args.only:
+        stats = [s for s in stats if fnmatch.fnmatchcase(s.name, args.only)]
+        if not stats:
+            raise ConfigError(f"--only {args.only!r} matches no linear matrix of the decoder blocks")
     kw = {"candidates": cands, "gamma": args.gamma, "budget": args.budget, "mode": args.mode,
           "overhead": overhead, "per_type": args.per_type}
-    if args.method == "alphaq":
-        plan = allocate(stats, **kw)
-    elif args.method == "uniform":
-        plan = uniform_plan(stats, **kw)
-    elif args.method == "calibrated":
+    solvers = {"alphaq": allocate, "uniform": uniform_plan, "half_split": half_split_plan,
+               "random": lambda st, **k: random_plan(st, seed=args.seed, **k)}
+    if args.method == "calibrated":
         from ttq.calibrate import calibrate
         from ttq.data.windows import CalibSpec
 
@@ -172,18 +197,25 @@ def run(args) -> int:
         calibration = calibrate(model, tok, spec, data_dir=args.data_dir,
                                 model_key=model_id(args.model, args.gguf_file), progress=args.progress)
         names, n_params, costs = calibrated_costs(model, calibration, cands, args.group_size, progress=args.progress)
-        plan = allocate_costs(names, n_params, costs, candidates=cands, budget=args.budget, mode=args.mode,
-                              overhead=overhead)
-    elif args.method == "half_split":
-        plan = half_split_plan(stats, **kw)
+        keep = [i for i, n in enumerate(names) if not args.only or fnmatch.fnmatchcase(n, args.only)]
+        units, n_units, unit_costs, members = costs_by_units(
+            [names[i] for i in keep], [n_params[i] for i in keep], [costs[i] for i in keep], args.granularity)
+        plan = expand(allocate_costs(units, n_units, unit_costs, candidates=cands, budget=args.budget, mode=args.mode,
+                                     overhead=overhead), members, args.granularity)
     else:
-        plan = random_plan(stats, seed=args.seed, **kw)
-    header = (f"Model {model_id(args.model, args.gguf_file)}: {args.method} allocation over {len(stats)} linear "
-              f"matrices, {args.estimator} alpha{'' if args.no_farms else ' (FARMS)'}"
+        t0 = time.perf_counter()
+        plan = by_units(stats, args.granularity, lambda st: solvers[args.method](st, **kw))
+        t_solve = time.perf_counter() - t0
+    header = (f"Model {name}: {args.method} allocation over {len(stats)} linear "
+              f"matrices{'' if args.granularity == 'matrix' else f' (one width per {args.granularity})'}"
+              f"{f' matching {args.only!r}' if args.only else ''}, {args.estimator} alpha{'' if args.no_farms else ' (FARMS)'}"
               + (f", scale/zero overhead at group size {args.group_size}" if args.count_overhead else "")
               + (f", costs: RTN output error at group size {args.group_size} on {args.calib[0][0]} "
                  f"({args.calib[0][1]} tokens)" if args.method == "calibrated" else ""))
-    text = header + "\n\n" + summary_tables(plan, stats)
+    timing = (f"Time: heavy-tail metrics {t_metrics:.2f} s for {len(stats)} matrices "
+              f"({1000 * t_metrics / len(stats):.1f} ms per matrix)"
+              + (f", solve {t_solve:.3f} s" if args.method != "calibrated" else ""))
+    text = header + "\n\n" + summary_tables(plan, stats) + "\n\n" + timing
     print(text)
     contents: dict[str, str | bytes] = {".json": plan.to_json() + "\n", ".md": text + "\n"}  # .json = BitPlan.save
     if not args.no_plot:
@@ -192,3 +224,17 @@ def run(args) -> int:
         contents[".png"] = png.getvalue()
     write_outputs(args.out, contents, args.overwrite)
     return 0
+
+
+def _synthetic_moe(spec: str):
+    """``(model, None)``: a random MoE of ``FAMILY[:E,H,I,L]`` (ttq.tiny_moe)."""
+    from ttq.tiny_moe import tiny_moe
+
+    family, _, shape = spec.partition(":")
+    try:
+        e, h, i, layers = (int(v) for v in (shape or "8,256,128,2").split(","))
+    except ValueError:
+        raise ConfigError(f"--synthetic-moe {spec!r}: the shape must be four integers E,H,I,L") from None
+    if min(e, h, i, layers) < 1:
+        raise ConfigError(f"--synthetic-moe {spec!r}: E, H, I and L must be >= 1")
+    return tiny_moe(family, hidden=h, experts=e, top_k=min(2, e), expert_width=i, layers=layers), None

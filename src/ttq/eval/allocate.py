@@ -8,15 +8,15 @@ variance ``v_l`` of its entries.  :func:`matrix_stats` walks the decoder blocks 
 turns them into a :class:`~ttq.methods.allocation.BitPlan`; :func:`summary_tables` and
 :func:`plot_alpha_bits` show the plan.  Nothing here prints.
 
-Granularity: one variable per 2-D linear weight (``nn.Linear`` or ``Conv1D``) of the decoder blocks.
-3-D fused expert tensors are skipped (logged): per-expert allocation comes with expert quantization.
+Granularity: one variable per 2-D linear weight (``nn.Linear`` or ``Conv1D``) of the decoder blocks; the
+experts of a fused MoE tensor are one variable each (``...experts.gate_up_proj.3``: the per-expert linears
+of :mod:`ttq.patch.experts`, the names ``quantize_`` uses).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 from typing import BinaryIO
 
@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from ttq.errors import MissingDependency, ModelError
-from ttq.methods.allocation import BitPlan, MatrixStat, module_type
+from ttq.methods.allocation import BitPlan, MatrixStat, block_index, module_type, unit_of
 from ttq.methods.heavytail import matrix_metrics
 from ttq.patch.blocks import targets
+from ttq.patch.experts import ExpertLinear, unfused
 from ttq.patch.capture import LayerCalib
 
 logger = logging.getLogger(__name__)
 
-_BLOCK_INDEX = re.compile(r"\.(\d+)(?:\.|$)")  # the first numeric path component: the decoder block
 
 
 def matrix_stats(
@@ -51,13 +51,18 @@ def matrix_stats(
     Raises:
         ModelError: the blocks hold no linear layer, or a matrix has no heavy tail to fit (names it).
     """
-    found = list(targets(model))
-    linears = [t for t in found if t.kind == "linear"]
-    skipped = len(found) - len(linears)
-    if skipped:
-        logger.info("skipped %d 3-D expert tensor(s): per-expert allocation comes with expert quantization", skipped)
-    if not linears:
-        raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
+    with unfused(model):  # MoE experts: one matrix per expert
+        found = list(targets(model))
+        linears = [t for t in found if t.kind == "linear"]
+        skipped = len(found) - len(linears)
+        if skipped:
+            logger.warning("skipped %d fused 3-D expert tensor(s) whose module does not state its layout", skipped)
+        if not linears:
+            raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
+        return _matrix_stats(linears, estimator, farms, seed, progress)
+
+
+def _matrix_stats(linears, estimator: str, farms: bool, seed: int, progress: bool) -> list[MatrixStat]:
     items: Iterable = linears
     if progress:
         from tqdm.auto import tqdm
@@ -105,17 +110,25 @@ def calibrated_costs(
         ModelError: no linear layers, or a linear without calibration statistics (names it).
     """
     from ttq.formats.spec import QuantSpec
-    from ttq.methods.awq import output_error
-    from ttq.methods.rtn import rtn
 
     cands = [int(b) for b in candidates]
     specs = [QuantSpec(bits=b, group_size=group_size) for b in cands]
-    linears = [t for t in targets(model) if t.kind == "linear"]
-    if not linears:
-        raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
-    missing = [t.name for t in linears if t.name not in calibration]
-    if missing:
-        raise ModelError(f"{len(missing)} linear layer(s) have no calibration statistics, e.g. {missing[0]!r}")
+    with unfused(model):  # MoE experts: one matrix per expert, as in matrix_stats
+        linears = [t for t in targets(model) if t.kind == "linear"]
+        if not linears:
+            raise ModelError(f"{type(model).__name__} has no linear layers in its decoder blocks to allocate bits to")
+        missing = [t.name for t in linears if t.name not in calibration and not isinstance(t.module, ExpertLinear)]
+        if missing:
+            raise ModelError(f"{len(missing)} linear layer(s) have no calibration statistics, e.g. {missing[0]!r}")
+        return _costs(linears, calibration, specs, progress)
+
+
+def _costs(linears, calibration: Mapping[str, LayerCalib], specs, progress: bool):
+    """Cost rows of :func:`calibrated_costs`.  An expert no calibration token reached measures no error at
+    any width (zero costs: the blind spot of data-driven allocation, it gets the narrowest width)."""
+    from ttq.methods.awq import output_error
+    from ttq.methods.rtn import rtn
+
     items: Iterable = linears
     if progress:
         from tqdm.auto import tqdm
@@ -126,18 +139,15 @@ def calibrated_costs(
         w = t.tensor.detach()
         if t.layout == "in_out":
             w = w.t()  # Conv1D (d_in, d_out) -> (d_out, d_in)
-        lc = calibration[t.name]
-        gram = lc.gram.to(device=w.device, dtype=torch.float32) / max(int(lc.stats.n_tokens), 1)
         names.append(t.name)
         n_params.append(int(w.numel()))
+        lc = calibration.get(t.name)
+        if lc is None:
+            costs.append([0.0 for _ in specs])
+            continue
+        gram = lc.gram.to(device=w.device, dtype=torch.float32) / max(int(lc.stats.n_tokens), 1)
         costs.append([output_error(w, rtn(w, spec), gram) for spec in specs])
     return names, n_params, costs
-
-
-def block_index(name: str) -> str:
-    """The decoder-block index in a module name (its first numeric path component), ``"-"`` if none."""
-    m = _BLOCK_INDEX.search(name)
-    return m.group(1) if m else "-"
 
 
 def _joined(plan: BitPlan, stats: Iterable[MatrixStat]) -> list[tuple[MatrixStat, int]]:
@@ -183,6 +193,9 @@ def summary_tables(plan: BitPlan, stats: Iterable[MatrixStat]) -> str:
     lines += ["", "| block | matrices | mean bits | mean alpha |", "|---:|---:|---:|---:|"]
     for block, group in by_block.items():
         lines.append(f"| {block} | {len(group)} | {_weighted_bits(group):.3f} | {mean_alpha(group):.3f} |")
+    experts = _expert_table(rows)
+    if experts:
+        lines += ["", *experts]
     over = {float(v) for v in plan.overhead.values()}
     over_text = f", overhead {over.pop():.4g} bits/weight" if len(over) == 1 else f", overhead {plan.overhead}"
     lines += [
@@ -194,6 +207,30 @@ def summary_tables(plan: BitPlan, stats: Iterable[MatrixStat]) -> str:
         f"{f'; seed {plan.seed}' if plan.seed is not None else ''}; {len(rows)} matrices"),
     ]
     return "\n".join(lines)
+
+
+def _expert_table(rows: list[tuple[MatrixStat, int]]) -> list[str]:
+    """Markdown rows of bits per expert (one row per MoE layer, one column per expert: the widths of its
+    matrices, e.g. ``3/2`` for gate_up/down); empty for a dense model."""
+    cells: dict[str, dict[int, list[str]]] = {}
+    for s, b in rows:
+        unit = unit_of(s.name, "expert")
+        if unit == s.name:
+            continue
+        layer, _, index = unit[:-1].rpartition("[")
+        cells.setdefault(layer, {}).setdefault(int(index), []).append(str(b))
+    if not cells:
+        return []
+    n = max(max(c) for c in cells.values()) + 1
+    out = ["| experts (bits per matrix, " + "/".join(_projections(rows)) + ") | " + " | ".join(f"e{i}" for i in range(n))
+           + " |", "|---|" + "---:|" * n]
+    for layer, by_expert in cells.items():
+        out.append(f"| {layer} | " + " | ".join("/".join(by_expert.get(i, ["-"])) for i in range(n)) + " |")
+    return out
+
+
+def _projections(rows: list[tuple[MatrixStat, int]]) -> list[str]:
+    return list(dict.fromkeys(module_type(s.name) for s, _ in rows if unit_of(s.name, "expert") != s.name))
 
 
 def plot_alpha_bits(plan: BitPlan, stats: Iterable[MatrixStat], fileobj: BinaryIO) -> None:

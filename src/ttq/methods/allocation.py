@@ -59,7 +59,7 @@ MODES = ("params", "matrices")
 
 Overhead = float | int | Mapping[int, float] | Callable[[int], float]
 
-_EXPERT = re.compile(r"\[(\d+)\]$")
+_EXPERT = re.compile(r"(?:\[(\d+)\]|\.(\d+))$")  # an expert index: "...gate_up_proj[3]" or "...gate_up_proj.3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +92,7 @@ class BitPlan:
             (:func:`allocate_costs`; its ``objective`` is the sum of the chosen costs).
         exact: whether the plan is provably optimal (``"dp"`` and ``"calibrated"``; baselines: False).
         seed: the seed of a ``"random"`` plan, else None.
+        granularity: ``"matrix"``, ``"expert"`` or ``"block"`` (:func:`by_units`): the unit given one width.
     """
 
     bits: dict[str, int]
@@ -109,6 +110,7 @@ class BitPlan:
     method: str
     exact: bool
     seed: int | None = None
+    granularity: str = "matrix"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -149,9 +151,9 @@ class BitPlan:
 def module_type(name: str) -> str:
     """The module type of a parameter name: the part after the last ``.`` once a trailing ``.weight`` and
     an expert index are removed (``...self_attn.q_proj.weight`` -> ``q_proj``,
-    ``...mlp.experts.gate_up_proj[3]`` -> ``gate_up_proj``)."""
-    base = _EXPERT.sub("", name)
-    return base.removesuffix(".weight").rsplit(".", 1)[-1]
+    ``...mlp.experts.gate_up_proj.3`` or ``...gate_up_proj[3]`` -> ``gate_up_proj``)."""
+    base = _EXPERT.sub("", name.removesuffix(".weight"))
+    return base.rsplit(".", 1)[-1]
 
 
 def _stats(matrices: Iterable[MatrixStat | Sequence[Any]]) -> list[MatrixStat]:
@@ -569,19 +571,87 @@ def waterfill(
 def plan_overrides(plan: BitPlan, make_config: Callable[[int], Any]) -> dict[str, Any]:
     """``{module name: make_config(bits)}`` for ``ttq.quantize_(model, config, overrides=...)``.
 
-    Names are module names of 2-D linears (a trailing ``.weight`` is stripped); ``make_config`` is called once
-    per distinct width.  Expert-indexed names (``...experts.gate_up_proj[3]``) raise ValueError: per-expert
-    application comes with expert quantization.
+    Names are module names of linears (a trailing ``.weight`` is stripped); one expert of a fused MoE tensor
+    is ``...experts.gate_up_proj.3`` (the per-expert linear :mod:`ttq.patch.experts` makes; the notation
+    ``...gate_up_proj[3]`` is read too).  ``make_config`` is called once per distinct width.
     """
     configs: dict[int, Any] = {}
     out: dict[str, Any] = {}
     for name, bits in plan.bits.items():
-        if _EXPERT.search(name):
-            raise ValueError(
-                f"{name!r} is one expert of a 3-D expert tensor: per-expert application of a plan comes "
-                "with expert quantization; only 2-D linear weights can be applied today"
-            )
         if bits not in configs:
             configs[bits] = make_config(bits)
-        out[name.removesuffix(".weight")] = configs[bits]
+        base = name.removesuffix(".weight")
+        m = _EXPERT.search(base)
+        if m is not None and m.group(1) is not None:
+            base = f"{base[: m.start()]}.{m.group(1)}"  # "...gate_up_proj[3]" -> "...gate_up_proj.3"
+        out[base] = configs[bits]
     return out
+
+
+# ---------------------------------------------------------------------------------------------------- granularity
+
+GRANULARITIES = ("matrix", "expert", "block")
+EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "gate_proj", "down_proj")
+_BLOCK_INDEX = re.compile(r"\.(\d+)(?:\.|$)")  # the first numeric path component: the decoder block
+
+
+def block_index(name: str) -> str:
+    """The decoder-block index in a module name (its first numeric path component), ``"-"`` if none."""
+    m = _BLOCK_INDEX.search(name)
+    return m.group(1) if m else "-"
+
+
+def unit_of(name: str, granularity: str) -> str:
+    """The allocation unit of matrix ``name``: itself (``"matrix"``); for one expert's matrix
+    (``...experts.down_proj.3``) the expert ``...experts[3]`` (``"expert"``; other matrices stay their own
+    unit); its decoder block ``"block 5"`` (``"block"``)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+    if granularity == "block":
+        return f"block {block_index(name)}"
+    if granularity == "expert":
+        base, _, index = name.removesuffix(".weight").rpartition(".")
+        parent, _, proj = base.rpartition(".")
+        if index.isdigit() and proj in EXPERT_PROJECTIONS:
+            return f"{parent}[{index}]"
+    return name
+
+
+def by_units(matrices: Iterable[MatrixStat | Sequence[Any]], granularity: str,
+             solve: Callable[[list[MatrixStat]], BitPlan]) -> BitPlan:
+    """``solve`` run on allocation units instead of matrices, its plan given back per matrix.
+
+    A unit's statistic (AlphaQ's "ratio" variant): the sum of its weights, the mean of its matrices' alphas,
+    the weight-weighted mean variance.  Every matrix of a unit gets the unit's width; the plan's ``bits`` and
+    ``n_params`` are per matrix (what :func:`plan_overrides` applies), the average bits are unchanged.
+    """
+    stats = _stats(matrices)
+    if granularity == "matrix":
+        return dataclasses.replace(solve(stats), granularity="matrix")
+    members: dict[str, list[MatrixStat]] = {}
+    for m in stats:
+        members.setdefault(unit_of(m.name, granularity), []).append(m)
+    units = [MatrixStat(u, sum(m.n_params for m in ms), sum(m.alpha for m in ms) / len(ms),
+                        sum(m.variance * m.n_params for m in ms) / sum(m.n_params for m in ms))
+             for u, ms in members.items()]
+    return expand(solve(units), {u: [(m.name, m.n_params) for m in ms] for u, ms in members.items()}, granularity)
+
+
+def expand(plan: BitPlan, members: Mapping[str, Sequence[tuple[str, int]]], granularity: str) -> BitPlan:
+    """A plan over units given back per matrix: ``members[unit]`` lists ``(matrix name, n_params)``."""
+    bits = {name: plan.bits[u] for u, ms in members.items() for name, _ in ms}
+    return dataclasses.replace(plan, bits=bits, n_params={name: n for ms in members.values() for name, n in ms},
+                               avg_bits_matrix=sum(bits.values()) / len(bits), granularity=granularity)
+
+
+def costs_by_units(names: Sequence[str], n_params: Sequence[int], costs: Sequence[Sequence[float]],
+                   granularity: str) -> tuple[list[str], list[int], list[list[float]], dict[str, list[tuple[str, int]]]]:
+    """:func:`allocate_costs`' inputs summed per allocation unit, and the units' members (for :func:`expand`)."""
+    members: dict[str, list[tuple[str, int]]] = {}
+    summed: dict[str, list[float]] = {}
+    for name, n, row in zip(names, n_params, costs):
+        u = unit_of(name, granularity)
+        members.setdefault(u, []).append((name, int(n)))
+        summed[u] = [a + float(b) for a, b in zip(summed[u], row)] if u in summed else [float(b) for b in row]
+    units = list(members)
+    return units, [sum(n for _, n in members[u]) for u in units], [summed[u] for u in units], members

@@ -126,3 +126,26 @@ def test_calibrated_costs_decrease_with_bits(stories_model, stories_tokenizer):
     assert plan.method == "calibrated" and plan.exact and plan.avg_bits_params <= 3.0
     with pytest.raises(Exception, match="no calibration statistics"):
         calibrated_costs(stories_model, {k: v for k, v in calib.items() if k != names[3]}, (2, 3), 32)
+
+
+def test_size_table_counts_match_the_quantized_layers(stories_model):
+    import ttq
+    from ttq.eval.allocate import size_table
+    from ttq.methods.allocation import allocate, plan_overrides
+
+    stats = matrix_stats(stories_model, farms=False)
+    plan = allocate(stats, (2, 4), 10.0, 3.0)
+    total = sum(p.numel() for p in stories_model.parameters())
+    table = size_table(plan, stories_model, 32)
+    over = plan_overrides(plan, lambda b: ttq.RTNConfig(quant=ttq.QuantSpec(bits=b, group_size=32)))
+    ttq.quantize_(stories_model, ttq.RTNConfig(), overrides=over)
+    layers = [stories_model.get_submodule(n) for n in plan.bits]
+    codes = sum(m.codes.numel() * m.spec.bits for m in layers)
+    groups = sum(m.scale.numel() for m in layers)  # one scale (and one zero) per group
+    n = sum(plan.n_params.values())
+    assert f"| planned matrices: codes | {codes / n:.4f} |" in table
+    assert f"| planned matrices: codes + scales + zeros (real) | {(codes + 32 * groups) / n:.4f} |" in table
+    rest = total - n
+    assert f"({rest:,} other parameters) | {(codes + 32 * groups + 16 * rest) / total:.4f} |" in table
+    with pytest.raises(ValueError, match="group_size must be >= 1 or -1"):
+        size_table(plan, stories_model, 0)

@@ -159,7 +159,7 @@ def _validate(args) -> tuple[tuple[int, ...], float]:
 
 
 def run(args) -> int:
-    from ttq.eval.allocate import calibrated_costs, matrix_stats, plot_alpha_bits, summary_tables
+    from ttq.eval.allocate import calibrated_costs, matrix_stats, plot_alpha_bits, size_table, summary_tables
     from ttq.methods.allocation import (
         allocate, allocate_costs, by_units, costs_by_units, expand, half_split_plan, random_plan, uniform_plan,
     )
@@ -215,7 +215,8 @@ def run(args) -> int:
     timing = (f"Time: heavy-tail metrics {t_metrics:.2f} s for {len(stats)} matrices "
               f"({1000 * t_metrics / len(stats):.1f} ms per matrix)"
               + (f", solve {t_solve:.3f} s" if args.method != "calibrated" else ""))
-    text = header + "\n\n" + summary_tables(plan, stats) + "\n\n" + timing
+    sizes = size_table(plan, model, args.group_size)
+    text = header + "\n\n" + summary_tables(plan, stats) + "\n\n" + sizes + "\n\n" + timing
     print(text)
     contents: dict[str, str | bytes] = {".json": plan.to_json() + "\n", ".md": text + "\n"}  # .json = BitPlan.save
     if not args.no_plot:

@@ -209,6 +209,43 @@ def summary_tables(plan: BitPlan, stats: Iterable[MatrixStat]) -> str:
     return "\n".join(lines)
 
 
+def size_table(plan: BitPlan, model: nn.Module, group_size: int, scale_zero_bits: int = 32,
+               other_bits: int = 16) -> str:
+    """Markdown: the real size of a plan's quantized model.
+
+    Real bits per weight of the planned matrices = codes + one scale and one zero per group
+    (``scale_zero_bits`` per group: 32 = float16 scale + float16 zero, what GGUF / compressed-tensors store;
+    ttq's in-memory layers keep float32, 64); every other parameter of the model (embeddings, norms, LM head,
+    matrices outside the plan) at ``other_bits``.  A ``(d_out, d_in)`` matrix has ``d_out * ceil(d_in / g)``
+    groups; ``group_size = -1`` (per output channel) has ``d_out``.
+    """
+    if group_size < 1 and group_size != -1:
+        raise ValueError(f"group_size must be >= 1 or -1 (per output channel), got {group_size}")
+    with unfused(model):
+        shapes = {t.name: tuple(t.module.weight.shape) for t in targets(model) if t.kind == "linear"}
+    missing = [n for n in plan.bits if n not in shapes]
+    if missing:
+        raise ValueError(f"{len(missing)} plan matrices are not linears of this model, e.g. {missing[0]!r}")
+    total_params = sum(p.numel() for p in model.parameters())
+    n_plan = sum(plan.n_params[n] for n in plan.bits)
+    codes = sum(plan.n_params[n] * b for n, b in plan.bits.items())
+    groups = sum(o * (1 if group_size == -1 else math.ceil(i / group_size)) for o, i in (shapes[n] for n in plan.bits))
+    rest = max(total_params - n_plan, 0)
+    mib = 8 * 2**20
+    quantized = codes + groups * scale_zero_bits + rest * other_bits
+    full = total_params * other_bits
+    return "\n".join([
+        f"| size (group size {group_size}, scale + zero {scale_zero_bits} bits per group, other parameters "
+        f"{other_bits}-bit) | bits per weight | MiB |",
+        "|---|---:|---:|",
+        f"| planned matrices: codes | {codes / n_plan:.4f} | {codes / mib:.2f} |",
+        f"| planned matrices: codes + scales + zeros (real) | {(codes + groups * scale_zero_bits) / n_plan:.4f} | "
+        f"{(codes + groups * scale_zero_bits) / mib:.2f} |",
+        f"| whole model, quantized ({rest:,} other parameters) | {quantized / total_params:.4f} | {quantized / mib:.2f} |",
+        f"| whole model, {other_bits}-bit | {other_bits:.4f} | {full / mib:.2f} |",
+    ])
+
+
 def _expert_table(rows: list[tuple[MatrixStat, int]]) -> list[str]:
     """Markdown rows of bits per expert (one row per MoE layer, one column per expert: the widths of its
     matrices, e.g. ``3/2`` for gate_up/down); empty for a dense model."""

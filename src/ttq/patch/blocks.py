@@ -7,10 +7,10 @@ Architecture knowledge is data:
 * :data:`LINEAR_TYPES` lists the layer types whose 2-D ``weight`` is a linear map, with the axis
   order it is stored in (``nn.Linear``: ``(d_out, d_in)``; transformers' ``Conv1D`` of the GPT-2
   family: ``(d_in, d_out)``);
-* :data:`EXPERT_PARAMETERS` / :data:`EXPERT_LAYOUTS` name the 3-D fused expert tensors of
-  mixture-of-experts blocks (transformers v5 ``...Experts`` modules: ``gate_up_proj (E, 2I, H)``,
-  ``down_proj (E, H, I)``; GPT-OSS stores them transposed); :mod:`ttq.patch.experts` turns the ones
-  whose layout the module states into one linear per expert;
+* :data:`EXPERT_PARAMETERS` names the 3-D fused expert tensors of mixture-of-experts blocks
+  (transformers v5 ``...Experts`` modules: ``gate_up_proj (E, 2I, H)``, ``down_proj (E, H, I)``; GPT-OSS
+  stores them transposed, which the module's own ``is_transposed`` flag says); :mod:`ttq.patch.experts`
+  turns the ones whose layout the module states into one linear per expert;
 * :data:`ROUTER_LAYERS` names the router gates that are ``nn.Linear`` (e.g. Qwen2-MoE's
   ``shared_expert_gate``): they stay in full precision.
 
@@ -65,9 +65,8 @@ LINEAR_TYPES: dict[type, str] = {nn.Linear: "out_in", ExpertLinear: "out_in"}
 if _conv1d_type() is not None:
     LINEAR_TYPES[_conv1d_type()] = "in_out"
 
-# 3-D fused expert tensors (E, d_out, d_in) by parameter name; classes that store them (E, d_in, d_out)
+# 3-D fused expert tensors (E, d_out, d_in) by parameter name ((E, d_in, d_out) where is_transposed is set)
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj", "gate_proj", "up_proj")
-EXPERT_LAYOUTS: dict[str, str] = {"GptOssExperts": "in_out"}
 
 # last name component of router gates stored as nn.Linear: never quantized (they pick the experts)
 ROUTER_LAYERS = ("gate", "router", "shared_expert_gate")
@@ -151,7 +150,7 @@ def targets(model: nn.Module) -> Iterator[Target]:
         for pname in EXPERT_PARAMETERS:
             p = mod._parameters.get(pname)
             if p is not None and p.dim() == 3:
-                yield Target(full, pname, "experts", mod, EXPERT_LAYOUTS.get(type(mod).__name__, "out_in"))
+                yield Target(full, pname, "experts", mod, "in_out" if getattr(mod, "is_transposed", False) else "out_in")
 
 
 def walk(model: nn.Module, filter_fn: FilterFn | None = None) -> Iterator[tuple[str, str, torch.Tensor]]:

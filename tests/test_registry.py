@@ -75,7 +75,7 @@ def test_toy_method_in_ppl_methods_equals_rtn(toy, stories_dir, tmp_path):
 
 
 def test_unknown_method_lists_the_registry():
-    with pytest.raises(ConfigError, match="allowed: fp, rtn, awq, gptq, awp, awp_online, ttq"):
+    with pytest.raises(ConfigError, match="allowed: fp, rtn, awq, gptq, gptq_onepass, awp, awp_online, ttq"):
         registry.table_rows("qat", registry.RowOptions(QuantSpec(), ttq.ScaleSpec()))
 
 
@@ -86,6 +86,9 @@ def test_default_rows_from_fields():
     assert [label for label, _ in registry.table_rows("awp_online", opts)] == ["AWP (online)"]
     (label, cfg), = registry.table_rows("gptq", opts)
     assert label == "GPTQ (C4 Calib, 2^17)" and cfg.scale is None  # plain GPTQ, as in the paper's tables
+    assert (cfg.sequential, cfg.act_order, cfg.static_groups) == (True, True, True)  # as GPTQModel runs it
+    (label, cfg), = registry.table_rows("gptq_onepass", opts)
+    assert label == "GPTQ one-pass (C4 Calib, 2^17)" and not (cfg.sequential or cfg.act_order)
     assert registry.table_rows("awq", registry.RowOptions(QuantSpec(), ttq.ScaleSpec())) == []  # no calibration
 
 

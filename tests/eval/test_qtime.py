@@ -27,13 +27,16 @@ def test_qtime_cli(stories_dir, tmp_path, capsys):
     if not (DATA / "wikitext2" / "wiki.test.raw").is_file():
         pytest.skip("shared data missing")
     out = tmp_path / "qt"
-    rc = main(["qtime", "--model", str(stories_dir), "--seqlen", "128", "--methods", "rtn,awq,gptq,ttq", "--rank", "0",
+    rc = main(["qtime", "--model", str(stories_dir), "--seqlen", "128", "--methods", "rtn,awq,gptq,gptq_onepass,ttq", "--rank", "0",
                "--calib", "wikitext2:512", "--repeats", "1", "--data-dir", str(DATA), "--out", str(out)])
     assert rc == 0
     rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
-    assert set(rows) == {"RTN", "AWQ (WT2 Calib, 2^9)", "GPTQ (WT2 Calib, 2^9)", "TTQ (r=0)"}
-    awq, gptq = rows["AWQ (WT2 Calib, 2^9)"], rows["GPTQ (WT2 Calib, 2^9)"]
+    assert set(rows) == {"RTN", "AWQ (WT2 Calib, 2^9)", "GPTQ (WT2 Calib, 2^9)", "GPTQ one-pass (WT2 Calib, 2^9)",
+                         "TTQ (r=0)"}
+    awq, gptq = rows["AWQ (WT2 Calib, 2^9)"], rows["GPTQ one-pass (WT2 Calib, 2^9)"]
     assert awq["calib_seconds"] > 0 and awq["calib_seconds"] == gptq["calib_seconds"]  # one calibration, shared
+    seq = rows["GPTQ (WT2 Calib, 2^9)"]  # block-sequential: its calibration runs inside quantize_
+    assert seq["quantize_seconds"] > gptq["quantize_seconds"]
     assert rows["RTN"]["calib_seconds"] == 0 and rows["RTN"]["per_prompt_seconds"] is None
     t = rows["TTQ (r=0)"]
     assert t["per_prompt_seconds"] == pytest.approx(t["quantized_forward_seconds"] - t["fp_forward_seconds"])

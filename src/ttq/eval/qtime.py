@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ttq.calibrate import calibrate, config_p
+from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import RTNConfig
 from ttq.eval.table import Cell, forward_seconds
 from ttq.patch.walker import quantize_, restore_
@@ -21,7 +21,8 @@ def is_test_time(config) -> bool:
 def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor, repeats: int = 3,
                        eval_datasets: tuple[str, ...] = (), data_dir=None, source: str = "local") -> list[dict]:
     """One row per cell: ``calib_seconds`` (fresh, not from the disk cache; shared by cells with the
-    same calibration spec and counted in each), ``quantize_seconds`` (``quantize_`` itself), and for
+    same calibration spec and counted in each; for block-sequential configs the token windows only, their
+    block-by-block calibration is part of ``quantize_``), ``quantize_seconds`` (``quantize_`` itself), and for
     test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus an unquantized
     forward timed right after it (medians of ``repeats``; it can come out slightly negative when the
     cost is below the timing noise)."""
@@ -33,7 +34,12 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         row = {"method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "calib_seconds": 0.0,
                "quantize_seconds": 0.0, "per_prompt_seconds": None, "fp_forward_seconds": fp, "seqlen": window.shape[1]}
         stats = None
-        if cfg.needs_calibration:
+        if getattr(cfg, "sequential", False):  # block by block: the calibration runs inside quantize_
+            t0 = time.perf_counter()
+            stats = calibration_tokens(tokenizer, cfg.calib, eval_datasets=eval_datasets, data_dir=data_dir,
+                                       source=source)
+            row["calib_seconds"] = time.perf_counter() - t0
+        elif cfg.needs_calibration:
             if cfg.calib not in calib:
                 calib.clear()
                 t0 = time.perf_counter()

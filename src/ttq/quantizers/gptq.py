@@ -62,7 +62,19 @@ def _gptq(linear: nn.Linear, _parameter_name: str, cfg: GPTQConfig, calib: Layer
     return StaticQuantLinear(linear, codes, scale, zero, cfg.quant, input_scale=s)
 
 
+def standard(quant: QuantSpec, calib: CalibSpec) -> GPTQConfig:
+    """GPTQ as GPTQModel / llm-compressor run it: block-sequential Hessians (from the already quantized
+    blocks' outputs), act-order on static groups."""
+    return GPTQConfig(quant=quant, calib=calib, act_order=True, static_groups=True, sequential=True)
+
+
 @register_rows("gptq")
 def _gptq_rows(options: RowOptions) -> list[tuple[str, GPTQConfig]]:
-    """One row per calibration set; plain GPTQ (no activation scale) as in the paper's tables."""
-    return [(f"GPTQ ({calib_label(c)})", GPTQConfig(quant=options.quant, calib=c)) for c in options.calibs]
+    """One row per calibration set: the field's standard GPTQ (:func:`standard`), plain (no activation scale)."""
+    return [(f"GPTQ ({calib_label(c)})", standard(options.quant, c)) for c in options.calibs]
+
+
+@register_rows("gptq_onepass")
+def _gptq_onepass_rows(options: RowOptions) -> list[tuple[str, GPTQConfig]]:
+    """The one-pass variant (Hessians from the full-precision model, no act-order; ``GPTQConfig()``'s defaults)."""
+    return [(f"GPTQ one-pass ({calib_label(c)})", GPTQConfig(quant=options.quant, calib=c)) for c in options.calibs]

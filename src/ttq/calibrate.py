@@ -73,7 +73,7 @@ def calibrate(
         return _collect(model, tokenizer, text, calib, p, progress)
     key = digest(code_fingerprint(), model_fingerprint(model), json.dumps(dataclasses.asdict(calib), sort_keys=True),
                  repr(float(p)), source, digest(text), tokenizer_fingerprint(tokenizer))
-    path = folder / f"{_safe_name(model_key)}-{calib.dataset}-{calib.n_tokens}-{key}.safetensors"
+    path = folder / f"{_safe_name(model_key)}-{_safe_name(calib.dataset)}-{calib.n_tokens}-{key}.safetensors"
     with locked(path):
         if path.is_file():
             stats = _load_stats(path)

@@ -122,8 +122,10 @@ def pow2_label(n: int) -> str:
 
 
 def calib_label(calib: Any) -> str:
-    """``"C4 Calib, 2^17"`` for a CalibSpec."""
-    return f"{SHORT.get(calib.dataset, calib.dataset)} Calib, {pow2_label(calib.n_tokens)}"
+    """``"C4 Calib, 2^17"`` for a CalibSpec (``"legal Calib, 2^17"`` for ``file:/x/legal.txt``)."""
+    from ttq.data.texts import dataset_label  # ttq.data imports this module
+
+    return f"{dataset_label(calib.dataset)} Calib, {pow2_label(calib.n_tokens)}"
 
 
 def _needs_calibration(cls: type, kwargs: dict) -> bool:

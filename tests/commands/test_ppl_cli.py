@@ -104,3 +104,53 @@ def test_ppl_with_packed_lm_head(stories_dir, data_dir, tmp_path, capsys):
                "--datasets", "wikitext2", "--data-dir", data_dir, "--cache", "", "--lm-head-bits", "9",
                "--out", str(tmp_path / "bad")])
     assert rc == 2 and "bits must be an integer in 2..8, got 9" in capsys.readouterr().err
+
+
+def _own_text(tmp_path, name: str, source: str, lines: slice) -> str:
+    """Lines of a PTB file (one sentence a line) as ``tmp_path/name``; returns ``file:PATH``."""
+    path = tmp_path / name
+    path.write_text("\n".join((DATA / "ptb" / source).read_text().split("\n")[lines]))
+    return f"file:{path}"
+
+
+def test_ppl_on_your_own_text(stories_dir, data_dir, tmp_path, capsys, monkeypatch):
+    """file: for evaluation and calibration: labelled by the file's stem; a calibration file that overlaps an
+    evaluated file is refused."""
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(tmp_path / "ttq-cache"))
+    legal = _own_text(tmp_path, "legal.txt", "ptb.test.txt", slice(0, 400))
+    calib = _own_text(tmp_path, "calib.txt", "ptb.valid.txt", slice(0, 400))
+    out = tmp_path / "own"
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "2", "--bits", "3",
+               "--methods", "fp,rtn,awq,ttq", "--rank", "0", "--calib", f"{calib}@512", "--datasets", f"{legal},ptb",
+               "--data-dir", data_dir, "--cache", "", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "| Method | q | g | legal | PTB | Avg |" in printed.out and "| AWQ (calib Calib, 2^9) |" in printed.out
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert {r["dataset"] for r in rows} == {legal, "ptb"} and all(r["n_windows"] == 2 for r in rows)
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "1", "--methods", "awq",
+               "--rank", "0", "--calib", f"{legal}@512", "--datasets", legal, "--cache", "", "--out", str(tmp_path / "x")])
+    assert rc == 2 and f"calibration text '{legal}' overlaps the evaluation text '{legal}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "datasets, msg",
+    [
+        ("file:{tmp}/nope.txt", "no such file {tmp}/nope.txt"),
+        ("txt:{tmp}/legal.txt", "'txt:' is not a source prefix"),
+        ("jsonl:{tmp}/docs.jsonl", "needs a path and a text field: jsonl:PATH:FIELD"),
+        ("file:{tmp}/a/legal.txt,file:{tmp}/b/legal.txt", "would share the table label 'legal'"),
+        ("file:{tmp}/latin1.txt", "not UTF-8 text: byte 0xe9 at byte offset 3 (line 1)"),
+        ("file:{tmp}/short.txt", "has 4 tokens, fewer than one window of 64 (--seqlen): it needs at least 64 tokens"),
+    ],
+)
+def test_ppl_own_text_bad_input_exit_2(stories_dir, tmp_path, capsys, datasets, msg):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "legal.txt").write_text("a case " * 100)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("Once upon a time")
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "64", "--max-windows", "1", "--methods", "fp",
+               "--datasets", datasets.format(tmp=tmp_path), "--cache", "", "--out", str(tmp_path / "x")])
+    last = capsys.readouterr().err.strip().split("\n")[-1]  # (after the model's loading bar)
+    assert rc == 2 and last.startswith("ttq ppl: error: ") and msg.format(tmp=tmp_path) in last

@@ -45,6 +45,25 @@ def test_overlapping_calibration_is_refused():
         check_disjoint(ev[10_000:60_000], ev, "ptb", "ptb")
 
 
+@needs_data
+def test_overlap_is_found_across_joins_and_line_breaks():
+    """The PTB test file as it is on disk (one sentence a line) against PTB's evaluation text (joined by spaces)."""
+    raw = (DATA / EVAL_FILES["ptb"]).read_text()[:50_000]
+    assert "\n" in raw and raw not in load_text("ptb", data_dir=DATA)
+    with pytest.raises(ValueError, match="overlaps the evaluation text 'ptb'"):
+        check_disjoint(raw, load_text("ptb", data_dir=DATA), "file:ptb.txt", "ptb")
+
+
+@needs_data
+def test_overlap_is_found_when_the_evaluated_text_is_a_small_part_of_the_calibration_text():
+    """Passages of the evaluated text are looked up in the calibration text too: probes drawn only from a large
+    calibration text would miss a small evaluated text inside it."""
+    evaluated = load_text("ptb", data_dir=DATA)[100_000:103_000]
+    calib = load_text("ptb", calibration=True, data_dir=DATA) + " " + evaluated
+    with pytest.raises(ValueError, match=r"overlaps the evaluation text 'file:legal.txt' \(\d+/128 probe"):
+        check_disjoint(calib, evaluated, "ptb", "file:legal.txt")
+
+
 def test_missing_file_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         resolve_file(CALIB_FILES["c4"], tmp_path)
@@ -60,7 +79,7 @@ def test_env_var_data_dir(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_and_source():
-    with pytest.raises(ValueError, match="allowed: wikitext2, ptb, c4"):
+    with pytest.raises(ValueError, match="allowed: wikitext2, ptb, c4, file:PATH, jsonl:PATH:FIELD, hf:ID"):
         check_dataset("imagenet")
     with pytest.raises(ValueError, match="unknown data source"):
         load_text("ptb", source="ftp")

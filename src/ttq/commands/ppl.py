@@ -20,15 +20,15 @@ SUFFIXES = (".md", ".json", ".csv")
 
 
 def _calib_list(s: str) -> list[tuple[str, int]]:
-    """``"wikitext2,ptb,c4"`` or ``"c4:2048"`` entries -> [(dataset, tokens)]; default 2^17 tokens."""
-    out = []
-    for item in str_list(s):
-        ds, _, n = item.partition(":")
-        try:
-            out.append((ds, int(n) if n else 2**17))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"calibration entry {item!r} is not DATASET or DATASET:TOKENS") from None
-    return out
+    """``"wikitext2,ptb,c4:2048,file:/x/legal.txt@4096"`` -> [(dataset, tokens)] (:func:`ttq.data.parse_calib`;
+    default 2^17 tokens)."""
+    from ttq.data import parse_calib
+    from ttq.errors import ConfigError
+
+    try:
+        return [parse_calib(item) for item in str_list(s)]
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_parser(sub) -> None:
@@ -42,8 +42,11 @@ def add_parser(sub) -> None:
     p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
     p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
     p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
-    p.add_argument("--datasets", type=str_list, default="wikitext2,ptb,c4")
-    p.add_argument("--calib", type=_calib_list, default="c4", help="AWQ calibration sets, DATASET[:TOKENS] (2^17 default)")
+    p.add_argument("--datasets", type=str_list, default="wikitext2,ptb,c4",
+                   help="evaluation texts: wikitext2, ptb, c4, file:PATH, jsonl:PATH:FIELD, hf:ID[:CONFIG[:SPLIT[:FIELD]]]")
+    p.add_argument("--calib", type=_calib_list, default="c4",
+                   help="AWQ calibration sets, SOURCE[@TOKENS] (any --datasets form; 2^17 tokens default; "
+                        "the built-ins also DATASET:TOKENS)")
     p.add_argument("--config", action="append", default=[], metavar="LABEL=JSON",
                    help="extra row from any registered method's config dict, e.g. "
                         "'Prune 2:4={\"method\": \"prune\", \"n_m\": [2, 4]}' (repeatable; see ttq.METHODS)")
@@ -66,12 +69,18 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ttq.data import check_dataset
+    from ttq.errors import ConfigError
     from ttq.eval.table import build_cells, dataset_windows, forward_overhead, markdown_tables, run_cells
     from ttq.models import load_model, max_context, model_id
     from ttq.outputs import check_outputs, write_outputs
 
-    for ds in args.datasets + [c[0] for c in args.calib]:
-        check_dataset(ds)
+    for flag, names in (("--datasets", args.datasets), ("--calib", [c[0] for c in args.calib])):
+        labels: dict[str, str] = {}
+        for ds in names:
+            label = check_dataset(ds).label  # before the model loads: the syntax, that a file: / jsonl: file exists
+            if labels.setdefault(label, ds) != ds:
+                raise ConfigError(f"{flag} {labels[label]} and {ds} would share the table label {label!r}; "
+                                  "rename one of the files")
     extra = [_config_cell(item) for item in args.config]
     plans = _load_plans(args.bit_plan)
     check_outputs(args.out, SUFFIXES, args.overwrite)  # before an hour of work, not after
@@ -83,8 +92,11 @@ def run(args) -> int:
     if plans:
         from ttq.eval.table import plan_cells
         from ttq.patch.blocks import block_linears
+        from ttq.patch.experts import unfused
 
-        _check_plans(plans, block_linears(model))
+        with unfused(model):  # MoE: plans name each expert's linear
+            linears = block_linears(model)
+        _check_plans(plans, linears)
         cells += plan_cells(cells, plans)
     if not cells:
         raise ValueError("nothing to evaluate: --methods selected no rows")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ttq.data.texts import parse_source
+from ttq.errors import DataError
 from ttq.typecheck import check_types
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,9 @@ def tokenize(tokenizer, text: str, cache: bool = True) -> torch.Tensor:
     return ids
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
+def eval_windows(
+    ids: torch.Tensor, seqlen: int, max_windows: int | None = None, max_tokens: int | None = None, name: str = "text"
+) -> torch.Tensor:
     """Non-overlapping windows (n, seqlen) from the start of ``ids``.
 
     Args:
@@ -41,6 +45,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
         seqlen: window length.
         max_windows: keep only the first windows (quick runs).
         max_tokens: cut ``ids`` first (C4: 256 x seqlen).
+        name: the text's name in the error raised when it is shorter than one window.
     """
     if seqlen <= 1:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
@@ -50,7 +55,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
         ids = ids[:max_tokens]
     n = ids.numel() // seqlen
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"{name} has {ids.numel()} tokens, fewer than one window of {seqlen} (--seqlen): it needs at "
+                        f"least {seqlen} tokens; give a longer text or a smaller --seqlen")
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seqlen].reshape(n, seqlen)  # (n*seqlen,) -> (n, seqlen)
@@ -67,7 +73,8 @@ def calibration_windows(ids: torch.Tensor, n_tokens: int, seqlen: int, seed: int
     grid = ids.numel() // width
     need = -(-n_tokens // width)
     if grid == 0:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than one window of {width}")
+        raise DataError(f"calibration text has {ids.numel()} tokens, fewer than one window of {width}: it needs at "
+                        f"least {width} tokens; give a longer text or a smaller --seqlen")
     g = torch.Generator().manual_seed(seed)
     if need <= grid:
         pick = torch.randperm(grid, generator=g)[:need]
@@ -83,7 +90,8 @@ class CalibSpec:
     """Calibration data for static methods.
 
     Args:
-        dataset: one of ``ttq.data.DATASETS`` (wikitext2 / ptb / c4).
+        dataset: one of ``ttq.data.DATASETS`` (wikitext2 / ptb / c4) or your own text: ``file:PATH``,
+            ``jsonl:PATH:FIELD``, ``hf:ID[:CONFIG[:SPLIT[:FIELD]]]`` (:func:`ttq.data.texts.parse_source`).
         n_tokens: calibration length in tokens (the paper uses up to 2**17).
         seqlen: window length of the calibration forwards.
         seed: seed of the random window draw.
@@ -96,6 +104,7 @@ class CalibSpec:
 
     def __post_init__(self) -> None:
         check_types(self)
+        parse_source(self.dataset)  # the syntax only: a config may be built where the file is not
         if self.n_tokens <= 0:
             raise ValueError(f"calibration n_tokens must be a positive integer, got {self.n_tokens!r}")
         if self.seqlen <= 0:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ttq.errors import ConfigError
 from ttq.eval.table import Cell, build_cells, fmt_ppl, markdown_tables
-from ttq.registry import SHORT, pow2_label
+from ttq.data import dataset_label
+from ttq.registry import pow2_label
 from ttq.methods.scaling import ScaleSpec
 
 MAX_TEXT_REPEATS = 2  # a calibration may cover its text at most twice (overlapping windows beyond once)
@@ -91,7 +92,7 @@ def length_table(
     heads = [c.label for c in ttq_cells]
     heads += [f"AWQ {pow2_label(c.config.calib.n_tokens)}" for c in length_cells]
     lines = [
-        f"Calibration length: TTQ (no calibration) vs AWQ calibrated on {SHORT[calib_set]} "
+        f"Calibration length: TTQ (no calibration) vs AWQ calibrated on {dataset_label(calib_set)} "
         f"(q={length_cells[0].bits if length_cells else ttq_cells[0].bits}, "
         f"g={length_cells[0].group_size if length_cells else ttq_cells[0].group_size})",
         "",
@@ -100,7 +101,7 @@ def length_table(
     ]
     for ds in datasets:
         vals = [by.get((c.label, ds)) for c in ttq_cells + length_cells]
-        lines.append(f"| {SHORT[ds]} | " + " | ".join("" if v is None else fmt_ppl(v) for v in vals) + " |")
+        lines.append(f"| {dataset_label(ds)} | " + " | ".join("" if v is None else fmt_ppl(v) for v in vals) + " |")
     return "\n".join(lines)
 
 

@@ -21,13 +21,13 @@ import torch
 from ttq.cache import code_fingerprint, digest, model_fingerprint, tensor_digest, writable, write_bytes
 from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import CalibSpec, config_to_dict
-from ttq.data import C4_EVAL_WINDOWS, eval_windows, load_text, tokenize
+from ttq.data import C4_EVAL_WINDOWS, dataset_label, eval_windows, load_text, tokenize
 from ttq.eval.ppl import perplexity
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
 from ttq.errors import ConfigError
 from ttq.patch.walker import quantize_, restore_
-from ttq.registry import SHORT, RowOptions, row_names, table_rows
+from ttq.registry import RowOptions, row_names, table_rows
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def dataset_windows(tokenizer, datasets, seqlen, max_windows, data_dir=None, sou
     for ds in datasets:
         ids = tokenize(tokenizer, load_text(ds, data_dir=data_dir, source=source))
         cut = C4_EVAL_WINDOWS * seqlen if ds == "c4" else None
-        out[ds] = eval_windows(ids, seqlen, max_windows=max_windows, max_tokens=cut)
+        out[ds] = eval_windows(ids, seqlen, max_windows=max_windows, max_tokens=cut, name=ds)
     return out
 
 
@@ -140,8 +140,13 @@ def run_cells(
     data_dir=None,
     source: str = "local",
     progress: bool = True,
+    on_row=None,
 ) -> list[dict]:
-    """Evaluate every cell on every dataset; one result dict per (cell, dataset)."""
+    """Evaluate every cell on every dataset; one result dict per (cell, dataset).
+
+    ``on_row(rows)``, when given, is called with a cell's rows (one per dataset) as soon as the cell is done
+    (cached or computed), so a long table can show each row at once.
+    """
     results = []
     calib_cache: dict[CalibSpec, dict] = {}
     cache = writable(cache, "result") if cache else None
@@ -159,6 +164,8 @@ def run_cells(
             _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress)
         for ds in windows:
             results.append(done[ds])
+        if on_row is not None:
+            on_row([done[ds] for ds in windows])
         logger.info("%s q=%s g=%s: %s", cell.label, cell.bits, cell.group_size, {d: round(done[d]["ppl"], 2) for d in windows})
     return results
 
@@ -183,7 +190,7 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
             from ttq.methods.allocation import plan_overrides
 
             overrides = plan_overrides(cell.plan, lambda b: with_bits(cfg, b))
-        quantize_(model, cfg, calibration=calibration, overrides=overrides)
+        quantize_(model, cfg, calibration=calibration, overrides=overrides, progress=progress)
     t_quant = time.perf_counter() - t0
     try:
         for ds, win, path in todo:
@@ -203,6 +210,15 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
         restore_(model, blocks_only=True)
 
 
+def row_line(rows: list[dict]) -> str:
+    """One finished row as a line: ``RTN q=3 g=32: WT2 83.71 | PTB 220.63 | C4 102.76 | avg 135.70``."""
+    r0 = rows[0]
+    fmt = "" if r0["bits"] is None else f" q={r0['bits']} g={r0['group_size']}"
+    vals = [f"{dataset_label(r['dataset'])} {fmt_ppl(r['ppl'])}" for r in rows]
+    avg = sum(r["ppl"] for r in rows) / len(rows)
+    return f"{r0['method']}{fmt}: " + " | ".join(vals) + (f" | avg {fmt_ppl(avg)}" if len(rows) > 1 else "")
+
+
 def fmt_ppl(x: float) -> str:
     if not math.isfinite(x):
         return "inf"
@@ -220,20 +236,21 @@ def markdown_tables(results: list[dict], datasets: list[str]) -> str:
         vals = [by[(label, q, g, d)]["ppl"] for d in datasets if (label, q, g, d) in by]
         return sum(vals) / len(vals) if len(vals) == len(datasets) else None
 
-    nwin = ", ".join(f"{SHORT[d]} {next(r['n_windows'] for r in results if r['dataset'] == d)}" for d in datasets)
-    lines = [f"Average perplexity over {'/'.join(SHORT[d] for d in datasets)} (windows: {nwin})", ""]
+    nwin = ", ".join(f"{dataset_label(d)} {next(r['n_windows'] for r in results if r['dataset'] == d)}"
+                     for d in datasets)
+    lines = [f"Average perplexity over {'/'.join(dataset_label(d) for d in datasets)} (windows: {nwin})", ""]
     head = ["Method"] + [f"q={q} g={g}" for g, q in cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label in labels:
         if label == "FP":
             fp = avg("FP", None, None)
-            detail = ", ".join(f"{SHORT[d]}: {fmt_ppl(by[('FP', None, None, d)]['ppl'])}" for d in datasets)
+            detail = ", ".join(f"{dataset_label(d)}: {fmt_ppl(by[('FP', None, None, d)]['ppl'])}" for d in datasets)
             lines.insert(0, f"FP ({detail}, Avg: {fmt_ppl(fp)})")
             continue
         cells = [avg(label, q, g) for g, q in cols]
         lines.append("| " + " | ".join([label] + ["" if c is None else fmt_ppl(c) for c in cells]) + " |")
     lines += ["", "Per dataset", ""]
-    head = ["Method", "q", "g"] + [SHORT[d] for d in datasets] + ["Avg"]
+    head = ["Method", "q", "g"] + [dataset_label(d) for d in datasets] + ["Avg"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g, q in [(None, None)] + cols:
         for label in labels:

@@ -154,3 +154,18 @@ def test_ppl_own_text_bad_input_exit_2(stories_dir, tmp_path, capsys, datasets, 
                "--datasets", datasets.format(tmp=tmp_path), "--cache", "", "--out", str(tmp_path / "x")])
     last = capsys.readouterr().err.strip().split("\n")[-1]  # (after the model's loading bar)
     assert rc == 2 and last.startswith("ttq ppl: error: ") and msg.format(tmp=tmp_path) in last
+
+
+def test_ppl_prints_the_plan_and_each_row_as_it_finishes(stories_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "64", "--quick", "--methods", "fp,rtn,ttq", "--rank", "0",
+               "--datasets", "wikitext2,ptb", "--data-dir", data_dir, "--cache", "", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Work: 3 rows x 8 windows of 64 tokens: about ")  # --quick: 4 windows per dataset
+    rows = json.loads(out.with_name("q.json").read_text())
+    assert {r["n_windows"] for r in rows} == {4}
+    rtn = {r["dataset"]: r["ppl"] for r in rows if r["method"] == "RTN"}
+    line = next(ln for ln in text.splitlines() if ln.startswith("RTN q=3 g=32: "))
+    assert line == f"RTN q=3 g=32: WT2 {rtn['wikitext2']:.2f} | PTB {rtn['ptb']:.2f} | avg {(rtn['wikitext2'] + rtn['ptb']) / 2:.2f}"
+    assert text.index(line) < text.index("| Method |")  # printed before the table

@@ -17,6 +17,8 @@ from ttq.commands.common import (
 logger = logging.getLogger(__name__)
 
 SUFFIXES = (".md", ".json", ".csv")
+QUICK_WINDOWS = 4
+QUICK_CALIB_TOKENS = 2**15
 
 
 def _calib_list(s: str) -> list[tuple[str, int]]:
@@ -60,6 +62,9 @@ def add_parser(sub) -> None:
                    help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="window length (capped at the model's context)")
     p.add_argument("--max-windows", type=non_negative_int, default=16, help="windows per dataset (0 = all)")
+    p.add_argument("--quick", action="store_true",
+                   help="a first look in minutes: 4 windows per dataset and calibration sets cut to 2^15 tokens "
+                        "(the default is the paper's protocol: 16 windows, 2^17 calibration tokens)")
     add_data_args(p)
     add_out_args(p, "results/ppl", ".md/.csv/.json")
     p.add_argument("--cache", default="results/cache", help="folder of per-row cached results ('' disables)")
@@ -70,10 +75,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ttq.data import check_dataset
     from ttq.errors import ConfigError
-    from ttq.eval.table import build_cells, dataset_windows, forward_overhead, markdown_tables, run_cells
+    from ttq.eval.table import build_cells, dataset_windows, forward_overhead, markdown_tables, row_line, run_cells
     from ttq.models import load_model, max_context, model_id
     from ttq.outputs import check_outputs, write_outputs
 
+    if args.quick:
+        args.max_windows = min(args.max_windows or QUICK_WINDOWS, QUICK_WINDOWS)
+        args.calib = [(ds, min(n, QUICK_CALIB_TOKENS)) for ds, n in args.calib]
     for flag, names in (("--datasets", args.datasets), ("--calib", [c[0] for c in args.calib])):
         labels: dict[str, str] = {}
         for ds in names:
@@ -107,8 +115,10 @@ def run(args) -> int:
 
         head = quantize_lm_head(model, bits=args.lm_head_bits, layout="u8")  # reference path: exact RTN head
         key += f"|lm_head-rtn{head.spec.bits}-g{head.spec.group_size}"  # its own cache rows
+    print(_estimate(model, cells, windows, args), flush=True)
     results = run_cells(model, tok, key, cells, windows, Path(args.cache) if args.cache else None,
-                        args.data_dir, args.data_source)
+                        args.data_dir, args.data_source, on_row=lambda rows: print(row_line(rows), flush=True))
+    print()
     table = f"Model {key}, seqlen {seqlen}, scale {scale}\n\n" + markdown_tables(results, args.datasets)
     if args.overhead:
         from ttq.config import TTQConfig
@@ -184,3 +194,30 @@ def _check_plans(plans: dict, linears: dict) -> None:
             logger.warning("bit plan %r leaves %d layer(s) out (e.g. %s): they keep the row's own bits", name,
                            len(missing), missing[0])
 
+
+
+def _estimate(model, cells, windows: dict, args) -> str:
+    """One line before the work starts: rows x windows, the calibration, and the time that takes on this
+    machine (from one timed forward of one window; cached rows are skipped, so it is an upper bound)."""
+    import time
+
+    import torch
+
+    first = next(iter(windows.values()))[:1]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(first.to(device), use_cache=False, logits_to_keep=1)
+        t = time.perf_counter() - t0
+    n_win = sum(int(w.shape[0]) for w in windows.values())
+    seqlen = int(first.shape[1])
+    calib = {c.config.calib for c in cells if c.config is not None and getattr(c.config, "needs_calibration", False)}
+    calib_fw = sum(max(1, spec.n_tokens // spec.seqlen) for spec in calib)
+    seconds = t * (len(cells) * n_win + calib_fw)
+    line = (f"Work: {len(cells)} rows x {n_win} windows of {seqlen} tokens"
+            + (f" + {len(calib)} calibration set(s) ({calib_fw} windows)" if calib else "")
+            + f": about {seconds / 60:.0f} min at {t:.1f} s per window forward here, without cached rows "
+            "(searches and test-time quantization add to it); each row prints as it finishes, Ctrl-C keeps finished rows.")
+    if not args.quick and seconds > 600:
+        line += f" A first look in minutes: --quick ({QUICK_WINDOWS} windows, 2^15 calibration tokens)."
+    return line

@@ -58,6 +58,7 @@ from ttq.patch.blocks import block_linears, find_blocks, walk
 from ttq.patch.walker import name_filter, quantize_, restore_
 from ttq.registry import register_handler, register_method, register_rows
 from ttq import calibrate, models, options, runtime  # noqa: E402,F401  (ttq.models.load_model, ttq.runtime.set_mode)
+from ttq.checkpoint import load_pretrained, save_pretrained  # registers quant_method "ttq" with transformers
 
 __version__ = "0.1.0"
 
@@ -75,11 +76,13 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "find_blocks",
+    "load_pretrained",
     "name_filter",
     "quantize_",
     "register_handler",
     "register_method",
     "register_rows",
     "restore_",
+    "save_pretrained",
     "walk",
 ]

@@ -9,7 +9,7 @@ import sys
 
 from ttq.errors import TTQError
 
-COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain", "qtime", "allocate")
+COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain", "qtime", "allocate", "eval", "quantize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from ttq.errors import ConfigError, ModelError
+from ttq.offload import offload_like, onloaded
 from ttq.patch.experts import ExpertLinear
 from ttq.registry import HANDLERS, METHODS
 
@@ -200,7 +201,9 @@ def build(name: str, module: nn.Module, parameter: str, config: Any, calibration
         config = uncalibrated_expert(config)
         if config is None:
             return None
-    return HANDLERS[type(config)](as_linear(module), parameter, config, calibration)
+    mod = HANDLERS[type(config)](as_linear(module), parameter, config, calibration)
+    mod.ttq_config = config  # what made it (ttq.save_pretrained records it)
+    return mod
 
 
 def replace_linears(
@@ -219,9 +222,11 @@ def replace_linears(
     new = {}
     for name, cfg in items:
         calib = None if calibration is None else calibration.get(name)
-        mod = build(name, linears[name], "weight", cfg, calib)
-        if mod is not None:
-            new[name] = mod
+        with onloaded(linears[name], name):  # an offloaded layer's weights, this layer's only (ttq.offload)
+            mod = build(name, linears[name], "weight", cfg, calib)
+            if mod is not None:
+                offload_like(mod, linears[name])  # what it shares with the layer is fetched at forward time
+                new[name] = mod
     fallback = [n for n, c in plan.items() if getattr(c, "needs_calibration", False)
                 and (calibration is None or n not in calibration)]
     if fallback:

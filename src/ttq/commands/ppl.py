@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from ttq.commands.common import (
-    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, non_negative_int, positive_int,
-    scale_from_args, str_list,
+    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, load_kwargs, non_negative_int,
+    positive_int, scale_from_args, str_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("ppl", help="perplexity table: FP / RTN / AWQ / TTQ over bits and group sizes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, offload=True)
     p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq",
                    help=f"subset of {','.join(method_choices())} (the registered methods)")
     p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
@@ -92,7 +92,7 @@ def run(args) -> int:
     extra = [_config_cell(item) for item in args.config]
     plans = _load_plans(args.bit_plan)
     check_outputs(args.out, SUFFIXES, args.overwrite)  # before an hour of work, not after
-    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
+    model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device, **load_kwargs(args))
     seqlen = min(args.seqlen, max_context(model))
     scale = scale_from_args(args)
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric, args.fmt)
@@ -203,8 +203,10 @@ def _estimate(model, cells, windows: dict, args) -> str:
 
     import torch
 
+    from ttq.offload import execution_device
+
     first = next(iter(windows.values()))[:1]
-    device = next(model.parameters()).device
+    device = execution_device(model)
     with torch.no_grad():
         t0 = time.perf_counter()
         model(first.to(device), use_cache=False, logits_to_keep=1)

@@ -14,7 +14,9 @@ token ids            tokenizer fingerprint, text, code
 so a cache written by another version of the code is not reused.
 
 * :func:`model_fingerprint` hashes every parameter and buffer (names, shapes, dtypes and bytes), so
-  two models with the same directory name but other weights never share a row;
+  two models with the same directory name but other weights never share a row; the weights of a model
+  offloaded by accelerate are read through its hooks (:mod:`ttq.offload`), so it shares the rows of the
+  same model held in memory;
 * :func:`tokenizer_fingerprint` hashes the tokenizer's full definition (vocabulary, merges, special
   tokens);
 * values are JSON or safetensors files (:func:`save_tensors` / :func:`load_tensors`), never pickles,
@@ -99,8 +101,13 @@ def tensor_digest(t: torch.Tensor) -> str:
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Hash of every parameter and buffer of ``model`` (name, dtype, shape, bytes).
 
-    Memoized per model object while no tensor is replaced or changed in place (``_version``).
+    Tensors that accelerate offloaded (on ``meta``, loaded by a hook at forward time) are hashed by their
+    values, read one at a time through the hook's ``weights_map`` (:func:`ttq.offload.readable`): the
+    fingerprint is the in-memory model's, whichever device map placed it.  Memoized per model object while
+    no tensor is replaced or changed in place (``_version``).
     """
+    from ttq.offload import readable
+
     state = list(model.state_dict(keep_vars=True).items())
     probe = tuple((n, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for n, t in state if t is not None)
     memo = _MODEL_MEMO.get(id(model))
@@ -111,7 +118,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         if t is None:
             continue
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(tensor_bytes(t))
+        h.update(tensor_bytes(readable(model, name, t)))
     fp = h.hexdigest()[:24]
     _MODEL_MEMO[id(model)] = (probe, fp)
     return fp

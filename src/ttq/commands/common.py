@@ -20,13 +20,41 @@ def str_list(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, offload: bool = False) -> None:
+    """``--model --gguf-file --dtype --device``; with ``offload``, ``--max-memory`` too (:func:`load_kwargs`)."""
     from ttq.models import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF dir, .gguf file, hub id, or {DEFAULT_MODEL!r} (default)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cpu")
+    if offload:
+        p.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                       help="models bigger than memory: keep at most SIZE of weights (e.g. 200MB, 2GiB) on --device, "
+                            "the rest offloaded by accelerate (on the CPU to disk, under the ttq cache; on a GPU to "
+                            "CPU memory, then disk) and loaded block by block at forward time (default: all in memory)")
+
+
+def memory_size(s: str) -> str:
+    """argparse type: a memory size such as ``200MB`` or ``2GiB`` (:func:`ttq.offload.memory_bytes`)."""
+    from ttq.errors import ConfigError
+    from ttq.offload import memory_bytes
+
+    try:
+        memory_bytes(s)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return s
+
+
+def load_kwargs(args) -> dict:
+    """Extra keywords for :func:`ttq.models.load_model` from ``--max-memory`` (none without it)."""
+    if getattr(args, "max_memory", None) is None:
+        return {}
+    from ttq.models import check_device
+    from ttq.offload import dispatch_kwargs
+
+    return dispatch_kwargs(args.max_memory, check_device(args.device))
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ttq.offload import execution_device
+
 
 @dataclass
 class PplResult:
@@ -39,7 +41,7 @@ def perplexity(model, windows: torch.Tensor, progress: bool = False, desc: str =
     """
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be (n >= 1, seqlen >= 2) token ids, got shape {tuple(windows.shape)}")
-    device = next(model.parameters()).device
+    device = execution_device(model)
     rows = range(windows.shape[0])
     if progress:
         from tqdm.auto import tqdm

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ttq.methods.scaling import ChannelStats
+from ttq.offload import execution_device
 
 
 @dataclass
@@ -87,7 +88,7 @@ def collect_layer_stats(
     if windows.numel() == 0:
         raise ValueError("calibration needs at least one window of tokens")
     acc = LayerStatsAccumulator(p)
-    device = next(model.parameters()).device
+    device = execution_device(model)
     rows = range(windows.shape[0])
     if progress:
         from tqdm.auto import tqdm

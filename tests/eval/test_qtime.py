@@ -8,19 +8,31 @@ import pytest
 
 from tests.conftest import shared_dir
 from ttq.cli import main
-from ttq.config import AWPConfig, AWQConfig, CalibSpec, GPTQConfig, PruneConfig, RTNConfig, TTQConfig
+from ttq.config import AWPConfig, CalibSpec, PruneConfig, RTNConfig, TTQConfig
 from ttq.eval.qtime import is_test_time
 from ttq.formats.affine import QuantSpec
 
 DATA = shared_dir() / "data"
 
 
-def test_is_test_time() -> None:
+@pytest.mark.parametrize("make, expected", [
+    (lambda q, cs: TTQConfig(quant=q), True),
+    (lambda q, cs: AWPConfig(quant=q, online=True), True),
+    (lambda q, cs: PruneConfig(sparsity=0.5), True),
+    (lambda q, cs: RTNConfig(quant=q), False),
+])
+def test_is_test_time(stories_model, make, expected) -> None:
+    """Read from the quantized modules (they carry a token_mask), whatever the method: HQQ, a static method
+    without calibration, is not timed per prompt."""
+    import ttq
+
     q = QuantSpec(bits=3, group_size=32)
     cs = CalibSpec(dataset="wikitext2", n_tokens=512, seqlen=128)
-    assert is_test_time(TTQConfig(quant=q)) and is_test_time(AWPConfig(quant=q, online=True))
-    assert is_test_time(PruneConfig(sparsity=0.5))
-    assert not any(is_test_time(c) for c in (RTNConfig(quant=q), AWQConfig(quant=q, calib=cs), GPTQConfig(quant=q, calib=cs)))
+    assert not is_test_time(stories_model)
+    ttq.quantize_(stories_model, make(q, cs))
+    assert is_test_time(stories_model) is expected
+    ttq.restore_(stories_model)
+    assert not is_test_time(stories_model)
 
 
 def test_qtime_cli(stories_dir, tmp_path, capsys):

@@ -8,14 +8,15 @@ import time
 import torch
 
 from ttq.calibrate import calibrate, calibration_tokens, config_p
-from ttq.config import RTNConfig
 from ttq.eval.table import Cell, forward_seconds
 from ttq.patch.walker import quantize_, restore_
 
 
-def is_test_time(config) -> bool:
-    """Quantizes inside every forward (TTQ, online AWP, pruning, online low-rank) rather than once."""
-    return config is not None and not isinstance(config, RTNConfig) and not config.needs_calibration
+def is_test_time(model) -> bool:
+    """Whether the quantized ``model`` has test-time layers: modules that take a statistic of their own
+    tokens (they carry a ``token_mask``), whatever method made them."""
+    return any(hasattr(m, "token_mask") and isinstance(getattr(m, "original", None), torch.nn.Module)
+               for m in model.modules())
 
 
 def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor, repeats: int = 3,
@@ -51,7 +52,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         quantize_(model, cfg, calibration=stats)
         row["quantize_seconds"] = time.perf_counter() - t0
         try:
-            q = forward_seconds(model, window, repeats) if is_test_time(cfg) else None
+            q = forward_seconds(model, window, repeats) if is_test_time(model) else None
         finally:
             restore_(model, blocks_only=True)
         if q is not None:  # paired with an unquantized forward timed right after, so machine drift cancels

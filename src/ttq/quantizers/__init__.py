@@ -26,3 +26,4 @@ __all__ = [
     "TTQConfig",
     "TTQLowRankConfig",
 ]
+from ttq.quantizers.hqq import HQQConfig

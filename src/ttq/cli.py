@@ -9,7 +9,7 @@ import sys
 
 from ttq.errors import TTQError
 
-COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain", "qtime", "allocate", "eval", "quantize")
+COMMANDS = ("ppl", "generate", "bench", "appendix_h", "hparams", "domain", "qtime", "allocate", "eval", "quantize", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

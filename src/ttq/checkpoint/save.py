@@ -83,17 +83,10 @@ def _is_ttq_checkpoint(folder: Path) -> bool:
 
 def _rest_of_model(model: nn.Module, quantized: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """The state dict without the quantized layers' entries and without tied copies (transformers
-    ties them again when it loads)."""
-    out = {}
-    for key, t in model.state_dict().items():
-        parts = key.split(".")
-        if any(".".join(parts[:i]) in quantized for i in range(1, len(parts))):
-            continue
-        out[key] = t
-    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-        if target in out and source in out and out[target].data_ptr() == out[source].data_ptr():
-            del out[target]
-    return out
+    ties them again when it loads): :func:`ttq.export.weights.dense_tensors`."""
+    from ttq.export.weights import dense_tensors
+
+    return dense_tensors(model, quantized)
 
 
 def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -125,3 +125,14 @@ def seqlen_arg(s: str) -> int:
     if v < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 (a window predicts its tokens 2..T), got {v}")
     return v
+
+
+def add_row_args(p: argparse.ArgumentParser) -> None:
+    """The options a table's method rows are made from (``ttq ppl``, ``ttq eval``)."""
+    from ttq.eval.table import method_choices
+
+    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq",
+                   help=f"subset of {','.join(method_choices())} (the registered methods)")
+    p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
+    p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
+    p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")

@@ -13,9 +13,9 @@ from ttq.commands.common import (
     DTYPES,
     add_data_args,
     add_model_args,
+    add_row_args,
     add_out_args,
     add_scale_args,
-    int_list,
     positive_int,
     scale_from_args,
     str_list,
@@ -28,7 +28,6 @@ SUFFIXES = (".md", ".json", ".csv")
 
 
 def add_parser(sub) -> None:
-    from ttq.eval.table import method_choices
     from ttq.eval.tasks import METRICS, TASKS
 
     p = sub.add_parser("eval", help="zero-shot task accuracy (lm-eval): FP / RTN / AWQ / TTQ over bits and group sizes",
@@ -39,11 +38,7 @@ def add_parser(sub) -> None:
                    help="evaluate the first N documents of each task (None: all of them, slow on a CPU)")
     p.add_argument("--metric", default="acc", choices=METRICS,
                    help="the table's metric (acc_norm: length-normalized; tasks without it show acc)")
-    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq",
-                   help=f"subset of {','.join(method_choices())} (the registered methods)")
-    p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
-    p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
-    p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
+    add_row_args(p)
     p.add_argument("--calib", type=_calib_list, default="c4",
                    help="AWQ calibration sets, DATASET[:TOKENS] (2^17 default)")
     p.add_argument("--seqlen", type=positive_int, default=2048,

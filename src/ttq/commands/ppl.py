@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from ttq.commands.common import (
-    DTYPES, add_data_args, add_model_args, add_out_args, add_scale_args, int_list, load_kwargs, non_negative_int,
+    DTYPES, add_data_args, add_model_args, add_out_args, add_row_args, add_scale_args, load_kwargs,
+    non_negative_int,
     positive_int, scale_from_args, str_list,
 )
 
@@ -34,16 +35,11 @@ def _calib_list(s: str) -> list[tuple[str, int]]:
 
 
 def add_parser(sub) -> None:
-    from ttq.eval.table import method_choices
 
     p = sub.add_parser("ppl", help="perplexity table: FP / RTN / AWQ / TTQ over bits and group sizes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, offload=True)
-    p.add_argument("--methods", type=str_list, default="fp,rtn,awq,ttq",
-                   help=f"subset of {','.join(method_choices())} (the registered methods)")
-    p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
-    p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
-    p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
+    add_row_args(p)
     p.add_argument("--datasets", type=str_list, default="wikitext2,ptb,c4",
                    help="evaluation texts: wikitext2, ptb, c4, file:PATH, jsonl:PATH:FIELD, hf:ID[:CONFIG[:SPLIT[:FIELD]]]")
     p.add_argument("--calib", type=_calib_list, default="c4",

@@ -513,6 +513,11 @@ def model_id(name_or_path: str, gguf_file: str | None = None) -> str:
     return (p.name or name_or_path).replace("/", "_") + (f"-{Path(gguf_file).stem}" if gguf_file else "")
 
 
+def text_config(model):
+    """The config of the language model itself (a multimodal wrapper's ``text_config``, else ``model.config``)."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def max_context(model) -> int:
-    cfg = getattr(model.config, "text_config", None) or model.config
+    cfg = text_config(model)
     return int(getattr(cfg, "max_position_embeddings", 2048) or 2048)

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ttq.models import text_config
 from ttq.checkpoint.format import pack_codes
 from ttq.errors import ConfigError, OutputExistsError
 from ttq.export.report import ExportReport, LayerExport, distance
@@ -173,11 +174,6 @@ def _halves(t: torch.Tensor, part: slice) -> torch.Tensor:
     return t[part.start * n: part.stop * n]
 
 
-def _model_type(model: nn.Module) -> str:
-    cfg = model.config
-    return getattr(getattr(cfg, "text_config", None) or cfg, "model_type", "")
-
-
 @torch.no_grad()
 def save_compressed_tensors(
     model: nn.Module,
@@ -211,7 +207,7 @@ def save_compressed_tensors(
     if not layers:
         raise ConfigError("the model holds no quantized layer to export; quantize it first (ttq.quantize_)")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    mtype = _model_type(model)
+    mtype = getattr(text_config(model), "model_type", "")
     report = ExportReport(out, f"compressed-tensors {FORMAT}")
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict] = {}  # scheme key -> {"weights": ..., "targets": [...]}

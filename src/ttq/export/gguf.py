@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ttq.models import text_config
 from ttq.errors import ConfigError, MissingDependency, ModelError, OutputExistsError
 from ttq.export.report import ExportReport, LayerExport, distance
 from ttq.export.weights import QuantizedWeight, dense_tensors, quantized_weights
@@ -326,11 +327,6 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _model_type(model: nn.Module) -> str:
-    cfg = model.config
-    return getattr(getattr(cfg, "text_config", None) or cfg, "model_type", "")
-
-
 @torch.no_grad()
 def save_gguf(
     model: nn.Module,
@@ -357,7 +353,7 @@ def save_gguf(
     gguf = _gguf()
     out = check_output_file(path, overwrite)
     check_vocab(vocab)
-    mtype = _model_type(model)
+    mtype = getattr(text_config(model), "model_type", "")
     if mtype not in GGUF_ARCHS:
         raise ConfigError(f"GGUF export writes model types {', '.join(GGUF_ARCHS)} (llama.cpp's 'llama'); got "
                           f"{mtype!r}: use the compressed-tensors export or llama.cpp's convert_hf_to_gguf.py")
@@ -367,7 +363,7 @@ def save_gguf(
     if any(isinstance(m, RoutedExperts) for m in model.modules()) or next(fused_experts(model), None) is not None:
         raise ConfigError("GGUF export of mixture-of-experts models is not supported; use the compressed-tensors "
                           "export")
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     layers = quantized_weights(model)
     if not layers:
         raise ConfigError("the model holds no quantized layer to export; quantize it first (ttq.quantize_)")

@@ -133,7 +133,8 @@ def _quantize(model, config, filter_fn, overrides, calibration, progress) -> dic
                 "sequential calibration (sequential=True) needs calibration= the calibration token ids, a non-empty "
                 f"integer tensor (n_windows, seqlen) (see ttq.calibrate.calibration_tokens); got {got}"
             )
-        sequential_replace(model, linears, plan, calibration, progress=progress)
+        engine = next((getattr(c, "block_engine") for c in plan.values() if hasattr(c, "block_engine")), None)
+        (engine or sequential_replace)(model, linears, plan, calibration, progress=progress)  # e.g. reconstruction
     else:
         for cfg in set(plan.values()):
             if getattr(cfg, "needs_calibration", False) and calibration is None:
@@ -178,5 +179,6 @@ def restore_(model: nn.Module, blocks_only: bool = False) -> int:
         orig = getattr(mod, "original", None)
         if isinstance(orig, nn.Module) and mod is not orig:
             set_module(model, name, getattr(orig, "source", orig))  # a Conv1D comes back as itself
+            gone += (f"{name}.",)  # what was inside the removed module is not the model's any more
             n += 1
     return n

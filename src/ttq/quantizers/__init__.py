@@ -27,3 +27,4 @@ __all__ = [
     "TTQLowRankConfig",
 ]
 from ttq.quantizers.hqq import HQQConfig
+from ttq.quantizers.sde import LWCConfig, SDEConfig

@@ -75,7 +75,7 @@ def test_toy_method_in_ppl_methods_equals_rtn(toy, stories_dir, tmp_path):
 
 
 def test_unknown_method_lists_the_registry():
-    with pytest.raises(ConfigError, match="allowed: fp, rtn, awq, gptq, gptq_onepass, awp, awp_online, ttq"):
+    with pytest.raises(ConfigError, match="allowed: fp, rtn, awq, awq_search, gptq, gptq_onepass, awp, awp_online, ttq"):
         registry.table_rows("qat", registry.RowOptions(QuantSpec(), ttq.ScaleSpec()))
 
 

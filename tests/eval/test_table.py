@@ -22,7 +22,7 @@ def test_build_cells_paper_order():
 
 
 def test_unknown_method_refused():
-    with pytest.raises(ValueError, match="allowed: fp, rtn, awq, gptq"):
+    with pytest.raises(ValueError, match="allowed: fp, rtn, awq, awq_search, gptq"):
         build_cells(["fp", "qat"], [3], [32], [0], [], ScaleSpec(), 512)
 
 

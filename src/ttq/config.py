@@ -24,10 +24,14 @@ from ttq.quantizers import (
     ONLINE_RULES,
     AWPConfig,
     AWQConfig,
+    AWQSearchConfig,
     GPTQConfig,
+    HQQConfig,
+    LWCConfig,
     OnlineLowRankTTQConfig,
     PruneConfig,
     RTNConfig,
+    SDEConfig,
     TTQConfig,
     TTQLowRankConfig,
 )
@@ -35,9 +39,9 @@ from ttq.registry import METHODS, register_method
 from ttq.typecheck import check_values
 
 __all__ = [
-    "FACTOR_WHICH", "LOWRANK_INITS", "METHODS", "ONLINE_RULES", "AWPConfig", "AWQConfig", "CalibSpec", "GPTQConfig",
-    "OnlineLowRankTTQConfig", "PruneConfig", "RTNConfig", "TTQConfig", "TTQLowRankConfig", "config_from_dict",
-    "config_to_dict", "register_method",
+    "FACTOR_WHICH", "LOWRANK_INITS", "METHODS", "ONLINE_RULES", "AWPConfig", "AWQConfig", "AWQSearchConfig",
+    "CalibSpec", "GPTQConfig", "HQQConfig", "LWCConfig", "OnlineLowRankTTQConfig", "PruneConfig", "RTNConfig",
+    "SDEConfig", "TTQConfig", "TTQLowRankConfig", "config_from_dict", "config_to_dict", "register_method",
 ]
 
 def _spec_class(annotation: Any) -> type | None:

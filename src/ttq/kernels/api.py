@@ -499,3 +499,130 @@ def packed_linear(
 def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 (d_out, d_in), scale f32 (d_out, n_groups), zero f32 (d_out, n_groups)) of any layout."""
     return get_kernel(packed.layout, packed.device.type).unpack(packed)
+
+
+# ---------------------------------------------------------------- precomputed codes
+# A method that chooses codes, scale or zero itself (a clipping search, GPTQ's error feedback:
+# :mod:`ttq.methods.refine`) packs them here instead of letting the kernel quantize ``W diag(s)``.
+# The bit packing of each built-in layout, in plain PyTorch from the module table (a kernel may
+# provide its own ``pack_codes(codes, scale, zero, spec, half_params) -> PackedWeight``).
+
+
+def _tiles(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """(d_out, d_in) uint8 -> (d_out, n_tiles, width // 16, 16) int32, columns past d_in holding 0."""
+    d_out, d_in = codes.shape
+    pad = (-d_in) % width
+    c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+    return c.to(torch.int32).reshape(d_out, -1, width // 16, 16)
+
+
+def _pack_q8(codes: torch.Tensor) -> torch.Tensor:  # (d_out, 16 * ceil(d_in / 16))
+    return _tiles(codes, 16).reshape(codes.shape[0], -1).to(torch.uint8)
+
+
+def _pack_q4(codes: torch.Tensor) -> torch.Tensor:  # (d_out, 16 * ceil(d_in / 32)): low nibble col j, high j + 16
+    t = _tiles(codes, 32)  # (d_out, n, 2, 16)
+    return (t[:, :, 0] | (t[:, :, 1] << 4)).reshape(codes.shape[0], -1).to(torch.uint8)
+
+
+def _pack_q2(codes: torch.Tensor) -> torch.Tensor:  # (d_out, 16 * ceil(d_in / 64)): col 16 k + j in bits 2k..2k+1
+    t = _tiles(codes, 64)  # (d_out, n, 4, 16)
+    byte = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)  # (d_out, n, 16)
+    return byte.reshape(codes.shape[0], -1).to(torch.uint8)
+
+
+def _pack_q3(codes: torch.Tensor) -> torch.Tensor:  # (d_out, 48 * ceil(d_in / 128)): 16 little-endian 24-bit lanes
+    t = _tiles(codes, 128)  # (d_out, n, 8, 16)
+    lane = sum(t[:, :, k] << (3 * k) for k in range(8))  # (d_out, n, 16) 24-bit
+    by = torch.stack([lane & 255, (lane >> 8) & 255, (lane >> 16) & 255], dim=-1)  # (d_out, n, 16, 3)
+    return by.reshape(codes.shape[0], -1).to(torch.uint8)
+
+
+CODE_PACKERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    REFERENCE_LAYOUT: lambda c: c.contiguous(),
+    "cpu_q8": _pack_q8, "cpu_q8_i8": _pack_q8, "cpu_q4": _pack_q4, "cpu_q4_i8": _pack_q4,
+    "cpu_q2": _pack_q2, "cpu_q3": _pack_q3,
+}
+HALF_LAYOUTS = ("cpu_q2", "cpu_q3", "cpu_q4", "cpu_q8", "cpu_q4_i8", "cpu_q8_i8")  # may store float16 scale / zero
+
+
+def _fits_half(t: torch.Tensor) -> bool:
+    """Every value 0 or within float16's normal range (the kernels' rule for storing float16 parameters)."""
+    a = t.abs()
+    return bool(((a == 0) | ((a >= 6.103515625e-05) & (a <= 65504.0))).all())
+
+
+def pack_codes(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    layout: str | None = None,
+    strict: bool = False,
+    half_params: bool | None = None,
+) -> PackedWeight:
+    """Pack precomputed codes (of ``(W - B A) diag(s)``) into a named layout without re-quantizing.
+
+    Args:
+        codes: uint8 (d_out, d_in) in [0, 2^bits - 1]; scale, zero: (d_out, n_groups) float32 (the
+            format's ``dequantize(codes, scale, zero)`` is the weight in the scaled domain).
+        spec: the format (bits, group_size, fmt).
+        layout, strict: as for :func:`pack_ttq` (layout None = the best for the codes' device); a layout
+            with no code packer (its kernel's ``pack_codes`` or :data:`CODE_PACKERS`) falls back to ``u8``
+            with one logged line (``ValueError`` with ``strict`` or an explicit layout).
+        half_params: float16 scale / zero for bits <= 4 in the ``cpu_q*`` layouts when every value fits
+            float16's normal range (as :func:`pack_ttq`); None = the option ``half_params``.
+    Returns:
+        a :class:`PackedWeight` whose unpacked codes, scale and zero are the given ones.
+    """
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be a 2-D uint8 tensor (d_out, d_in), got {codes.dtype} {tuple(codes.shape)}")
+    shape = tuple(codes.shape)
+    n = num_groups(shape[1], spec.group_size)
+    if scale.shape != (shape[0], n) or zero.shape != (shape[0], n):
+        raise ValueError(f"scale and zero must be ({shape[0]}, {n}) for codes {shape} at group_size "
+                         f"{spec.group_size}, got {tuple(scale.shape)} and {tuple(zero.shape)}")
+    name = select_layout(spec, shape, codes.device.type, torch.float32, layout, strict)
+    kernel = get_kernel(name, codes.device.type)
+    own = getattr(kernel, "pack_codes", None)
+    if own is not None:
+        return own(codes, scale, zero, spec, half_params)
+    packer = CODE_PACKERS.get(name)
+    if packer is None:
+        if strict or layout is not None:
+            raise ValueError(f"layout {name!r} has no packer for precomputed codes")
+        log_once(f"layout {name!r} has no packer for precomputed codes: packed weights use the reference layout 'u8'")
+        name, packer = REFERENCE_LAYOUT, CODE_PACKERS[REFERENCE_LAYOUT]
+    sc, zr = scale.float().contiguous(), zero.float().contiguous()
+    if name in HALF_LAYOUTS:
+        half = spec.bits <= 4 and (options.current().half_params if half_params is None else bool(half_params))
+        if half and _fits_half(sc) and _fits_half(zr):
+            sc, zr = sc.half(), zr.half()
+    elif half_params:
+        raise ValueError(f"layout {name!r} keeps float32 scale / zero; half_params=True needs a cpu_q* layout")
+    return PackedWeight(name, spec.bits, spec.group_size, shape, packer(codes), sc, zr, getattr(spec, "fmt", "int"))
+
+
+def pack_codes_linear(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    s: torch.Tensor,
+    spec: QuantSpec,
+    bias: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    layout: str | None = None,
+    strict: bool = False,
+    half_params: bool | None = None,
+    decoder: bool = True,
+    reference: bool = False,
+) -> PackedLinear:
+    """:func:`pack_linear` for precomputed codes: :func:`pack_codes`, then the product bound
+    (``y = deq(packed) @ (x / s) + B (A x) + bias``); arguments as for those two functions."""
+    d_out, d_in = codes.shape
+    s = _check_ttq_args(torch.empty(d_out, d_in, device="meta"), s, b, a)
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+    packed = pack_codes(codes, scale, zero, spec, layout, strict, half_params)
+    return _bind(packed, s, bias, b, a, decoder, reference)

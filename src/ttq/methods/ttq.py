@@ -12,8 +12,11 @@ This module is the one copy of that math; every TTQ layer (:class:`ttq.nn.linear
 
 * :func:`ttq_scale` -- ``s`` (d_in,) from activations or a :class:`ChannelStats`;
 * :func:`ttq_quantize` -- codes, scale, zero of ``(W - B A) diag(s)``;
-* :func:`ttq_linear` -- the layer output ``y`` for one sequence;
+* :func:`ttq_linear` -- the layer output ``y`` for one sequence (:func:`codes_linear` of its codes);
 * :func:`ttq_qdq` -- the effective weight ``W_hat`` (d_out, d_in), for analysis and tests.
+
+The on-the-fly refinements (alpha search, clipping search, prompt-aware low rank, test-time GPTQ;
+:mod:`ttq.methods.refine`) produce other codes / ``s`` / factors for the same product, :func:`codes_linear`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from ttq.formats.affine import QuantSpec, dequantize, quantize
 from ttq.methods.lowrank import residual
+from ttq.methods.refine import RefineSpec, TokenStats, refine_quantize
 from ttq.methods.scaling import ChannelStats, ScaleSpec, input_scale
 
 
@@ -72,7 +76,31 @@ def ttq_linear(
         (..., d_out) in x's dtype.
     """
     codes, sc, zero = ttq_quantize(w_res, s, spec, check)
-    w_q = dequantize(codes, sc, zero, spec.group_size, fmt=spec.fmt).to(x.dtype)  # (d_out, d_in)
+    return codes_linear(x, codes, sc, zero, s, spec, b, a, bias)
+
+
+def codes_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    s: torch.Tensor,
+    spec: QuantSpec,
+    b: torch.Tensor | None,
+    a: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = F.linear(x / s, deq(codes)) + (x A^T) B^T + bias``.
+
+    Args:
+        x: (..., d_in) activations (the product runs in x's dtype).
+        codes, scale, zero: uint8 (d_out, d_in), float32 (d_out, n_groups) x2 of ``(W - B A) diag(s)``.
+        s: (d_in,) the scale they were quantized with; spec: the format.
+        b, a: low-rank factors (d_out, r), (r, d_in), or None; bias: (d_out,) or None.
+    Returns:
+        (..., d_out) in x's dtype.
+    """
+    w_q = dequantize(codes, scale, zero, spec.group_size, fmt=spec.fmt).to(x.dtype)  # (d_out, d_in)
     y = F.linear(x / s.to(x.dtype), w_q, bias)
     if b is not None and b.shape[1]:
         y = y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # (..., d_in) -> (..., r) -> (..., d_out)
@@ -86,6 +114,7 @@ def ttq_qdq(
     scale: ScaleSpec,
     b: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
+    refine: RefineSpec | None = None,
 ) -> torch.Tensor:
     """Quantized weight for the activations ``x`` (..., d_in).
 
@@ -94,11 +123,17 @@ def ttq_qdq(
         x: this forward's inputs to the layer; every leading dim is a token.
         spec, scale: format and diagonal-statistic hyper-parameters.
         b, a: optional static low-rank factors (d_out, r), (r, d_in).
+        refine: optional on-the-fly refinements (:func:`ttq.methods.refine.refine_quantize`).
     Returns:
         The effective weight ``B A + Q[(W - B A) diag(s)] diag(s)^-1`` (d_out, d_in) in float32.
     """
-    s = ttq_scale(x, scale)
     lowrank = b is not None and b.shape[1] > 0
+    if refine is not None:
+        stats = ChannelStats.from_activations(x, scale.p)
+        tokens = TokenStats.from_activations(x, refine)
+        fa = (b.float(), a.float()) if lowrank else (None, None)
+        return refine_quantize(w, stats, tokens, spec, scale, refine, *fa).weight(spec)
+    s = ttq_scale(x, scale)
     codes, sc, zero = ttq_quantize(residual(w, b, a) if lowrank else w.float(), s, spec)
     w_hat = dequantize(codes, sc, zero, spec.group_size, fmt=spec.fmt) / s  # (d_out, d_in)
     return w_hat + b @ a if lowrank else w_hat

@@ -17,7 +17,10 @@
     steps from the running statistic of the prompt and the generated tokens.
     Set it on a whole model with :func:`ttq.runtime.set_mode`.
 
-The TTQ math itself is :func:`ttq.methods.ttq.ttq_linear`.  The weight is checked for
+The TTQ math itself is :func:`ttq.methods.ttq.ttq_linear`; with on-the-fly refinements
+(``refine``, :class:`ttq.methods.refine.RefineSpec`) each sequence's (prompt's) codes come from
+:func:`ttq.methods.refine.refine_quantize` and run through :func:`ttq.methods.ttq.codes_linear`
+(prompt mode packs them with :func:`ttq.kernels.api.pack_codes_linear`).  The weight is checked for
 NaN/Inf once, when the layer wraps it, and again only after it changes in place
 (:class:`WeightWatch`), not at every forward.  Both layers keep the original
 ``nn.Linear`` reachable (``.original``) so that :func:`ttq.patch.restore_` can put it back.
@@ -26,13 +29,14 @@ NaN/Inf once, when the layer wraps it, and again only after it changes in place
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn as nn
 
 from ttq.formats.affine import QuantSpec, check_finite, dequantize
 from ttq.methods.lowrank import residual, svd_factors
-from ttq.methods.scaling import ScaleSpec
-from ttq.methods.ttq import ttq_linear, ttq_quantize, ttq_scale
+from ttq.methods.refine import Refined, RefineSpec, TokenStats, refine_quantize
+from ttq.methods.scaling import ChannelStats, ScaleSpec
+from ttq.methods.ttq import codes_linear, ttq_linear, ttq_quantize, ttq_scale
 from ttq.nn.prompt import PromptOptions, PromptState, Weights  # PromptOptions is re-exported here too
 from ttq.patch.tokens import TokenMask, real_tokens
 
@@ -149,10 +153,12 @@ class TTQLinear(nn.Module):
         rank: int = 0,
         mode: str = "per_sequence",
         options: PromptOptions | None = None,
+        refine: RefineSpec | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = original.in_features, original.out_features
         self.spec, self.scale_spec, self.rank = spec, scale, rank
+        self.refine = refine  # on-the-fly refinements (None: plain TTQ)
         self.weight = original.weight  # full precision, kept by design
         self.bias = original.bias
         self.original = original
@@ -178,7 +184,17 @@ class TTQLinear(nn.Module):
 
     token_mask: TokenMask | None = None  # set by quantize_: pad tokens stay out of the statistic
 
+    def refine_for(self, stats: ChannelStats, tokens: TokenStats) -> Refined:
+        """The refined quantization (:func:`ttq.methods.refine.refine_quantize`) for one sequence's statistics."""
+        b, a = (self.lr_b.float(), self.lr_a.float()) if self.rank else (None, None)
+        return refine_quantize(self.weight.detach(), stats, tokens, self.spec, self.scale_spec, self.refine, b, a,
+                               w_res=self.residual_weight())
+
     def _forward_one(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        if self.refine is not None:
+            q = self.refine_for(ChannelStats.from_activations(real, self.scale_spec.p),
+                                TokenStats.from_activations(real, self.refine))
+            return codes_linear(x, q.codes, q.scale, q.zero, q.s, self.spec, q.b, q.a, self.bias)
         s = ttq_scale(real, self.scale_spec)  # (d_in,) from this sequence's real tokens
         return ttq_linear(x, self.residual_weight(), self.lr_b, self.lr_a, s, self.spec, self.bias, check=False)
 
@@ -188,7 +204,8 @@ class TTQLinear(nn.Module):
         if mode not in MODES:
             raise ValueError(f"unknown TTQ runtime mode {mode!r}; allowed: {', '.join(MODES)}")
         self.mode = mode
-        self.prompt = PromptState(self._prompt_weights, self.spec, self.scale_spec, options)
+        refiner = self.refine_for if self.refine is not None else None
+        self.prompt = PromptState(self._prompt_weights, self.spec, self.scale_spec, options, self.refine, refiner)
 
     def reset(self) -> None:
         """Forget the prompt's packed weights and statistics (the next forward re-quantizes)."""
@@ -213,4 +230,5 @@ class TTQLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, bits={s.bits}, group_size={s.group_size}, "
             f"rank={self.rank}, alpha={c.alpha}, lam={c.lam}, p={c.p}, form={c.form}, mode={self.mode}"
+            + (f", refine={self.refine}" if self.refine is not None else "")
         )

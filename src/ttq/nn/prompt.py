@@ -7,6 +7,9 @@ sequence, with a KV cache), as in gpt-fast's ``prefill`` / ``decode_one_token``.
 * :meth:`PromptState.prefill` ``(real)`` -- the statistic of the prompt's real tokens (a batch of
   prompts shares one ``s``) gives ``s``; ``(W - B A) diag(s)`` is packed once and its product bound
   to the kernel (:func:`ttq.kernels.api.pack_linear`: one crossing of the kernel layer);
+  With refinements (:mod:`ttq.methods.refine`) the layer's ``refiner`` chooses the codes (and ``s``,
+  the factors) from the prompt's statistics and they are packed as they are
+  (:func:`ttq.kernels.api.pack_codes_linear`), so prompt mode and per-sequence mode agree on the same tokens;
 * :meth:`PromptState.decode` ``(x)`` -- one token per sequence through the packed weights (the
   kernel's bound one-token product when it has one).  ``refresh_every = N`` adds each step's
   tokens to the running statistic and re-quantizes every N steps.
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ttq.formats.affine import QuantSpec
-from ttq.kernels.api import PackedLinear, PackedWeight, pack_linear
+from ttq.kernels.api import PackedLinear, PackedWeight, pack_codes_linear, pack_linear
+from ttq.methods.refine import Refined, RefineSpec, TokenStats
 from ttq.methods.scaling import ChannelStats, ScaleSpec
 from ttq.methods.ttq import ttq_scale
 from ttq.patch.tokens import TokenMask, real_tokens
@@ -35,6 +39,8 @@ from ttq.patch.tokens import TokenMask, real_tokens
 # (w_res, bias, b, a) of a layer: the weight to pack (W, or the residual W - B A) and the product's other
 # arguments (low-rank factors contiguous float32, or None when r = 0)
 Weights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+# (statistic for s, the refinements' token statistics) -> the layer's refined quantization
+Refiner = Callable[[ChannelStats, TokenStats], Refined]
 
 
 @dataclass(frozen=True)
@@ -73,17 +79,25 @@ class PromptState:
             quantization, so a cached residual or a moved layer is picked up.
         spec, scale: the layer's format and statistic.
         options: :class:`PromptOptions`.
+        refine, refiner: the layer's refinements and the function that applies them (both None: plain TTQ).
 
     State (all of it; :meth:`reset` clears it):
         linear: the current prompt's :class:`ttq.kernels.api.PackedLinear` (None before the first prefill).
         stats: running statistic of the prompt and the decoded tokens (``refresh_every > 0`` only).
+        tokens: the same for the refinements' :class:`ttq.methods.refine.TokenStats` (with a refiner).
+        alpha: the alpha the current prompt's ``s`` was computed with (a refiner's choice; None without one;
+            the refined codes themselves live only in the packed weight).
         steps: decode steps since the last quantization.
         n_quantizations, seconds: quantizations and their wall time since the last reset.
     """
 
     def __init__(self, weights: Callable[[], Weights], spec: QuantSpec, scale: ScaleSpec,
-                 options: PromptOptions | None = None) -> None:
+                 options: PromptOptions | None = None, refine: RefineSpec | None = None,
+                 refiner: Refiner | None = None) -> None:
+        if (refine is None) != (refiner is None):
+            raise ValueError("refine and refiner come together: give both or neither")
         self.weights, self.spec, self.scale = weights, spec, scale
+        self.refine, self.refiner = refine, refiner
         self.options = options or PromptOptions()
         self.reset()
 
@@ -91,6 +105,8 @@ class PromptState:
         """Forget the prompt (the next forward is a prefill) and zero the counters."""
         self.linear: PackedLinear | None = None
         self.stats: ChannelStats | None = None
+        self.tokens: TokenStats | None = None
+        self.alpha: float | None = None
         self.steps = 0
         self.n_quantizations = 0
         self.seconds = 0.0
@@ -122,8 +138,10 @@ class PromptState:
     def prefill(self, real: torch.Tensor) -> None:
         """Quantize for a new prompt from its real tokens ``real`` (..., d_in; every leading dim is a token)."""
         stats = ChannelStats.from_activations(real, self.scale.p)
-        self.stats = stats if self.options.refresh_every else None
-        self._quantize(stats)
+        tokens = TokenStats.from_activations(real, self.refine) if self.refine is not None else None
+        keep = bool(self.options.refresh_every)
+        self.stats, self.tokens = (stats, tokens) if keep else (None, None)
+        self._quantize(stats, tokens)
 
     def decode(self, x: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
         """One decode step: ``x`` (..., d_in) -> (..., d_out) from the packed weights.  With ``refresh_every``
@@ -134,20 +152,32 @@ class PromptState:
         if refresh:  # no bound decoder then: every step passes here
             real = x if mask is None else real_tokens(x, mask.rows(x))
             self.stats = self.stats.merge(ChannelStats.from_activations(real, self.scale.p))
+            if self.refine is not None:
+                self.tokens = self.tokens.merge(TokenStats.from_activations(real, self.refine), self.refine)
             self.steps += 1
             if self.steps >= refresh:
-                self._quantize(self.stats)
+                self._quantize(self.stats, self.tokens)
         return self.linear(x)
 
-    def _quantize(self, stats: ChannelStats) -> None:
-        """Pack ``(W - B A) diag(s)`` for the statistic ``stats`` and bind its product."""
+    def _quantize(self, stats: ChannelStats, tokens: TokenStats | None = None) -> None:
+        """Pack ``(W - B A) diag(s)`` for the statistic ``stats`` and bind its product (with a refiner: the
+        codes it chooses from ``stats`` and ``tokens``, packed as they are)."""
         t0 = time.perf_counter()
-        s = ttq_scale(stats, self.scale)  # (d_in,)
         w_res, bias, b, a = self.weights()
         o = self.options
-        self.linear = pack_linear(w_res, s, self.spec, bias, b, a, layout=o.layout, strict=o.strict,
-                                  out=self.packed, half_params=o.half_params, decoder=not o.refresh_every,
-                                  reference=o.reference)
+        if self.refiner is not None:
+            q = self.refiner(stats, tokens)
+            self.alpha = q.alpha
+            if q.b is not None:  # the product adds the factors back (prompt-aware ones included)
+                b, a = q.b.contiguous(), q.a.contiguous()
+            self.linear = pack_codes_linear(q.codes, q.scale, q.zero, q.s, self.spec, bias, b, a, layout=o.layout,
+                                            strict=o.strict, half_params=o.half_params,
+                                            decoder=not o.refresh_every, reference=o.reference)
+        else:
+            s = ttq_scale(stats, self.scale)  # (d_in,)
+            self.linear = pack_linear(w_res, s, self.spec, bias, b, a, layout=o.layout, strict=o.strict,
+                                      out=self.packed, half_params=o.half_params, decoder=not o.refresh_every,
+                                      reference=o.reference)
         self.steps = 0
         self.n_quantizations += 1
         self.seconds += time.perf_counter() - t0

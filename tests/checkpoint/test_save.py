@@ -23,6 +23,7 @@ from ttq.config import (
 )
 from ttq.errors import ConfigError, OutputExistsError
 from ttq.formats.affine import QuantSpec
+from ttq.methods.refine import RefineSpec
 from ttq.methods.scaling import ScaleSpec
 from ttq.patch.capture import collect_layer_stats
 
@@ -46,6 +47,8 @@ CASES = [
         quant=QuantSpec(bits=2, group_size=16)), "*.layers.0.*": None}),
     ("ttq3", TTQConfig(quant=Q3), None),
     ("ttq3_r4", TTQConfig(quant=Q3, rank=4), None),
+    ("ttq3_r4_refined", TTQConfig(quant=Q3, rank=4, refine=RefineSpec(alpha_grid=(0.25, 0.5), clip_grid=(0.9,),
+                                                                     prompt_lowrank=True)), None),
     ("ttq_mixed_with_rtn", TTQConfig(quant=Q3, rank=2), {"*.mlp.down_proj": RTNConfig(quant=Q4)}),
     ("ttq_lowrank", TTQLowRankConfig(quant=Q3, rank=4, init="alternating", iters=1, factor_quant=Q4), None),
     ("ttq_online", OnlineLowRankTTQConfig(quant=Q3, rank=4, rule="isvd", decay=0.9), None),

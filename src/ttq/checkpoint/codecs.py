@@ -12,7 +12,8 @@ codec           module                     tensors (``weight`` is always 1-D)
                                            input_scale (AWQ / scaled methods), bias
 ``permuted``    PermutedQuantLinear        as ``static`` + weight_perm (GPTQ act-order)
 ``ttq``         TTQLinear                  weight (full precision, flattened), lr_b, lr_a
-                                           (the static rank-r factors; r = 0: none), bias
+                                           (the static rank-r factors; r = 0: none), bias;
+                                           args ``refine`` when on-the-fly refinements are on
 ``ttq_lowrank`` LowRankTTQLinear           weight, lr_b, lr_a (float32), bias
 ``ttq_online``  OnlineLowRankTTQLinear     weight, u0, u, sv (the tracked state), bias
 ``awp_online``  AWPLinear                  weight, bias
@@ -37,6 +38,7 @@ from torch import nn
 from ttq.checkpoint.format import pack_codes, unpack_codes
 from ttq.errors import ConfigError, ModelError
 from ttq.formats.affine import QuantSpec
+from ttq.methods.refine import RefineSpec
 from ttq.methods.scaling import ScaleSpec
 from ttq.nn.awp_linear import AWPLinear
 from ttq.nn.gptq_linear import PermutedQuantLinear
@@ -165,13 +167,16 @@ def _encode_ttq(m: TTQLinear) -> tuple[dict, Tensors]:
         t["lr_b"], t["lr_a"] = m.lr_b, m.lr_a
     args = {**_shape(m), "quant": dataclasses.asdict(m.spec), "scale": dataclasses.asdict(m.scale_spec),
             "rank": m.rank}
+    if m.refine is not None:  # on-the-fly refinements run again at every forward of the loaded model
+        args["refine"] = dataclasses.asdict(m.refine)
     return args, t
 
 
 def _decode_ttq(args: dict, t: Tensors, dtype: torch.dtype) -> TTQLinear:
     where = "ttq layer"
     mod = TTQLinear(_linear(args, t, dtype), parse_spec(QuantSpec, args["quant"], where),
-                    parse_spec(ScaleSpec, args["scale"], where), rank=0)  # rank 0: no SVD, the factors are stored
+                    parse_spec(ScaleSpec, args["scale"], where), rank=0,  # rank 0: no SVD, the factors are stored
+                    refine=parse_spec(RefineSpec, args.get("refine"), where))
     if args["rank"]:
         mod.rank, mod.lr_b, mod.lr_a = args["rank"], t["lr_b"], t["lr_a"]
     return mod
@@ -180,7 +185,7 @@ def _decode_ttq(args: dict, t: Tensors, dtype: torch.dtype) -> TTQLinear:
 def _ttq_config(m: TTQLinear):
     from ttq.quantizers.ttq import TTQConfig
 
-    return TTQConfig(quant=m.spec, scale=m.scale_spec, rank=m.rank)
+    return TTQConfig(quant=m.spec, scale=m.scale_spec, rank=m.rank, refine=m.refine)
 
 
 register_codec(Codec("ttq", TTQLinear, _encode_ttq, _decode_ttq, _ttq_config,

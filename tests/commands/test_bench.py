@@ -217,3 +217,53 @@ def test_bench_cli_load_part(stories_dir, tmp_path, capsys):
         assert r["slowdown"] == pytest.approx(r["busy_s"] / r["quiet_s"])
         assert r["busy_vs_base"] == pytest.approx(r["busy_s"] / rows["fp32"]["busy_s"])
     assert rows["fp32"]["quiet_vs_base"] == 1.0
+
+
+@pytest.fixture()
+def stories_gguf(stories_dir, tmp_path):
+    """stories260K exported to GGUF (RTN 4-bit) by ``ttq export``: a model llama.cpp can run."""
+    out = tmp_path / "stories.gguf"
+    assert main(["export", "--model", str(stories_dir), "--bits", "4", "--format", "gguf", "--out", str(out)]) == 0
+    return out
+
+
+def test_bench_cli_llamacpp_rows(stories_dir, stories_gguf, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "cpp"
+    rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+               "--prompt-tokens", "16", "--new-tokens", "5", "--gguf", str(stories_gguf), "--threads", "1", "--fused",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "decode x llama.cpp" in text and "prefill x llama.cpp" in text
+    gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
+    assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 fused", "llama.cpp stories.gguf"]
+    cpp = gen["llama.cpp stories.gguf"]
+    assert cpp["new_tokens"] == 5 and cpp["prompt_tokens"] == 16 and cpp["threads"] == 1
+    assert cpp["decode_vs_llamacpp"] == pytest.approx(1.0) and cpp["prefill_vs_llamacpp"] == pytest.approx(1.0)
+    for r in gen.values():  # every row as a ratio to llama.cpp and to fp32, from the same run
+        assert r["decode_vs_llamacpp"] == pytest.approx(r["decode_tps"] / cpp["decode_tps"])
+        assert r["prefill_vs_llamacpp"] == pytest.approx(r["prefill_tps"] / cpp["prefill_tps"])
+        assert r["prefill_vs_fp32"] == pytest.approx(r["prefill_tps"] / gen["fp32"]["prefill_tps"])
+    # fusing q/k/v and gate/up changes no token
+    assert gen["ttq 4-bit r=0 fused"]["same_as_reference"] is True and gen["ttq 4-bit r=0 fused"]["same_as_fp32"] == \
+        gen["ttq 4-bit r=0"]["same_as_fp32"]
+
+
+def test_bench_cli_llamacpp_skipped_with_one_line(stories_dir, stories_gguf, tmp_path, capsys, monkeypatch):
+    from ttq.eval import llamacpp
+
+    base = ["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+            "--prompt-tokens", "8", "--new-tokens", "3", "--no-llamacpp"]
+    monkeypatch.setattr(llamacpp, "missing", lambda: "llama.cpp rows skipped: the package llama-cpp-python is not "
+                                                     "installed (pip install llama-cpp-python)")
+    assert main(base[:-1] + ["--gguf", str(stories_gguf), "--out", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("llama.cpp rows skipped: the package llama-cpp-python is not installed") == 1
+    gen = json.loads((tmp_path / "a.json").read_text())["generation"]
+    assert [r["config"] for r in gen] == ["fp32", "bf16", "ttq 4-bit r=0"]
+    assert all(r["decode_vs_llamacpp"] is None for r in gen)
+    assert main(base[:-1]) == 0  # a Hugging Face folder has no GGUF file: one line says so
+    assert "is not a GGUF model (pass --gguf PATH" in capsys.readouterr().out
+    assert main(base) == 0  # --no-llamacpp: not a word about it
+    assert "llama.cpp" not in capsys.readouterr().out.split("## (c)")[0]

@@ -106,6 +106,12 @@ def add_parser(sub) -> None:
                    help="part c: extra rows for the widest TTQ config decoding through these layouts (e.g. cpu_q4_i8)")
     p.add_argument("--half-params", action="store_true",
                    help="part c: float16 scale/zero for bits <= 4 in prompt mode (default: TTQ_HALF_PARAMS, off)")
+    p.add_argument("--gguf", default=None, metavar="PATH",
+                   help="part c: also time this GGUF file through llama.cpp (llama-cpp-python) on the same prompt ids, "
+                        "token count and threads (default: --model's own GGUF file, e.g. SmolLM2's Q4_1)")
+    p.add_argument("--no-llamacpp", action="store_true", help="part c: no llama.cpp row")
+    p.add_argument("--fused", action="store_true",
+                   help="part c: also time each TTQ row with q/k/v and gate/up as one packed product each")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     add_out_args(p, None, ".md and .json")
     p.set_defaults(func=run)
@@ -154,6 +160,23 @@ def _load_model(args):
             raise ConfigError(f"part {part}: {what} = {n} exceeds the model's context of {ctx} tokens "
                               f"(max_position_embeddings of {name}); ask for at most {ctx}")
     return model, tok, name
+
+
+def _llamacpp_gguf(args) -> tuple[str | None, str | None]:
+    """(GGUF file for part c's llama.cpp row, None) or (None, the one line saying why there is no such row)."""
+    from ttq.eval import llamacpp
+
+    if args.no_llamacpp:
+        return None, None
+    if args.synthetic is not None and args.gguf is None:
+        return None, "llama.cpp rows skipped: a synthetic model has no GGUF file (pass --gguf to time one anyway)"
+    gguf = args.gguf or llamacpp.default_gguf(args.model, args.gguf_file)
+    if gguf is None:
+        return None, f"llama.cpp rows skipped: {args.model} is not a GGUF model (pass --gguf PATH of the same model)"
+    if not os.path.isfile(gguf):
+        raise ConfigError(f"--gguf {gguf}: no such file")
+    why = llamacpp.missing()
+    return (None, why) if why else (str(gguf), None)
 
 
 def _default(value, quick: bool, full, small):
@@ -213,11 +236,14 @@ def run(args) -> int:
             ("fp32_ms", "fp32 ms", ".4f"), ("bf16_ms", "bf16 ms", ".4f"), ("speedup_fp32", "x fp32", ".2f"),
             ("speedup_bf16", "x bf16", ".2f"), ("mbytes", "packed MB", ".2f")]))
     if "c" in args.parts:
+        gguf, why = _llamacpp_gguf(args)
+        if why:
+            emit(why)
         rows = bench.bench_generation(
             model, tok, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, bits=bits, ranks=ranks,
             group_size=args.group_size[0], repeats=_default(rep, quick, 3, 1), stat=args.stat,
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
-            half_params=True if args.half_params else None)
+            half_params=True if args.half_params else None, gguf=gguf, fused=args.fused)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]
@@ -226,7 +252,8 @@ def run(args) -> int:
             ("config", "config", ""), ("prompt_tokens", "prompt", "d"), ("new_tokens", "new", "d"),
             ("prefill_tps", "prefill tok/s", ".1f"), ("decode_tps", "decode tok/s", ".2f"),
             ("decode_vs_fp32", "decode x fp32", ".2f"), ("decode_vs_bf16", "decode x bf16", ".2f"),
-            ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
+            ("decode_vs_llamacpp", "decode x llama.cpp", ".2f"), ("prefill_vs_fp32", "prefill x fp32", ".2f"),
+            ("prefill_vs_llamacpp", "prefill x llama.cpp", ".2f"), ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
             ("peak_rss_mb", "peak RSS MB", ".0f"), ("same_as_fp32", "same tokens as fp32", ""),
             ("same_as_reference", "same tokens as reference path", "")]))
     if "load" in args.parts:

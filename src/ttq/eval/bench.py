@@ -358,6 +358,8 @@ def bench_generation(
     head_bits: int = 0,
     layouts: tuple[str, ...] = (),
     half_params: bool | None = None,
+    gguf=None,
+    fused: bool = False,
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -365,7 +367,12 @@ def bench_generation(
     ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
     ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`);
     ``layouts`` adds rows decoding through those packed layouts (e.g. the opt-in ``cpu_q4_i8``);
-    ``half_params`` is passed to :func:`ttq.runtime.set_mode` (float16 scale / zero).
+    ``half_params`` is passed to :func:`ttq.runtime.set_mode` (float16 scale / zero);
+    ``fused`` adds, per TTQ row, one whose q/k/v and gate/up products run as one packed product each
+    (:func:`ttq.nn.fused.fuse_shared_inputs`, label suffix `` fused``).
+    ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
+    (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
+    and ``prefill_vs_llamacpp`` (None without it).
     """
     import ttq
     from ttq import runtime
@@ -375,7 +382,10 @@ def bench_generation(
                           f"got {new_tokens}")
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    for label, kind, b, r, lay in generation_configs(bits, ranks, head_bits, layouts):
+    configs = [(*c, False) for c in generation_configs(bits, ranks, head_bits, layouts)]  # (..., fused)
+    if fused:  # each quantized row, then the same with shared-input products fused
+        configs = [x for c in configs for x in ([c] if c[1] in ("fp32", "bf16") else [c, (f"{c[0]} fused", *c[1:5], True)])]
+    for label, kind, b, r, lay, fuse in configs:
         gc.collect()
         reset_peak_rss()
         if kind == "fp32":
@@ -389,6 +399,10 @@ def bench_generation(
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
                                          layout=_head_layout(lay, head_bits, group_size, m))
+            if fuse:
+                from ttq.nn.fused import fuse_shared_inputs
+
+                fuse_shared_inputs(m)
         quantized = kind not in ("fp32", "bf16")
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
         runs, quant = [], []
@@ -413,11 +427,22 @@ def bench_generation(
         rows.append(row)
         if m is not model:
             del m
+    cpp = None
+    if gguf is not None:
+        from ttq.eval.llamacpp import bench_llamacpp
+
+        gc.collect()
+        reset_peak_rss()
+        cpp = bench_llamacpp(gguf, ids, new_tokens, torch.get_num_threads(), repeats, stat)
+        cpp["peak_rss_mb"] = peak_rss_mb()
+        rows.append(cpp)
     base = {r["config"]: r for r in rows}
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tps"] / base["fp32"]["decode_tps"]
         r["decode_vs_bf16"] = r["decode_tps"] / base["bf16"]["decode_tps"]
         r["prefill_vs_fp32"] = r["prefill_tps"] / base["fp32"]["prefill_tps"]
+        r["decode_vs_llamacpp"] = r["decode_tps"] / cpp["decode_tps"] if cpp else None
+        r["prefill_vs_llamacpp"] = r["prefill_tps"] / cpp["prefill_tps"] if cpp else None
     return rows
 
 

@@ -1,0 +1,110 @@
+"""llama.cpp as a baseline of ``ttq bench --parts c`` (the optional package ``llama-cpp-python``).
+
+:func:`bench_llamacpp` times greedy generation of a GGUF file through llama.cpp exactly as
+:func:`ttq.eval.bench.bench_generation` times a PyTorch model: the same prompt token ids (fed as ids,
+not re-tokenized), the same number of new tokens, the given thread count for both prompt and decode,
+prefill = up to the first new token, decode = the remaining ``new_tokens - 1`` steps, the ``stat`` of
+``repeats`` runs after one warm-up.  Greedy = the argmax of each step's logits (no sampler chain),
+read straight from the context's logits buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llama-cpp-python"  # pip name of the optional dependency (import name llama_cpp); extra "export"
+
+
+def missing() -> str | None:
+    """None when llama.cpp's Python binding imports, else one line saying what to install."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return f"llama.cpp rows skipped: the package {PACKAGE} is not installed (pip install {PACKAGE}; {e})"
+    return None
+
+
+def default_gguf(model_name: str, gguf_file: str | None) -> Path | None:
+    """The GGUF file that ``ttq.models.load_model(model_name, gguf_file)`` loads, or None (a Hugging Face model).
+
+    Named models (``smollm2-135m``: SmolLM2's own Q4_1 file) are fetched if needed."""
+    from ttq.models import NAMED_MODELS, fetch_named
+
+    if model_name in NAMED_MODELS:
+        return fetch_named(model_name) / (gguf_file or NAMED_MODELS[model_name].gguf)
+    path = Path(model_name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if gguf_file:
+            return path / gguf_file
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1 and not (path / "config.json").is_file():
+            return found[0]
+    return None
+
+
+def load(gguf: str | Path, threads: int, n_ctx: int, n_batch: int = 512):
+    """A ``llama_cpp.Llama`` of ``gguf`` on the CPU with ``threads`` threads for prompt and decode."""
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                           n_threads_batch=threads, n_gpu_layers=0, logits_all=False, verbose=False)
+
+
+def greedy_generate(llm, ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """Greedy generation of ``new_tokens`` tokens after ``ids`` (KV cache reset first).
+
+    Returns:
+        (prefill seconds up to the first new token, decode seconds of the other ``new_tokens - 1``, new ids).
+    """
+    import numpy as np
+
+    n_vocab = llm.n_vocab()
+
+    def next_token() -> int:
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))  # the last evaluated token's
+        return int(logits.argmax())
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    out = [next_token()]
+    t_first = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval(out[-1:])
+        out.append(next_token())
+    return t_first - t0, time.perf_counter() - t_first, out
+
+
+def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, threads: int, repeats: int = 3,
+                   stat: str = "median") -> dict:
+    """One part (c) row of llama.cpp on ``gguf`` (same keys as :func:`ttq.eval.bench.bench_generation`'s rows).
+
+    Args:
+        gguf: the GGUF file; input_ids: (1, T) prompt ids; new_tokens: at least 2; threads: llama.cpp's threads;
+        repeats, stat: timed runs after one warm-up and their statistic (``"median"`` or ``"min"``).
+    Returns:
+        a dict with ``config``, prefill / decode seconds and tokens/s, ``output_ids`` (1, T + new_tokens).
+    """
+    from ttq.eval.bench import STATS
+
+    prompt = [int(t) for t in input_ids[0]]
+    llm = load(gguf, threads, n_ctx=len(prompt) + new_tokens + 8)
+    try:
+        greedy_generate(llm, prompt[:16], 4)  # warm-up
+        runs = [greedy_generate(llm, prompt, new_tokens) for _ in range(repeats)]
+    finally:
+        llm.close()
+    pre, dec = STATS[stat]([r[0] for r in runs]), STATS[stat]([r[1] for r in runs])
+    out = torch.tensor([prompt + runs[0][2]], dtype=input_ids.dtype)
+    return dict(config=f"llama.cpp {Path(gguf).name}", prompt_tokens=len(prompt), new_tokens=new_tokens,
+                prefill_s=pre, decode_s=dec, prefill_tps=len(prompt) / pre,
+                decode_tps=(new_tokens - 1) / dec if dec > 0 else float("nan"), quant_s=None, peak_rss_mb=None,
+                output_ids=out, same_as_reference=None, quant_over_prefill=None, threads=threads)

@@ -342,3 +342,63 @@ def test_per_sequence_batch_rows_independent(stories_model):
         both = stories_model(ids).logits
         one = stories_model(ids[1:]).logits
     assert torch.allclose(both[1:], one, atol=1e-5)
+
+
+# ---------------------------------------------------------------- HQQ inside TTQ
+
+
+@pytest.mark.parametrize("kwargs", [{"hqq": True, "gptq": True}, {"hqq": True, "clip_grid": (0.9,)}])
+def test_hqq_excludes_the_other_code_choosers(kwargs):
+    with pytest.raises(ConfigError, match="hqq excludes gptq and clip_grid"):
+        RefineSpec(**kwargs)
+
+
+@pytest.mark.parametrize("quant", [QuantSpec(bits=4, group_size=32, fmt="nf4"), QuantSpec(bits=7, group_size=32),
+                                   QuantSpec(bits=4, group_size=32, symmetric=True)])
+def test_hqq_refuses_formats_it_does_not_produce(quant):
+    pytest.importorskip("hqq")
+    with pytest.raises(ConfigError, match="hqq produces the asymmetric integer format"):
+        ttq.TTQConfig(quant=quant, refine=RefineSpec(hqq=True))
+
+
+def test_hqq_without_the_package_is_refused_at_config_time(monkeypatch):
+    import builtins
+
+    from ttq.errors import MissingDependency
+
+    real_import = builtins.__import__
+
+    def no_hqq(name, *args, **kwargs):
+        if name.startswith("hqq"):
+            raise ImportError("No module named 'hqq'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_hqq)
+    with pytest.raises(MissingDependency, match=r"ttq\[hqq\]"):
+        ttq.TTQConfig(quant=QuantSpec(bits=3, group_size=32), refine=RefineSpec(hqq=True))
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_hqq_inside_ttq_is_hqq_on_the_scaled_weight(rank):
+    pytest.importorskip("hqq")
+    from ttq.methods.hqq import hqq_quantize
+    from ttq.methods.refine import refine_quantize
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g)
+    x = torch.randn(40, 64, generator=g) * torch.linspace(0.1, 4.0, 64)  # (T, d_in), uneven channels
+    spec, scale = QuantSpec(bits=3, group_size=32), ScaleSpec()
+    refine = RefineSpec(hqq=True)
+    stats = ChannelStats.from_activations(x, scale.p)
+    b, a = svd_factors(w, rank)
+    got = refine_quantize(w, stats, TokenStats.from_activations(x, refine), spec, scale, refine,
+                          b if rank else None, a if rank else None)
+    s = input_scale(stats, scale)
+    w_res = w - b @ a if rank else w
+    codes, sc, z = hqq_quantize(w_res * s, spec)
+    assert torch.equal(got.codes, codes) and torch.allclose(got.scale, sc) and torch.allclose(got.zero, z)
+    # HQQ lowers its own objective (the l_p error, p = 0.7) on the scaled weight below plain TTQ's round-to-nearest
+    plain = refine_quantize(w, stats, TokenStats.from_activations(x, RefineSpec()), spec, scale, RefineSpec(),
+                            b if rank else None, a if rank else None)
+    lp = lambda r: ((r.weight(spec) - w) * s).abs().pow(0.7).sum().item()  # noqa: E731
+    assert lp(got) < lp(plain)

@@ -24,12 +24,14 @@ refinement          what it chooses (per layer, per sequence)
 ``gptq``            GPTQ's error feedback (:func:`ttq.methods.gptq.gptq_quantize`) with the
                     sequence's own ``H = 2 X X^T / T``, damped, on ``(W - B A) diag(s)``,
                     :func:`gptq_codes`
+``hqq``             HQQ's half-quadratic optimisation of each group's zero-point (the ``hqq``
+                    package, :func:`ttq.methods.hqq.hqq_quantize`) on ``(W - B A) diag(s)``: its
+                    l_p error is measured on the scaled weight, so ``s`` makes it activation-aware
 ==================  ========================================================================
 
 They compose in this order (:func:`refine_quantize`): the low-rank part (at the config's alpha),
 then the alpha search on its residual, then either the clipping search or GPTQ at the chosen
-``s``.  ``clip_grid`` and ``gptq`` exclude each other (GPTQ takes each group's range from the
-weights it has already updated).  Every search returns plain data (the chosen alpha, the
+``s``, or HQQ.  ``clip_grid``, ``gptq`` and ``hqq`` exclude each other (each chooses the codes).  Every search returns plain data (the chosen alpha, the
 per-group ``beta``, the candidates' errors) and a separate step applies it.
 
 A sequence of one token is valid for every refinement: ``h`` and the sample are that token, and
@@ -67,6 +69,7 @@ class RefineSpec:
         clip_grid: candidate range shrinks ``beta`` in (0, 1] (1 is always tried); None = no clipping.
         prompt_lowrank: the rank-r part from ``W diag(s)`` of this sequence (needs rank > 0).
         gptq: GPTQ error feedback with this sequence's ``X X^T``.
+        hqq: HQQ's zero-point optimiser on the scaled weight (``pip install 'ttq[hqq]'``).
         damp: GPTQ's relative damping (0, 1].
         score: ``"diag"`` or ``"exact"`` (module docstring) for the alpha and clipping searches.
         score_tokens: tokens in the ``"exact"`` score's sample (>= 1).
@@ -82,6 +85,7 @@ class RefineSpec:
     score: str = "diag"
     score_tokens: int = 64
     svd_exact: bool | None = False
+    hqq: bool = False
 
     def __post_init__(self) -> None:
         from ttq.typecheck import check_types
@@ -104,6 +108,8 @@ class RefineSpec:
         if self.gptq and self.clip_grid is not None:
             raise ConfigError("refine: clip_grid and gptq exclude each other (GPTQ takes each group's range from "
                               "the weights it has already updated); choose one")
+        if self.hqq and (self.gptq or self.clip_grid is not None):
+            raise ConfigError("refine: hqq excludes gptq and clip_grid (each of them chooses the codes); choose one")
 
     @property
     def needs_gram(self) -> bool:
@@ -133,6 +139,14 @@ def check_refine(refine: RefineSpec | None, spec: QuantSpec, rank: int) -> None:
                           f"{spec.fmt!r} has no zero point / its scales are constrained; use fmt='int' or drop clip_grid")
     if refine.prompt_lowrank and rank == 0:
         raise ConfigError("refine: prompt_lowrank replaces the rank-r SVD part, so it needs rank > 0")
+    if refine.hqq:
+        from ttq.methods.hqq import HQQ_BITS, hqq_quantizer
+
+        if spec.fmt != "int" or spec.symmetric or spec.nu != 1.0 or spec.bits not in HQQ_BITS:
+            raise ConfigError(f"refine: hqq produces the asymmetric integer format at {', '.join(map(str, HQQ_BITS))} "
+                              f"bits (fmt='int', symmetric=False, nu=1); got fmt={spec.fmt!r}, bits={spec.bits}, "
+                              f"symmetric={spec.symmetric}, nu={spec.nu}")
+        hqq_quantizer()  # MissingDependency now, not at the first forward
 
 
 # ---------------------------------------------------------------- the sequence's statistics
@@ -387,6 +401,10 @@ def refine_quantize(
     beta = None
     if refine.gptq:
         codes, sc, z = gptq_codes(w_res, s, tokens, spec, refine.damp)
+    elif refine.hqq:
+        from ttq.methods.hqq import hqq_quantize
+
+        codes, sc, z = hqq_quantize(w_res * s, spec)  # (d_out, d_in) scaled weight
     elif refine.clip_grid is not None:
         v = w_res * s  # (d_out, d_in)
         beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)

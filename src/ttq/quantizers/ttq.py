@@ -56,6 +56,7 @@ ROW_REFINES = {  # CLI row name -> (label, refinements)
     "ttq_clip": ("TTQ+clip", RefineSpec(clip_grid=CLIP_GRID)),
     "ttq_svd": ("TTQ+prompt-SVD", RefineSpec(prompt_lowrank=True)),
     "ttq_gptq": ("TTQ+GPTQ", RefineSpec(gptq=True)),
+    "ttq_hqq": ("TTQ+HQQ", RefineSpec(hqq=True)),
     "ttq_plus": ("TTQ+alpha+clip+prompt-SVD", RefineSpec(alpha_grid=ALPHA_GRID, clip_grid=CLIP_GRID,
                                                           prompt_lowrank=True)),
 }

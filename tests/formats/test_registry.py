@@ -120,7 +120,7 @@ def test_registered_names_are_refused_twice(table) -> None:
         lambda: dequantize(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(2, 1), torch.zeros(2, 1), 4, fmt="bogus"),
     ],
 )
-def test_unknown_format_is_a_config_error_listing_the_names(call) -> None:
+def test_unknown_format_is_a_config_error_listing_the_names(table, call) -> None:
     with pytest.raises(ConfigError, match=r"unknown quantization format '\w+'; allowed: int, nf4, fp4, nvfp4, mxfp4$"):
         call()
 

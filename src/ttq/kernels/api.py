@@ -287,24 +287,37 @@ def select_layout(
     return REFERENCE_LAYOUT
 
 
-def _check_ttq_args(
-    w: torch.Tensor, s: torch.Tensor | None, b: torch.Tensor | None, a: torch.Tensor | None
-) -> torch.Tensor:
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {w.dtype}")
-    d_out, d_in = w.shape
-    if s is None:
-        s = torch.ones(d_in, dtype=torch.float32, device=w.device)
-    if s.shape != (d_in,):
-        raise ValueError(f"scale s has shape {tuple(s.shape)}, expected ({d_in},) for weight {tuple(w.shape)}")
+def _check_product_args(
+    shape: tuple[int, int], s: torch.Tensor | None, b: torch.Tensor | None, a: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> None:
+    """The product's arguments fit a weight of ``shape`` (d_out, d_in): ``s`` (d_in,), the factor pair, ``bias``."""
+    d_out, d_in = shape
+    if s is None or s.shape != (d_in,):
+        got = None if s is None else tuple(s.shape)
+        raise ValueError(f"scale s has shape {got}, expected ({d_in},) for weight {tuple(shape)}")
     if (b is None) != (a is None):
         raise ValueError("low-rank factors come in pairs: give both b (d_out, r) and a (r, d_in) or neither")
     if b is not None and (b.dim() != 2 or a.dim() != 2 or b.shape[0] != d_out or a.shape[1] != d_in
                           or b.shape[1] != a.shape[0]):
         raise ValueError(f"low-rank factors must be b (d_out={d_out}, r) and a (r, d_in={d_in}), "
                          f"got {tuple(b.shape)} and {tuple(a.shape)}")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+
+
+def _check_ttq_args(
+    w: torch.Tensor, s: torch.Tensor | None, b: torch.Tensor | None, a: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Check a weight and its product's arguments; ``s`` as float32 (ones when None)."""
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (d_out, d_in), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {w.dtype}")
+    if s is None:
+        s = torch.ones(w.shape[1], dtype=torch.float32, device=w.device)
+    _check_product_args(tuple(w.shape), s, b, a, bias)
     return s.float()
 
 
@@ -457,9 +470,7 @@ def pack_linear(
     Returns:
         a :class:`PackedLinear`.
     """
-    s = _check_ttq_args(w_res, s, b, a)
-    if bias is not None and bias.shape != (w_res.shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({w_res.shape[0]},)")
+    s = _check_ttq_args(w_res, s, b, a, bias)
     packed, kernel = _pack(w_res, s, spec, None, None, layout, strict, out, half_params)
     return _bind(packed, s, bias, b, a, decoder, reference, kernel)
 
@@ -620,9 +631,6 @@ def pack_codes_linear(
 ) -> PackedLinear:
     """:func:`pack_linear` for precomputed codes: :func:`pack_codes`, then the product bound
     (``y = deq(packed) @ (x / s) + B (A x) + bias``); arguments as for those two functions."""
-    d_out, d_in = codes.shape
-    s = _check_ttq_args(torch.empty(d_out, d_in, device="meta"), s, b, a)
-    if bias is not None and bias.shape != (d_out,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({d_out},)")
+    _check_product_args(tuple(codes.shape), s, b, a, bias)
     packed = pack_codes(codes, scale, zero, spec, layout, strict, half_params)
-    return _bind(packed, s, bias, b, a, decoder, reference)
+    return _bind(packed, s.float(), bias, b, a, decoder, reference)

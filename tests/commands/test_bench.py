@@ -267,3 +267,16 @@ def test_bench_cli_llamacpp_skipped_with_one_line(stories_dir, stories_gguf, tmp
     assert "is not a GGUF model (pass --gguf PATH" in capsys.readouterr().out
     assert main(base) == 0  # --no-llamacpp: not a word about it
     assert "llama.cpp" not in capsys.readouterr().out.split("## (c)")[0]
+
+
+def test_bench_cli_missing_gguf_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from ttq import models
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --gguf was checked")
+
+    monkeypatch.setattr(models, "load_model", never)
+    rc = main(["bench", "--parts", "c", "--gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "x")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--gguf {tmp_path / 'nope.gguf'}: no such file" in err and "path of a .gguf file" in err

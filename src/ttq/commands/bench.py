@@ -173,8 +173,8 @@ def _llamacpp_gguf(args) -> tuple[str | None, str | None]:
     gguf = args.gguf or llamacpp.default_gguf(args.model, args.gguf_file)
     if gguf is None:
         return None, f"llama.cpp rows skipped: {args.model} is not a GGUF model (pass --gguf PATH of the same model)"
-    if not os.path.isfile(gguf):
-        raise ConfigError(f"--gguf {gguf}: no such file")
+    if not os.path.isfile(gguf):  # the model's own file (an explicit --gguf was checked before loading)
+        raise ConfigError(f"the GGUF file {gguf} of {args.model} is missing; pass --gguf PATH or --no-llamacpp")
     why = llamacpp.missing()
     return (None, why) if why else (str(gguf), None)
 
@@ -195,6 +195,8 @@ def run(args) -> int:
         raise ConfigError(f"unknown bench part(s) {bad or args.parts}; allowed: {', '.join(PARTS)}")
     if args.out:
         check_outputs(args.out, OUT_SUFFIXES, args.overwrite)  # a taken or unwritable --out fails now, not after the run
+    if args.gguf is not None and not os.path.isfile(args.gguf):  # now, not after the model and parts a / b
+        raise ConfigError(f"--gguf {args.gguf}: no such file (give the path of a .gguf file of the same model)")
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick

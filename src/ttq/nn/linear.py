@@ -29,8 +29,8 @@ NaN/Inf once, when the layer wraps it, and again only after it changes in place
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ttq.formats.affine import QuantSpec, check_finite, dequantize
 from ttq.methods.lowrank import residual, svd_factors

@@ -113,3 +113,22 @@ def test_generate_refuses_empty_or_too_long_prompts(stories_dir, capsys, prompt,
     rc = main(["generate", "--model", str(stories_dir), "--prompt", prompt, "--max-new-tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and "Traceback" not in err
+
+
+def test_without_hqq_the_parser_builds_and_ttq_hqq_says_what_to_install(stories_dir, capsys, monkeypatch):
+    """CI has no hqq: building the CLI parser must not need it (listing --method choices built
+    every row, and TTQ+HQQ's row refused without the package), and choosing ttq_hqq names the extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hqq", None)  # `import hqq...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "hqq.core", None)
+    monkeypatch.setitem(sys.modules, "hqq.core.quantize", None)
+    parser = build_parser()
+    choices = next(a.choices for sp in parser._subparsers._group_actions for name, p in sp.choices.items()
+                   if name == "generate" for a in p._actions if a.dest == "method")
+    assert "ttq_hqq" in choices and "ttq" in choices
+    rc = main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "2",
+               "--method", "ttq_hqq", "--bits", "4"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "pip install 'ttq[hqq]'" in err and "Traceback" not in err

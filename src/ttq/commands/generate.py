@@ -24,14 +24,26 @@ logger = logging.getLogger(__name__)
 
 def generation_methods() -> tuple[str, ...]:
     """``fp`` and every registered method that needs no calibration data (its table rows without
-    calibration sets are not empty), read from :mod:`ttq.registry`."""
+    calibration sets are not empty), read from :mod:`ttq.registry`.
+
+    A method whose optional package is missing is still listed: choosing it then says which
+    extra to install (``MissingDependency``), instead of ``--help`` failing for every method.
+    """
     import ttq.config  # noqa: F401  (registers the built-in methods)
+    from ttq.errors import MissingDependency
     from ttq.formats.affine import QuantSpec
     from ttq.methods.scaling import ScaleSpec
     from ttq.registry import RowOptions, row_names, table_rows
 
     options = RowOptions(QuantSpec(), ScaleSpec(), (0,), ())
-    return ("fp", *[n for n in row_names() if table_rows(n, options)])
+
+    def listed(name: str) -> bool:
+        try:
+            return bool(table_rows(name, options))
+        except MissingDependency:
+            return True
+
+    return ("fp", *[n for n in row_names() if listed(n)])
 
 
 def add_parser(sub) -> None:

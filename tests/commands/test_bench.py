@@ -280,3 +280,25 @@ def test_bench_cli_missing_gguf_is_refused_before_loading(tmp_path, capsys, monk
     assert rc == 2
     err = capsys.readouterr().err
     assert f"--gguf {tmp_path / 'nope.gguf'}: no such file" in err and "path of a .gguf file" in err
+
+
+def test_bench_cli_compiled_rows(stories_dir, tmp_path, capsys):
+    """--compile adds a compiled twin of every row but bf16, with its warm-up time; compiled decoding gives the
+    eager row's tokens (fused products included) and the reference path's."""
+    out = tmp_path / "comp"
+    rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+               "--prompt-tokens", "16", "--new-tokens", "6", "--fused", "--compile", "--no-llamacpp",
+               "--out", str(out)])
+    assert rc == 0
+    assert "compile s (warm-up)" in capsys.readouterr().out
+    gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
+    assert list(gen) == ["fp32", "fp32 compiled", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 compiled",
+                         "ttq 4-bit r=0 fused", "ttq 4-bit r=0 fused compiled"]
+    for name in ("fp32", "ttq 4-bit r=0", "ttq 4-bit r=0 fused"):
+        twin = gen[f"{name} compiled"]
+        assert twin["compile_note"] is None and twin["compile_s"] > 0, twin["compile_note"]
+        assert twin["same_as_fp32"] == gen[name]["same_as_fp32"] and twin["new_tokens"] == 6
+        assert gen[name]["compile_s"] is None
+    assert gen["fp32 compiled"]["same_as_fp32"] is True
+    assert gen["ttq 4-bit r=0 compiled"]["same_as_reference"] is True
+    assert gen["ttq 4-bit r=0 fused compiled"]["same_as_reference"] is True

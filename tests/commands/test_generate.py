@@ -132,3 +132,25 @@ def test_without_hqq_the_parser_builds_and_ttq_hqq_says_what_to_install(stories_
     err = capsys.readouterr().err
     assert rc != 0
     assert "pip install 'ttq[hqq]'" in err and "Traceback" not in err
+
+
+def test_generate_compile_prints_the_eager_text(stories_dir, capsys):
+    args = ["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "10",
+            "--bits", "4"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    fast = capsys.readouterr().out
+    assert "compiled decode (warm-up" in fast
+    assert fast.split("\n[")[0] == eager.split("\n[")[0]  # the same streamed text
+
+
+def test_generate_compile_falls_back_with_refresh(stories_dir, capsys, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        rc = main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "4",
+                   "--refresh-every", "2", "--compile"])
+    assert rc == 0
+    assert "eager decode (could not compile)" in capsys.readouterr().out
+    assert any("refresh_every" in r.getMessage() for r in caplog.records if r.name == "ttq.compiled")

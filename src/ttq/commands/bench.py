@@ -112,6 +112,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-llamacpp", action="store_true", help="part c: no llama.cpp row")
     p.add_argument("--fused", action="store_true",
                    help="part c: also time each TTQ row with q/k/v and gate/up as one packed product each")
+    p.add_argument("--compile", action="store_true",
+                   help="part c: also time each row (but bf16) with its decode step compiled (torch.compile over a "
+                        "static KV cache; compile time reported, paid once and cached on disk)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     add_out_args(p, None, ".md and .json")
     p.set_defaults(func=run)
@@ -245,7 +248,8 @@ def run(args) -> int:
             model, tok, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, bits=bits, ranks=ranks,
             group_size=args.group_size[0], repeats=_default(rep, quick, 3, 1), stat=args.stat,
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
-            half_params=True if args.half_params else None, gguf=gguf, fused=args.fused)
+            half_params=True if args.half_params else None, gguf=gguf, fused=args.fused,
+            compiled=args.compile)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]
@@ -257,7 +261,8 @@ def run(args) -> int:
             ("decode_vs_llamacpp", "decode x llama.cpp", ".2f"), ("prefill_vs_fp32", "prefill x fp32", ".2f"),
             ("prefill_vs_llamacpp", "prefill x llama.cpp", ".2f"), ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
             ("peak_rss_mb", "peak RSS MB", ".0f"), ("same_as_fp32", "same tokens as fp32", ""),
-            ("same_as_reference", "same tokens as reference path", "")]))
+            ("same_as_reference", "same tokens as reference path", "")]
+            + ([("compile_s", "compile s (warm-up)", ".1f"), ("compile_note", "eager because", "")] if args.compile else [])))
     if "load" in args.parts:
         rows = bench.bench_load(model, tok, tokens=args.prompt_tokens, bits=LOAD_BITS, group_size=args.group_size[0],
                                 repeats=_default(rep, quick, 3, 1), stat=args.stat, busy=args.busy)

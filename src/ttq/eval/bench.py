@@ -360,6 +360,7 @@ def bench_generation(
     half_params: bool | None = None,
     gguf=None,
     fused: bool = False,
+    compiled: bool = False,
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -370,6 +371,9 @@ def bench_generation(
     ``half_params`` is passed to :func:`ttq.runtime.set_mode` (float16 scale / zero);
     ``fused`` adds, per TTQ row, one whose q/k/v and gate/up products run as one packed product each
     (:func:`ttq.nn.fused.fuse_shared_inputs`, label suffix `` fused``).
+    ``compiled`` adds, per row but bf16, one whose decode steps run as one compiled graph
+    (:mod:`ttq.compiled`, label suffix `` compiled``; ``compile_s`` is its warm-up, compilation
+    included; a row that fell back to eager decoding says why in ``compile_note``).
     ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
     (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
     and ``prefill_vs_llamacpp`` (None without it).
@@ -382,14 +386,17 @@ def bench_generation(
                           f"got {new_tokens}")
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    configs = [(*c, False) for c in generation_configs(bits, ranks, head_bits, layouts)]  # (..., fused)
+    configs = [(*c, False, False) for c in generation_configs(bits, ranks, head_bits, layouts)]  # (..., fused, compiled)
     if fused:  # each quantized row, then the same with shared-input products fused
-        configs = [x for c in configs for x in ([c] if c[1] in ("fp32", "bf16") else [c, (f"{c[0]} fused", *c[1:5], True)])]
-    for label, kind, b, r, lay, fuse in configs:
+        configs = [x for c in configs
+                   for x in ([c] if c[1] in ("fp32", "bf16") else [c, (f"{c[0]} fused", *c[1:5], True, False)])]
+    if compiled:  # each row but bf16, then the same with a compiled decode step
+        configs = [x for c in configs for x in ([c] if c[1] == "bf16" else [c, (f"{c[0]} compiled", *c[1:6], True)])]
+    for label, kind, b, r, lay, fuse, comp in configs:
         gc.collect()
         reset_peak_rss()
         if kind == "fp32":
-            m = model
+            m = copy.deepcopy(model) if comp else model  # compiling sets attributes: never on the caller's model
         elif kind == "bf16":
             m = copy.deepcopy(model).to(torch.bfloat16)
         else:
@@ -405,11 +412,20 @@ def bench_generation(
                 fuse_shared_inputs(m)
         quantized = kind not in ("fp32", "bf16")
         timed_generate(m, ids[:, :16], 4)  # warm-up: kernels built, residuals W - B A cached
+        prep = None
+        if comp:
+            from ttq import compiled as compiled_step
+
+            prep = compiled_step.prepare(m, ids, new_tokens)  # compiles (or says why not, decoding eagerly)
+
+        def extra() -> dict:  # a fresh static cache per compiled generation
+            return compiled_step.generate_kwargs(m, prompt_tokens + new_tokens) if prep and prep.compiled else {}
+
         runs, quant = [], []
         for _ in range(repeats):
             if quantized:
                 runtime.reset(m)
-            runs.append(timed_generate(m, ids, new_tokens))
+            runs.append(timed_generate(m, ids, new_tokens, **extra()))
             if quantized:
                 quant.append(runtime.quantization_seconds(m))
         same_ref = None
@@ -422,7 +438,8 @@ def bench_generation(
         row = dict(config=label, prompt_tokens=prompt_tokens, new_tokens=n_new, prefill_s=pre, decode_s=dec,
                    prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
                    quant_s=STATS[stat](quant) if quant else None, peak_rss_mb=peak_rss_mb(),  # None: "-"
-                   output_ids=runs[0].output_ids, same_as_reference=same_ref)
+                   output_ids=runs[0].output_ids, same_as_reference=same_ref,
+                   compile_s=prep.seconds if prep else None, compile_note=prep.reason if prep else None)
         row["quant_over_prefill"] = row["quant_s"] / pre if quant else None
         rows.append(row)
         if m is not model:

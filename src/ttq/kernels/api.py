@@ -406,7 +406,7 @@ class PackedLinear:
     reference_weight: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decoder is not None:
+        if self.decoder is not None and not torch.compiler.is_compiling():  # compiled: the kernel's ops instead
             y = self.decoder(x)  # None for inputs it does not take (prefill-sized, other devices)
             if y is not None:
                 return y

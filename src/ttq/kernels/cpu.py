@@ -140,11 +140,12 @@ def linear(x, packed: PackedWeight, s=None, bias=None, b=None, a=None, op: str =
 
     Up to ``SMALL_BATCH`` rows through the product ``op`` (see :func:`bind_small_batch`), larger
     batches through the exact :func:`dense_linear`."""
-    y = bind_small_batch(op, packed, s, bias, b, a)(x)
+    traced = torch.compiler.is_compiling()  # torch.compile traces the registered op (kernels.cpu_fake)
+    y = bind_small_batch(op, packed, s, bias, b, a, traced=traced)(x)
     return y if y is not None else dense_linear(x, packed, s, bias, b, a)
 
 
-def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bool = False):
+def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bool = False, traced: bool = False):
     """The product ``deq(packed) @ (x / s) + B (A x) + bias`` through the ``torch.ops.ttq_cpu`` op named
     ``op``, with every argument but x bound (``BoundProduct`` of the extension's ``ttq_bind.cpp``).
 
@@ -155,6 +156,8 @@ def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bo
         op: ``packed_mm`` (``cpu_q*`` layouts), ``packed_mm_q4i8`` or ``packed_mm_q8i8``.
         packed, s, bias, b, a: as for :func:`linear` (s float32 (d_in,) or None).
         one_token: accept only one token per sequence (``x.shape[-2] == 1``; prompt mode's decode steps).
+        traced: call ``torch.ops.ttq_cpu.<op>`` from Python instead of the extension's ``BoundProduct``
+            (which ``torch.compile`` cannot trace; :mod:`ttq.compiled`).
     Returns:
         a function of x (..., d_in) returning (..., d_out) in x's dtype for CPU inputs of at most
         ``SMALL_BATCH`` rows (and one token with ``one_token``), None for any other x (prefill-sized
@@ -165,7 +168,7 @@ def bind_small_batch(op: str, packed: PackedWeight, s, bias, b, a, one_token: bo
     args = (s, packed.qweight, packed.scale, packed.zero, packed.bits, effective_group_size(d_in, packed.group_size),
             d_out, d_in, bias, b if has_lr else None, a if has_lr else None)
     mod = cpu_build.module()
-    if mod is not None:
+    if mod is not None and not traced:
         return mod.BoundProduct(op, *args, SMALL_BATCH, one_token)
     return _bound_through_ops(op, *args, one_token=one_token)  # built without the Python binding
 

@@ -106,6 +106,9 @@ def load(strict: bool = False, verbose: bool = False) -> bool:
         if not _state["loaded"] and _state["error"] is None:
             try:
                 _build(verbose)
+                from ttq.kernels import cpu_fake
+
+                cpu_fake.register()  # shapes of the products for torch.compile (ttq.compiled)
                 _state["loaded"] = True
             except Exception as e:  # compiler missing, headers missing, bad flags: fall back, never crash
                 _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"

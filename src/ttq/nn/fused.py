@@ -149,6 +149,8 @@ class SharedInputLinear(nn.Module):
         return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the group's cache of sibling outputs is Python state: in a compiled
+            return self.inner(x)  # decode step (ttq.compiled) each member runs its own product
         if getattr(self.inner, "mode", None) == "prompt":
             y = self.group.output(x, self.index)
             if y is not None:

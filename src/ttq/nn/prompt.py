@@ -125,6 +125,8 @@ class PromptState:
         """The layer's forward in prompt mode: :meth:`decode` for one token per sequence once a prompt is
         packed, else :meth:`prefill` from ``x``'s real tokens (``mask`` leaves pads out) and the packed product."""
         lin = self.linear
+        if torch.compiler.is_compiling():  # the compiled decode step (ttq.compiled): packed by the eager prefill
+            return lin(x)
         if lin is not None:
             if lin.decoder is not None:  # bound only without refresh, where it is all decode() does: call it
                 y = lin.decoder(x)  # directly (the per-token hot path); None for prefill-shaped x

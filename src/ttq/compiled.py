@@ -1,0 +1,163 @@
+"""The compiled decode step: each generated token runs as one ``torch.compile`` graph.
+
+Eager decoding pays PyTorch's and transformers' per-op Python work at every token (norms, RoPE,
+attention, cache updates, ~210 layer calls on SmolLM2).  Here ``model.generate`` keeps its eager
+prefill (which quantizes the TTQ layers in prompt mode) and runs every decode step through
+transformers' own compiled forward (``compile_config``) over a static KV cache, the path
+transformers offers for every architecture it marks fullgraph-compilable (Llama/SmolLM2, Qwen3,
+Gemma3, Mistral, ...): nothing here is written per architecture.  The packed products enter the
+graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
+:mod:`ttq.kernels.cpu_fake`), so the graph does not break at the 210 layers.
+
+* The static cache's length is rounded up to a multiple of :data:`CACHE_STEP` tokens, so prompts
+  of similar lengths share one graph; another length bucket or batch size compiles another graph
+  (dynamo recompiles on the new shapes: slower once, never a wrong token).
+* Compilation is paid once per shape and kept on disk (Inductor's cache, in ttq's cache folder
+  unless ``TORCHINDUCTOR_CACHE_DIR`` is set): SmolLM2-135M took ~60 s the first time and ~12 s in a
+  later process on a 2-core CPU (RESULTS, issue 17).
+* :func:`prepare` compiles with a two-token warm-up and falls back to eager decoding with one
+  logged line when compilation is unavailable (no C++ compiler, an architecture transformers
+  does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
+
+Example::
+
+    kw = ttq.compiled.prepare(model, input_ids, max_new_tokens=64)   # {} when it fell back
+    out = model.generate(input_ids, max_new_tokens=64, **kw)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+CACHE_STEP = 256  # static KV cache lengths are multiples of this (one compiled graph per bucket)
+
+
+def cache_length(tokens: int) -> int:
+    """The static cache length for ``tokens`` (prompt + new tokens): the next multiple of :data:`CACHE_STEP`."""
+    if tokens < 1:
+        raise ValueError(f"a generation needs at least one token, got {tokens}")
+    return -(-tokens // CACHE_STEP) * CACHE_STEP
+
+
+def _cxx() -> str | None:
+    """The C++ compiler Inductor would call (``$CXX``, else g++ / c++ / clang++ on PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def unavailable(model: nn.Module, tokens: int | None = None) -> str | None:
+    """Why ``model``'s decode step cannot be compiled here, or None when it can.
+
+    Args:
+        model: a transformers causal LM, TTQ layers (if any) already in their runtime mode.
+        tokens: prompt + new tokens of the generation (checked against the model's positions).
+    """
+    from ttq.runtime import ttq_layers
+
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return f"transformers does not mark {type(model).__name__} as compilable with a static cache"
+    if _cxx() is None:
+        return "no C++ compiler on PATH (torch.compile's CPU backend needs one; set CXX or install g++)"
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) > 1 or devices & {"disk", "meta"}:
+        return f"the model is dispatched over {sorted(map(str, devices))} (offloaded layers cannot be compiled)"
+    for m in ttq_layers(model):
+        if m.mode != "prompt":
+            return "TTQ layers in per-sequence mode quantize at every forward; set prompt mode first"
+        if m.prompt.options.refresh_every:
+            return "prompt mode with refresh_every re-quantizes during decoding (Python work per step)"
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if tokens is not None and limit is not None and tokens > limit:
+        return f"prompt + new tokens = {tokens} exceeds the model's {limit} positions"
+    return None
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` did: ``kwargs`` for ``model.generate`` ({} = eager decoding), ``seconds`` the
+    warm-up took (compilation included), ``reason`` why it fell back (None when compiled)."""
+
+    kwargs: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    reason: str | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.kwargs)
+
+
+def _cache_dir() -> None:
+    """Keep Inductor's compiled code in ttq's cache folder unless the user chose one."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from ttq.cache import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
+
+
+def generate_kwargs(model: nn.Module, tokens: int) -> dict:
+    """``model.generate`` keywords of a compiled decode: a fresh static cache of :func:`cache_length`
+    ``(tokens)`` positions (its batch size is set by the first forward) and transformers' ``CompileConfig`` (full graph,
+    static shapes, Inductor, on every device type)."""
+    from transformers import CompileConfig, StaticCache
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
+    config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
+    return {key: cache, "compile_config": config}
+
+
+def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Prepared:
+    """Compile ``model``'s decode step for generations shaped like ``input_ids`` + ``max_new_tokens``.
+
+    A two-token warm-up generation (the prompt's first tokens, a cache of the real length bucket)
+    triggers compilation; it quantizes the TTQ layers for its own short prompt, and the real
+    generation's prefill quantizes them again.  On any failure the model is left as it was and
+    decoding stays eager, with one logged line.
+
+    Returns:
+        a :class:`Prepared` whose ``kwargs`` go to ``model.generate`` (empty after a fall-back). Each
+        call of ``generate`` needs fresh kwargs (a new static cache): call :func:`generate_kwargs`.
+    """
+    from ttq.runtime import reset, ttq_layers
+
+    length = int(input_ids.shape[-1])
+    tokens = length + max_new_tokens
+    reason = unavailable(model, tokens)
+    if reason is not None:
+        log.warning("compiled decode unavailable: %s; decoding eagerly", reason)
+        return Prepared(reason=reason)
+    _cache_dir()
+    for attr in ("_compiled_call", "_last_compile_config"):  # a deep copy inherits these from its source, and
+        model.__dict__.pop(attr, None)  # the inherited compiled call would run the source model: compile our own
+    warm = input_ids[:, : min(length, 8)]
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, min_new_tokens=2,
+                           do_sample=False, **generate_kwargs(model, tokens))
+    except Exception as e:  # noqa: BLE001 - Inductor/dynamo raise many types; decoding eagerly is always correct
+        root = e
+        while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+            root = inner  # dynamo wraps the backend's own error
+        first = str(root).strip().splitlines()[0] if str(root).strip() else ""
+        reason = f"compilation failed ({type(root).__name__}: {first[:200]})"
+        log.warning("compiled decode unavailable: %s; decoding eagerly", reason)
+        if ttq_layers(model):
+            reset(model)
+        return Prepared(reason=reason, seconds=time.perf_counter() - t0)
+    if ttq_layers(model):
+        reset(model)
+    return Prepared(generate_kwargs(model, tokens), time.perf_counter() - t0)

@@ -1,0 +1,133 @@
+"""The compiled decode step (src/ttq/compiled.py) on the real tiny stories260K model.
+
+One graph is compiled per module (about 15 s on 2 cores, less from Inductor's disk cache); every test
+compares compiled greedy tokens with eager ones on the same packed weights."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import ttq
+from ttq import compiled, runtime
+
+NEW = 12
+
+
+def _generate(model, ids, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                              min_new_tokens=NEW, **kw)
+
+
+def _ttq(model, rank: int = 0, **mode):
+    ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=4, group_size=32), rank=rank))
+    runtime.set_mode(model, "prompt", **mode)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts(stories_tokenizer):
+    texts = ["Once upon a time there was a little", "The dog ran to the park and saw a big red ball and"]
+    return [stories_tokenizer(t, return_tensors="pt")["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def compiled_model(stories_dir, prompts):
+    """stories260K, TTQ 4-bit r=4 in prompt mode with an 8-bit packed head, its decode step compiled on prompt 0."""
+    from ttq.models import load_model
+
+    model, _ = load_model(str(stories_dir))
+    _ttq(model, rank=4)
+    runtime.quantize_lm_head(model, bits=8, group_size=32)
+    prep = compiled.prepare(model, prompts[0], NEW)
+    assert prep.compiled, prep.reason
+    assert prep.reason is None and prep.seconds > 0
+    return model
+
+
+def test_compiled_tokens_equal_eager_on_a_prompt_it_was_not_compiled_on(compiled_model, prompts):
+    """The packed weights are graph inputs, not constants: a new prompt re-quantizes every layer, and the
+    compiled steps decode with the new codes (same greedy tokens as eager decoding)."""
+    for ids in (prompts[1], prompts[0]):
+        runtime.reset(compiled_model)
+        eager = _generate(compiled_model, ids)
+        runtime.reset(compiled_model)
+        fast = _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, ids.shape[-1] + NEW))
+        assert eager.shape[-1] == ids.shape[-1] + NEW
+        assert torch.equal(fast, eager)
+
+
+def test_another_batch_size_recompiles_and_stays_exact(compiled_model, prompts):
+    ids = torch.cat([prompts[0], prompts[0].flip(-1)])  # (2, T): batch 2 after a graph built for batch 1
+    runtime.reset(compiled_model)
+    eager = _generate(compiled_model, ids)
+    runtime.reset(compiled_model)
+    fast = _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, ids.shape[-1] + NEW))
+    assert torch.equal(fast, eager)
+
+
+def test_cache_length_is_rounded_up_to_buckets():
+    assert compiled.cache_length(1) == compiled.CACHE_STEP
+    assert compiled.cache_length(compiled.CACHE_STEP) == compiled.CACHE_STEP
+    assert compiled.cache_length(compiled.CACHE_STEP + 1) == 2 * compiled.CACHE_STEP
+    with pytest.raises(ValueError, match="at least one token"):
+        compiled.cache_length(0)
+
+
+def test_unavailable_says_why(stories_model, monkeypatch):
+    model = _ttq(stories_model)
+    assert compiled.unavailable(model) is None
+    assert "positions" in compiled.unavailable(model, tokens=model.config.max_position_embeddings + 1)
+    runtime.set_mode(model, "prompt", refresh_every=4)
+    assert "refresh_every" in compiled.unavailable(model)
+    runtime.set_mode(model, "per_sequence")
+    assert "per-sequence" in compiled.unavailable(model)
+    runtime.set_mode(model, "prompt")
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    assert "C++ compiler" in compiled.unavailable(model)
+    monkeypatch.undo()
+    monkeypatch.setattr(type(model), "_can_compile_fullgraph", False)
+    assert "LlamaForCausalLM" in compiled.unavailable(model)
+
+
+def test_prepare_falls_back_to_eager_with_one_line(stories_model, prompts, caplog):
+    model = _ttq(stories_model, refresh_every=2)
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        prep = compiled.prepare(model, prompts[0], NEW)
+    assert not prep.compiled and prep.kwargs == {}
+    assert [r.getMessage() for r in caplog.records if r.name == "ttq.compiled"] == [
+        "compiled decode unavailable: prompt mode with refresh_every re-quantizes during decoding (Python work per "
+        "step); decoding eagerly"]
+
+
+def test_a_failing_compilation_falls_back_and_decodes_exactly(stories_model, prompts, monkeypatch, caplog):
+    """Inductor failing (here: a backend that raises) leaves eager decoding, never a wrong token."""
+    from transformers import CompileConfig
+
+    model = _ttq(stories_model)
+    eager = _generate(model, prompts[0])
+
+    def broken(gm, example_inputs, **_):
+        raise RuntimeError("no compiler today")
+
+    real = compiled.generate_kwargs
+
+    def kwargs(m, tokens):
+        kw = real(m, tokens)
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=broken)
+        config._compile_all_devices = True
+        kw["compile_config"] = config
+        return kw
+
+    monkeypatch.setattr(compiled, "generate_kwargs", kwargs)
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        prep = compiled.prepare(model, prompts[0], NEW)
+    assert not prep.compiled
+    assert "compilation failed" in prep.reason and "no compiler today" in prep.reason
+    assert len([r for r in caplog.records if r.name == "ttq.compiled"]) == 1
+    runtime.reset(model)
+    assert torch.equal(_generate(model, prompts[0], **prep.kwargs), eager)

@@ -131,3 +131,47 @@ def test_a_failing_compilation_falls_back_and_decodes_exactly(stories_model, pro
     assert len([r for r in caplog.records if r.name == "ttq.compiled"]) == 1
     runtime.reset(model)
     assert torch.equal(_generate(model, prompts[0], **prep.kwargs), eager)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "mistral"])
+def test_other_architectures_compile_with_no_code_of_their_own(family):
+    """Tiny random Qwen3 / Gemma3 (sliding-window layers) / Mistral models: the same compiled path, decode
+    logits equal to eager decoding within float rounding (Inductor fuses the non-product ops)."""
+    import transformers as T
+
+    from tests.patch.test_walker import _config
+
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(_config(family)).eval()
+    _ttq(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    prep = compiled.prepare(model, ids, NEW)
+    assert prep.compiled, prep.reason
+
+    def run(**kw):
+        runtime.reset(model)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                 min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 **kw)
+        return out.sequences, torch.cat(out.logits)
+
+    eager_ids, eager_logits = run()
+    fast_ids, fast_logits = run(**compiled.generate_kwargs(model, ids.shape[-1] + NEW))
+    assert torch.equal(fast_ids, eager_ids)
+    torch.testing.assert_close(fast_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_activation_layout_compiles_and_matches_its_eager_tokens(stories_model, prompts):
+    from ttq.kernels.cpu_i8 import i8_available
+
+    if not i8_available():
+        pytest.skip("int8-activation kernels need AVX-512 VNNI or AVX2")
+    model = _ttq(stories_model, layout="cpu_q4_i8")
+    prep = compiled.prepare(model, prompts[1], NEW)
+    assert prep.compiled, prep.reason
+    runtime.reset(model)
+    eager = _generate(model, prompts[1])
+    assert runtime.packed_layouts(model) == {"cpu_q4_i8": 35}
+    runtime.reset(model)
+    assert torch.equal(_generate(model, prompts[1], **compiled.generate_kwargs(model, prompts[1].shape[-1] + NEW)), eager)

@@ -40,6 +40,7 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 CACHE_STEP = 256  # static KV cache lengths are multiples of this (one compiled graph per bucket)
+RECOMPILE_LIMIT = 64  # graphs dynamo keeps per code object (models x shapes in one process)
 
 
 def cache_length(tokens: int) -> int:
@@ -140,6 +141,9 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
         log.warning("compiled decode unavailable: %s; decoding eagerly", reason)
         return Prepared(reason=reason)
     _cache_dir()
+    # dynamo keeps one graph per (model, shapes) under the code object of ``Module.__call__``, 8 by default: a
+    # process that compiles several models (ttq bench --compile, a test session) would hit that limit
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for attr in ("_compiled_call", "_last_compile_config"):  # a deep copy inherits these from its source, and
         model.__dict__.pop(attr, None)  # the inherited compiled call would run the source model: compile our own
     warm = input_ids[:, : min(length, 8)]

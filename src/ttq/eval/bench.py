@@ -452,6 +452,7 @@ def bench_generation(
         reset_peak_rss()
         cpp = bench_llamacpp(gguf, ids, new_tokens, torch.get_num_threads(), repeats, stat)
         cpp["peak_rss_mb"] = peak_rss_mb()
+        cpp.update(compile_s=None, compile_note=None, same_as_reference=cpp.get("same_as_reference"))
         rows.append(cpp)
     base = {r["config"]: r for r in rows}
     for r in rows:

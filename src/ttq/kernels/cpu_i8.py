@@ -34,9 +34,17 @@ PRIORITY = 5  # below the base layouts' 10: never picked by layout=None while th
 TILE = 32  # columns per int8 activation scale (the int8 activation tile)
 
 
+_AVAILABLE: list[bool] = []  # the answer, once the extension is loaded (a plain bool: torch.compile traces it)
+
+
 def i8_available() -> bool:
     """True when the int8-activation products run here: AVX-512 VNNI, or the AVX2 kernels of builds without AVX-512."""
-    return cpu_build.load() and bool(torch.ops.ttq_cpu.has_i8())
+    if _AVAILABLE:
+        return _AVAILABLE[0]
+    if not cpu_build.load():
+        return False
+    _AVAILABLE.append(bool(torch.ops.ttq_cpu.has_i8()))
+    return _AVAILABLE[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,7 +57,7 @@ from ttq.methods.scaling import ScaleSpec
 from ttq.patch.blocks import block_linears, find_blocks, walk
 from ttq.patch.walker import name_filter, quantize_, restore_
 from ttq.registry import register_handler, register_method, register_rows
-from ttq import calibrate, models, options, runtime  # noqa: E402,F401  (ttq.models.load_model, ttq.runtime.set_mode)
+from ttq import calibrate, compiled, models, options, runtime  # noqa: E402,F401  (ttq.models.load_model, ttq.runtime.set_mode)
 from ttq.checkpoint import load_pretrained, save_pretrained  # registers quant_method "ttq" with transformers
 
 __version__ = "0.1.0"

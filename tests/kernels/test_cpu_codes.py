@@ -106,3 +106,60 @@ def test_eager_path_for_small_tensors_autograd_and_other_formats():
     assert cpu_codes.quantize_codes(_weight(), QuantSpec(bits=4, group_size=32, fmt="nf4")) is None
     codes = torch.zeros(96, 520, dtype=torch.uint8)
     assert cpu_codes.dequantize_codes(codes, torch.ones(96, 3), torch.zeros(96, 3), 32) is None  # wrong group count
+
+
+@needs_ext
+@pytest.mark.parametrize("symmetric,nu", [(False, 1.0), (True, 1.0), (False, 0.9)])
+@pytest.mark.parametrize("group_size", [32, 24, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_fused_clip_search_equals_the_pytorch_search(bits, group_size, symmetric, nu):
+    """clip_codes chooses the shrinks of refine.search_clip (diag score) and the codes of apply_clip; where the
+    two scores nearly tie (float rounding of another summation order) either choice has the least error."""
+    from ttq.methods.refine import TokenStats, apply_clip, clip_candidates, search_clip
+
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, nu=nu)
+    g = torch.Generator().manual_seed(bits)
+    w = _weight()
+    s = torch.rand(w.shape[1], generator=g) + 0.5
+    x = torch.randn(40, w.shape[1], generator=g) * (torch.rand(w.shape[1], generator=g) * 3)
+    tokens = TokenStats(x.square().sum(0), 40)
+    grid = (1.0, 0.95, 0.9, 0.8, 0.7)
+    v = w * s
+    codes, sc, z, beta, err = cpu_codes.clip_codes(v, tokens.sq / s.square(), spec, clip_candidates(grid))
+    want_beta = search_clip(v, s, tokens, spec, grid)
+    same = beta == want_beta
+    assert same.float().mean() > 0.99
+    want_codes, want_sc, want_z = apply_clip(v, spec, beta)  # the codes of the fused search's own choice
+    assert torch.equal(codes, want_codes) and torch.equal(sc, want_sc) and torch.equal(z, want_z)
+    # the fused error is the diagonal score of its codes (within float rounding)
+    from ttq.formats.affine import dequantize
+    from ttq.methods.refine import _group_sums
+    from ttq.formats.spec import effective_group_size
+
+    dw = (v - dequantize(codes, sc, z, spec.group_size)) / s
+    score = _group_sums(dw.square() * tokens.sq, effective_group_size(w.shape[1], group_size))
+    torch.testing.assert_close(err, score, rtol=1e-4, atol=1e-6)
+    # where the choices differ, the two errors are equal within rounding
+    if not same.all():
+        other = apply_clip(v, spec, want_beta)
+        dw2 = (v - dequantize(*other, spec.group_size)) / s
+        score2 = _group_sums(dw2.square() * tokens.sq, effective_group_size(w.shape[1], group_size))
+        torch.testing.assert_close(score[~same], score2[~same], rtol=1e-4, atol=1e-6)
+
+
+@needs_ext
+def test_fused_clip_search_with_one_candidate_is_plain_quantization():
+    spec = QuantSpec(bits=3, group_size=32)
+    w = _weight()
+    codes, sc, z, beta, err = cpu_codes.clip_codes(w, torch.ones(w.shape[1]), spec, (1.0,))
+    want = quantize(w, spec)
+    assert torch.equal(codes, want[0]) and torch.equal(sc, want[1]) and torch.equal(z, want[2])
+    assert bool((beta == 1).all())
+    torch.testing.assert_close(err.sum(), (w - dequantize(*want, 32)).square().sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_clip_search_declines_what_it_does_not_serve():
+    w = torch.randn(8, 64)
+    assert cpu_codes.clip_codes(w, torch.ones(64), QuantSpec(bits=4, fmt="nf4"), (1.0,)) is None
+    assert cpu_codes.clip_codes(w.double(), torch.ones(64), QuantSpec(bits=4), (1.0,)) is None
+    assert cpu_codes.clip_codes(w, torch.ones(64), QuantSpec(bits=4), ()) is None

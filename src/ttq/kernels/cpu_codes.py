@@ -60,3 +60,27 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     if not cpu_build.load():
         return None
     return torch.ops.ttq_cpu.dequant_codes(codes, scale, zero, effective_group_size(d_in, group_size))
+
+
+def clip_codes(v: torch.Tensor, hw: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The diagonal-scored clipping search of :func:`ttq.methods.refine.search_clip` fused with
+    :func:`~ttq.methods.refine.apply_clip`, one pass over ``v`` (``csrc/codes.inc``).
+
+    Args:
+        v: (d_out, d_in) float32 scaled weight ``w_res diag(s)``; hw: (d_in,) ``h_i / s_i^2``.
+        spec: an integer format; grid: the shrinks tried, in order (the first of equal errors wins).
+    Returns:
+        (codes uint8 (d_out, d_in), scale, zero, beta, error), the last four float32 (d_out, n_groups),
+        or None when the fused kernel does not apply (the PyTorch path runs instead): not the integer
+        format, not a 2-D float32 CPU tensor without gradient, or the extension unavailable.
+        Errors differ from the PyTorch score by float rounding only (another summation order).
+    """
+    if (spec.fmt != "int" or v.dim() != 2 or v.dtype != torch.float32 or v.device.type != "cpu"
+            or (v.requires_grad and torch.is_grad_enabled()) or not grid):
+        return None
+    if not cpu_build.load():
+        return None
+    g = effective_group_size(v.shape[1], spec.group_size)
+    return torch.ops.ttq_cpu.clip_codes(v, hw.float(), spec.bits, g, spec.symmetric, float(spec.nu),
+                                        [float(b) for b in grid])

@@ -229,10 +229,16 @@ def search_alpha(
     Returns:
         (the alpha of least error -- the first on ties --, the error of every candidate in grid order).
     """
+    from ttq.kernels.cpu_codes import clip_codes
+
     errors = []
     for alpha in grid:
         s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
-        errors.append(weighted_error(w_res - _qdq(w_res, s, spec), tokens, score))
+        fused = clip_codes(w_res * s, tokens.sq / s.square(), spec, (1.0,)) if score == "diag" else None
+        if fused is not None:  # one C++ pass: plain quantization and its per-group diagonal error
+            errors.append(float(fused[4].double().sum()))
+        else:
+            errors.append(weighted_error(w_res - _qdq(w_res, s, spec), tokens, score))
     best = min(range(len(grid)), key=errors.__getitem__)
     return float(grid[best]), errors
 
@@ -246,6 +252,11 @@ def _group_sums(e: torch.Tensor, g: int) -> torch.Tensor:
     if pad:
         e = torch.nn.functional.pad(e, (0, pad))
     return e.reshape(e.shape[0], -1, g).sum(-1)
+
+
+def clip_candidates(grid: tuple[float, ...]) -> tuple[float, ...]:
+    """The shrinks a clipping search tries, in order: 1 (no shrink) first, then ``grid`` without 1."""
+    return (1.0, *[float(b) for b in grid if float(b) != 1.0])
 
 
 def search_clip(
@@ -265,7 +276,7 @@ def search_clip(
     d_out, d_in = v.shape
     g = effective_group_size(d_in, spec.group_size)
     sc0, z0 = group_params(v, spec, check=False)  # (d_out, n_groups) each
-    cands = [1.0] + [float(b) for b in grid if float(b) != 1.0]
+    cands = clip_candidates(grid)
     best_err = best = None
     for beta in cands:
         codes, _, _ = quantize(v, spec, sc0 * beta, z0 * beta, check=False)
@@ -407,8 +418,16 @@ def refine_quantize(
         codes, sc, z = hqq_quantize(w_res * s, spec)  # (d_out, d_in) scaled weight
     elif refine.clip_grid is not None:
         v = w_res * s  # (d_out, d_in)
-        beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
-        codes, sc, z = apply_clip(v, spec, beta)
+        fused = None
+        if refine.score == "diag":  # search and codes in one C++ pass (None: the PyTorch path)
+            from ttq.kernels.cpu_codes import clip_codes
+
+            fused = clip_codes(v, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid))
+        if fused is not None:
+            codes, sc, z, beta, _ = fused
+        else:
+            beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
+            codes, sc, z = apply_clip(v, spec, beta)
     else:
         codes, sc, z = quantize(w_res * s, spec, check=False)
     lowrank = rank > 0

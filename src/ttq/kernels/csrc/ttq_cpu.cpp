@@ -653,6 +653,8 @@ TORCH_LIBRARY(ttq_cpu, m) {
         " -> Tensor");
   m.def("quant_codes(Tensor w, int bits, int group, bool symmetric, float nu) -> (Tensor, Tensor, Tensor, int)");
   m.def("dequant_codes(Tensor codes, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("clip_codes(Tensor v, Tensor hw, int bits, int group, bool symmetric, float nu, float[] grid)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("has_avx512() -> int");
   m.def("has_avx2_gemm() -> int");
   m.def("packed_mm_q4i8(Tensor x, Tensor? s, Tensor qweight, Tensor scale, Tensor zero, int group, int d_out,"
@@ -670,6 +672,7 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
   m.impl("dequant", &dequant);
   m.impl("quant_codes", &quant_codes);
   m.impl("dequant_codes", &dequant_codes);
+  m.impl("clip_codes", &clip_codes);
   m.impl("packed_mm_q4i8", &packed_mm_q4i8);
   m.impl("packed_mm_q8i8", &packed_mm_q8i8);
 }

@@ -163,3 +163,16 @@ def test_fused_clip_search_declines_what_it_does_not_serve():
     assert cpu_codes.clip_codes(w, torch.ones(64), QuantSpec(bits=4, fmt="nf4"), (1.0,)) is None
     assert cpu_codes.clip_codes(w.double(), torch.ones(64), QuantSpec(bits=4), (1.0,)) is None
     assert cpu_codes.clip_codes(w, torch.ones(64), QuantSpec(bits=4), ()) is None
+
+
+@needs_ext
+def test_fused_clip_search_without_codes_gives_the_same_choice_and_errors():
+    spec = QuantSpec(bits=2, group_size=32)
+    w = _weight()
+    hw = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(3))
+    grid = (1.0, 0.9, 0.8)
+    full = cpu_codes.clip_codes(w, hw, spec, grid)
+    bare = cpu_codes.clip_codes(w, hw, spec, grid, with_codes=False)
+    assert bare[0].shape == (0, w.shape[1])
+    for got, want in zip(bare[1:], full[1:]):
+        assert torch.equal(got, want)

@@ -234,7 +234,7 @@ def search_alpha(
     errors = []
     for alpha in grid:
         s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
-        fused = clip_codes(w_res * s, tokens.sq / s.square(), spec, (1.0,)) if score == "diag" else None
+        fused = clip_codes(w_res * s, tokens.sq / s.square(), spec, (1.0,), with_codes=False) if score == "diag" else None
         if fused is not None:  # one C++ pass: plain quantization and its per-group diagonal error
             errors.append(float(fused[4].double().sum()))
         else:

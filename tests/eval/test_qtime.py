@@ -54,7 +54,10 @@ def test_qtime_cli(stories_dir, tmp_path, capsys):
     assert t["per_prompt_seconds"] == pytest.approx(t["quantized_forward_seconds"] - t["fp_forward_seconds"])
     for r in rows.values():
         assert r["total_seconds"] == pytest.approx(r["calib_seconds"] + r["quantize_seconds"])
-    assert "| GPTQ (WT2 Calib, 2^9) | 3 | 32 |" in capsys.readouterr().out
+        if r["rss_start_mb"] is not None:  # Linux: the peak of the row is at least what it started with
+            assert r["peak_rss_mb"] >= r["rss_start_mb"] * 0.99 > 0
+    text = capsys.readouterr().out
+    assert "| GPTQ (WT2 Calib, 2^9) | 3 | 32 |" in text and "| peak RSS MB |" in text
 
 
 def test_qtime_bad_input(stories_dir, capsys):

@@ -26,7 +26,11 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
     block-by-block calibration is part of ``quantize_``), ``quantize_seconds`` (``quantize_`` itself), and for
     test-time methods ``per_prompt_seconds`` = forward of ``window`` quantized minus an unquantized
     forward timed right after it (medians of ``repeats``; it can come out slightly negative when the
-    cost is below the timing noise)."""
+    cost is below the timing noise).  ``rss_start_mb`` / ``peak_rss_mb``: the process's resident memory when the
+    row starts and its peak during the row's calibration and ``quantize_`` (Linux; the peak is reset per row
+    where the kernel allows it, see :func:`ttq.eval.bench.reset_peak_rss`, else it is the process's peak so far)."""
+    from ttq.eval.bench import peak_rss_mb, reset_peak_rss
+
     fp = forward_seconds(model, window, repeats)
     calib: dict = {}
     rows = []
@@ -35,6 +39,8 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         row = {"method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "calib_seconds": 0.0,
                "quantize_seconds": 0.0, "per_prompt_seconds": None, "fp_forward_seconds": fp, "seqlen": window.shape[1]}
         stats = None
+        row["peak_reset"] = reset_peak_rss()
+        row["rss_start_mb"] = current_rss_mb()
         if getattr(cfg, "sequential", False):  # block by block: the calibration runs inside quantize_
             t0 = time.perf_counter()
             stats = calibration_tokens(tokenizer, cfg.calib, eval_datasets=eval_datasets, data_dir=data_dir,
@@ -51,6 +57,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         t0 = time.perf_counter()
         quantize_(model, cfg, calibration=stats)
         row["quantize_seconds"] = time.perf_counter() - t0
+        row["peak_rss_mb"] = peak_rss_mb()
         try:
             q = forward_seconds(model, window, repeats) if is_test_time(model) else None
         finally:
@@ -64,15 +71,33 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
     return rows
 
 
+def current_rss_mb() -> float | None:
+    """The process's resident memory now (MB; VmRSS), or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def markdown(rows: list[dict], model_key: str) -> str:
     seqlen = rows[0]["seqlen"] if rows else 0
     fp = rows[0]["fp_forward_seconds"] if rows else 0.0
     lines = [f"Model {model_key}; one unquantized forward of a {seqlen}-token window: {fp:.2f} s", "",
              "| Method | q | g | calibration s | quantize_ s | once, total s | per prompt of "
-             f"{seqlen} tokens, s (forward quantized vs unquantized) |", "|---|---|---|---|---|---|---|"]
+             f"{seqlen} tokens, s (forward quantized vs unquantized) | RSS at start MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pp = "-" if r["per_prompt_seconds"] is None else (
             f"{r['per_prompt_seconds']:.2f} ({r['quantized_forward_seconds']:.2f} vs {r['fp_forward_seconds']:.2f})")
         lines.append(f"| {r['method']} | {r['bits']} | {r['group_size']} | {r['calib_seconds']:.1f} | "
-                     f"{r['quantize_seconds']:.2f} | {r['total_seconds']:.1f} | {pp} |")
+                     f"{r['quantize_seconds']:.2f} | {r['total_seconds']:.1f} | {pp} | {_mb(r.get('rss_start_mb'))} | "
+                     f"{_mb(r.get('peak_rss_mb'))}{'' if r.get('peak_reset', True) else ' (process peak)'} |")
     return "\n".join(lines)

@@ -302,3 +302,28 @@ def test_bench_cli_compiled_rows(stories_dir, tmp_path, capsys):
     assert gen["fp32 compiled"]["same_as_fp32"] is True
     assert gen["ttq 4-bit r=0 compiled"]["same_as_reference"] is True
     assert gen["ttq 4-bit r=0 fused compiled"]["same_as_reference"] is True
+
+
+def test_bench_cli_refinement_rows(stories_dir, tmp_path, capsys):
+    """--refines adds the widest TTQ rows quantized with those refinements in prompt mode: their tokens equal the
+    reference path on the same (refined) packed weights; prompt-SVD alone has no r = 0 row, as in ttq ppl."""
+    out = tmp_path / "ref"
+    rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0,4", "--repeats", "1", "--model", str(stories_dir),
+               "--prompt-tokens", "16", "--new-tokens", "5", "--refines", "ttq_clip,ttq_svd", "--no-llamacpp",
+               "--out", str(out)])
+    assert rc == 0
+    gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
+    assert list(gen)[-3:] == ["TTQ+clip 4-bit r=0", "TTQ+clip 4-bit r=4", "TTQ+prompt-SVD 4-bit r=4"]
+    for name in list(gen)[-3:]:
+        assert gen[name]["same_as_reference"] is True and gen[name]["quant_over_prefill"] > 0
+    capsys.readouterr()
+
+
+def test_bench_cli_unknown_refinement_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    import ttq.models
+
+    monkeypatch.setattr(ttq.models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    rc = main(["bench", "--parts", "c", "--refines", "ttq_clip,ttq_magic"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "ttq_magic" in err and "ttq_clip" in err and "allowed" in err

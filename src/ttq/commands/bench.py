@@ -112,6 +112,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-llamacpp", action="store_true", help="part c: no llama.cpp row")
     p.add_argument("--fused", action="store_true",
                    help="part c: also time each TTQ row with q/k/v and gate/up as one packed product each")
+    p.add_argument("--refines", type=str_list, default="",
+                   help="part c: extra rows for the widest TTQ config quantized with these refinement rows (e.g. "
+                        "ttq_clip,ttq_plus; see ttq ppl --methods): their per-prompt cost is 'quant / prefill'")
     p.add_argument("--compile", action="store_true",
                    help="part c: also time each row (but bf16) with its decode step compiled (torch.compile over a "
                         "static KV cache; compile time reported, paid once and cached on disk)")
@@ -200,6 +203,13 @@ def run(args) -> int:
         check_outputs(args.out, OUT_SUFFIXES, args.overwrite)  # a taken or unwritable --out fails now, not after the run
     if args.gguf is not None and not os.path.isfile(args.gguf):  # now, not after the model and parts a / b
         raise ConfigError(f"--gguf {args.gguf}: no such file (give the path of a .gguf file of the same model)")
+    if args.refines:  # an unknown name fails now, not after the model and parts a / b
+        import ttq.config  # noqa: F401  (registers the refinement rows)
+        from ttq.quantizers.ttq import ROW_REFINES
+
+        unknown = [n for n in args.refines if n not in ROW_REFINES]
+        if unknown:
+            raise ConfigError(f"--refines: unknown refinement row(s) {', '.join(unknown)}; allowed: {', '.join(ROW_REFINES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -249,7 +259,7 @@ def run(args) -> int:
             group_size=args.group_size[0], repeats=_default(rep, quick, 3, 1), stat=args.stat,
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
             half_params=True if args.half_params else None, gguf=gguf, fused=args.fused,
-            compiled=args.compile)
+            compiled=args.compile, refines=tuple(args.refines))
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]

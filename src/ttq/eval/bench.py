@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import gc
 import logging
@@ -328,20 +329,64 @@ def prompt_ids(tokenizer, n_tokens: int, data_dir=None) -> torch.Tensor:
     return ids
 
 
-def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0,
-                       layouts: tuple[str, ...] = ()) -> list[tuple[str, str, int, int, str | None]]:
-    """(label, kind, bits, rank, layout) rows of part (c): fp32, bf16, then TTQ per bits x rank (default
-    layout); with ``head_bits`` also the widest TTQ rows with the LM head packed to that many bits
-    (kind ``ttq+head``); per extra ``layouts`` entry the widest TTQ rows (with the packed head if asked)
-    in that layout."""
-    rows = [("fp32", "fp32", 0, 0, None), ("bf16", "bf16", 0, 0, None)]
-    rows += [(f"ttq {b}-bit r={r}", "ttq", b, r, None) for r in ranks for b in bits]
+@dataclass(frozen=True)
+class GenRow:
+    """One configuration of part (c).
+
+    Args:
+        label: the row's name in the table.
+        kind: ``fp32``, ``bf16``, ``ttq`` or ``ttq+head`` (TTQ with the LM head packed too).
+        bits, rank: TTQ's (0 for fp32 / bf16); layout: packed layout (None = best for the device).
+        refine: a TTQ refinement row of :data:`ttq.quantizers.ttq.ROW_REFINES` (e.g. ``ttq_clip``), or None.
+        fused: q/k/v and gate/up as one product each; compiled: a compiled decode step.
+    """
+
+    label: str
+    kind: str
+    bits: int = 0
+    rank: int = 0
+    layout: str | None = None
+    refine: str | None = None
+    fused: bool = False
+    compiled: bool = False
+
+
+def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layouts: tuple[str, ...] = (),
+                       refines: tuple[str, ...] = ()) -> list[GenRow]:
+    """Rows of part (c): fp32, bf16, then TTQ per bits x rank (default layout); with ``head_bits`` also
+    the widest TTQ rows with the LM head packed to that many bits (kind ``ttq+head``); per extra ``layouts``
+    entry the widest TTQ rows (with the packed head if asked) in that layout; per ``refines`` entry (a
+    refinement row name, e.g. ``ttq_clip``) the widest TTQ rows quantized with that refinement (the
+    prompt-aware SVD only at r > 0), their quantization cost in ``quant / prefill``."""
+    from ttq.quantizers.ttq import ROW_REFINES
+
+    rows = [GenRow("fp32", "fp32"), GenRow("bf16", "bf16")]
+    rows += [GenRow(f"ttq {b}-bit r={r}", "ttq", b, r) for r in ranks for b in bits]
     head = f" + head {head_bits}-bit" if head_bits else ""
     kind = "ttq+head" if head_bits else "ttq"
+    top = max(bits)
     if head_bits:
-        rows += [(f"ttq {max(bits)}-bit r={r}{head}", kind, max(bits), r, None) for r in ranks]
-    rows += [(f"ttq {max(bits)}-bit r={r}{head} [{lay}]", kind, max(bits), r, lay) for lay in layouts for r in ranks]
+        rows += [GenRow(f"ttq {top}-bit r={r}{head}", kind, top, r) for r in ranks]
+    rows += [GenRow(f"ttq {top}-bit r={r}{head} [{lay}]", kind, top, r, lay) for lay in layouts for r in ranks]
+    for name in refines:
+        if name not in ROW_REFINES:
+            raise ConfigError(f"unknown refinement row {name!r}; allowed: {', '.join(ROW_REFINES)}")
+        rows += [GenRow(f"{ROW_REFINES[name][0]} {top}-bit r={r}", "ttq", top, r, refine=name) for r in ranks
+                 if refine_at(name, r) is not None]
     return rows
+
+
+def refine_at(name: str, rank: int):
+    """The :class:`ttq.methods.refine.RefineSpec` of refinement row ``name`` at ``rank`` (the prompt-aware SVD
+    needs r > 0), or None when nothing is left to refine (prompt-SVD alone at r = 0), as ``ttq ppl``'s rows."""
+    import dataclasses
+
+    from ttq.methods.refine import RefineSpec
+    from ttq.quantizers.ttq import ROW_REFINES
+
+    base = ROW_REFINES[name][1]
+    spec = dataclasses.replace(base, prompt_lowrank=base.prompt_lowrank and rank > 0)
+    return None if spec == RefineSpec() else spec
 
 
 def bench_generation(
@@ -361,6 +406,7 @@ def bench_generation(
     gguf=None,
     fused: bool = False,
     compiled: bool = False,
+    refines: tuple[str, ...] = (),
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -374,6 +420,7 @@ def bench_generation(
     ``compiled`` adds, per row but bf16, one whose decode steps run as one compiled graph
     (:mod:`ttq.compiled`, label suffix `` compiled``; ``compile_s`` is its warm-up, compilation
     included; a row that fell back to eager decoding says why in ``compile_note``).
+    ``refines`` adds the widest TTQ rows with these refinements (:func:`generation_configs`).
     ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
     (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
     and ``prefill_vs_llamacpp`` (None without it).
@@ -386,13 +433,15 @@ def bench_generation(
                           f"got {new_tokens}")
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    configs = [(*c, False, False) for c in generation_configs(bits, ranks, head_bits, layouts)]  # (..., fused, compiled)
+    configs = generation_configs(bits, ranks, head_bits, layouts, refines)
     if fused:  # each quantized row, then the same with shared-input products fused
-        configs = [x for c in configs
-                   for x in ([c] if c[1] in ("fp32", "bf16") else [c, (f"{c[0]} fused", *c[1:5], True, False)])]
+        configs = [x for c in configs for x in ([c] if c.kind in ("fp32", "bf16") else
+                                                [c, dataclasses.replace(c, label=f"{c.label} fused", fused=True)])]
     if compiled:  # each row but bf16, then the same with a compiled decode step
-        configs = [x for c in configs for x in ([c] if c[1] == "bf16" else [c, (f"{c[0]} compiled", *c[1:6], True)])]
-    for label, kind, b, r, lay, fuse, comp in configs:
+        configs = [x for c in configs for x in ([c] if c.kind == "bf16" else
+                                                [c, dataclasses.replace(c, label=f"{c.label} compiled", compiled=True)])]
+    for c in configs:
+        label, kind, b, r, lay, comp = c.label, c.kind, c.bits, c.rank, c.layout, c.compiled
         gc.collect()
         reset_peak_rss()
         if kind == "fp32":
@@ -401,12 +450,13 @@ def bench_generation(
             m = copy.deepcopy(model).to(torch.bfloat16)
         else:
             m = copy.deepcopy(model)
-            ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r))
+            refine = refine_at(c.refine, r) if c.refine else None
+            ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r, refine=refine))
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
                                          layout=_head_layout(lay, head_bits, group_size, m))
-            if fuse:
+            if c.fused:
                 from ttq.nn.fused import fuse_shared_inputs
 
                 fuse_shared_inputs(m)

@@ -29,7 +29,7 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
     cost is below the timing noise).  ``rss_start_mb`` / ``peak_rss_mb``: the process's resident memory when the
     row starts and its peak during the row's calibration and ``quantize_`` (Linux; the peak is reset per row
     where the kernel allows it, see :func:`ttq.eval.bench.reset_peak_rss`, else it is the process's peak so far)."""
-    from ttq.eval.bench import peak_rss_mb, reset_peak_rss
+    from ttq.eval.bench import current_rss_mb, peak_rss_mb, reset_peak_rss
 
     fp = forward_seconds(model, window, repeats)
     calib: dict = {}
@@ -69,18 +69,6 @@ def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor
         row["total_seconds"] = row["calib_seconds"] + row["quantize_seconds"]
         rows.append(row)
     return rows
-
-
-def current_rss_mb() -> float | None:
-    """The process's resident memory now (MB; VmRSS), or None where /proc is unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _mb(v: float | None) -> str:

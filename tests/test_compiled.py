@@ -175,3 +175,19 @@ def test_int8_activation_layout_compiles_and_matches_its_eager_tokens(stories_mo
     assert runtime.packed_layouts(model) == {"cpu_q4_i8": 35}
     runtime.reset(model)
     assert torch.equal(_generate(model, prompts[1], **compiled.generate_kwargs(model, prompts[1].shape[-1] + NEW)), eager)
+
+
+def test_generate_sizes_its_cache_and_an_undersized_cache_errors(compiled_model, prompts):
+    """compiled.generate sizes the static cache for the call; kwargs built for fewer tokens than the
+    generation stop with an error (Inductor's index check), never a wrong token."""
+    ids = prompts[0].repeat(1, 40)[:, : compiled.CACHE_STEP - 4]  # 252 tokens: + 12 new crosses one bucket
+    runtime.reset(compiled_model)
+    eager = _generate(compiled_model, ids)
+    runtime.reset(compiled_model)
+    with torch.no_grad():
+        fast = compiled.generate(compiled_model, ids, NEW, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 min_new_tokens=NEW)
+    assert torch.equal(fast, eager)
+    runtime.reset(compiled_model)
+    with pytest.raises(Exception, match="index out of bounds|out of range|out of bounds"):
+        _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, 8))

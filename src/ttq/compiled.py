@@ -21,8 +21,8 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
 
 Example::
 
-    kw = ttq.compiled.prepare(model, input_ids, max_new_tokens=64)   # {} when it fell back
-    out = model.generate(input_ids, max_new_tokens=64, **kw)
+    prep = ttq.compiled.prepare(model, input_ids, max_new_tokens=64)  # compiles, or falls back (prep.reason)
+    out = ttq.compiled.generate(model, input_ids, 64, prep, attention_mask=mask)  # any generate keywords
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def _cache_dir() -> None:
 
 def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     """``model.generate`` keywords of a compiled decode: a fresh static cache of :func:`cache_length`
-    ``(tokens)`` positions (its batch size is set by the first forward) and transformers' ``CompileConfig`` (full graph,
+    ``(tokens)`` positions (its batch size is set by the first forward; ``tokens`` must cover the prompt and
+    the new tokens: a longer generation stops with an index error, never a wrong token) and transformers' ``CompileConfig`` (full graph,
     static shapes, Inductor, on every device type)."""
     from transformers import CompileConfig, StaticCache
 
@@ -118,6 +119,16 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
     return {key: cache, "compile_config": config}
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, prepared: Prepared | None = None,
+             **kwargs):
+    """``model.generate(input_ids, max_new_tokens=..., **kwargs)`` with the compiled decode step when
+    ``prepared`` (from :func:`prepare`, or prepared here when None) compiled, eagerly otherwise; the static
+    cache is sized for this call, so it cannot overflow."""
+    prepared = prepared if prepared is not None else prepare(model, input_ids, max_new_tokens)
+    extra = generate_kwargs(model, int(input_ids.shape[-1]) + max_new_tokens) if prepared.compiled else {}
+    return model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **extra, **kwargs)
 
 
 def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Prepared:

@@ -84,6 +84,8 @@ def stories_layers(stories_dir):
     ({"gptq": True, "clip_grid": (0.9,)}, "exclude each other"),
     ({"gptq": "false"}, "gptq must be true or false"),
     ({"alpha_grid": 0.5}, "alpha_grid must be"),
+    ({"joint": True, "alpha_grid": (0.5,)}, "joint scores each alpha after its clipping search"),
+    ({"joint": True, "alpha_grid": (0.5,), "clip_grid": (0.9,), "score": "exact"}, "the diag score"),
 ])
 def test_bad_refine_spec(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -120,6 +122,8 @@ def test_rows_registered():
                                                                     "ttq_plus")}
     assert labels["ttq_alpha"] == ["TTQ+alpha (r=0)", "TTQ+alpha (r=16)"]
     assert labels["ttq_svd"] == ["TTQ+prompt-SVD (r=16)"]  # nothing to refine at r = 0
+    (_, j0), (_, j16) = table_rows("ttq_joint", opts)
+    assert j0.refine.joint and not j0.refine.prompt_lowrank and j16.refine.prompt_lowrank
     (_, c0), (_, c16) = table_rows("ttq_plus", opts)
     assert not c0.refine.prompt_lowrank and c16.refine.prompt_lowrank and c16.rank == 16
 
@@ -156,6 +160,21 @@ def test_searches_never_worse_than_plain_random(bits, group_size, seed):
     for refine in (RefineSpec(alpha_grid=ALPHAS, score="exact"), RefineSpec(clip_grid=CLIPS, score="exact")):
         assert _exact(w, ttq_qdq(w, x, spec, sc, refine=refine), x) <= _exact(w, plain, x) * (1 + 1e-6)
     assert _exact(w, ttq_qdq(w, x, spec, sc, refine=RefineSpec(gptq=True)), x) < 0.9 * _exact(w, plain, x)
+
+
+@pytest.mark.parametrize("bits,group_size", [(2, 32), (3, 32), (3, -1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_joint_search_never_worse_than_alpha_then_clip(bits, group_size, seed):
+    """joint picks the alpha of least error after clipping; alpha-then-clip clips at the alpha of least unclipped
+    error, one of joint's candidates: its diagonal error is never below joint's.  With one alpha they agree."""
+    w, x = _case(seed=seed)
+    spec, sc = QuantSpec(bits=bits, group_size=group_size), ScaleSpec()
+    seq = _diag(w, ttq_qdq(w, x, spec, sc, refine=RefineSpec(alpha_grid=ALPHAS, clip_grid=CLIPS)), x)
+    joint = _diag(w, ttq_qdq(w, x, spec, sc, refine=RefineSpec(alpha_grid=ALPHAS, clip_grid=CLIPS, joint=True)), x)
+    assert joint <= seq * (1 + 1e-5)
+    one = RefineSpec(alpha_grid=(0.25,), clip_grid=CLIPS)
+    assert torch.equal(ttq_qdq(w, x, spec, sc, refine=one),
+                       ttq_qdq(w, x, spec, sc, refine=RefineSpec(alpha_grid=(0.25,), clip_grid=CLIPS, joint=True)))
 
 
 def test_clip_and_alpha_strictly_help_at_low_bits():

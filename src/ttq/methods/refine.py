@@ -75,6 +75,8 @@ class RefineSpec:
         score_tokens: tokens in the ``"exact"`` score's sample (>= 1).
         svd_exact: the prompt-aware SVD: randomized (False; ``torch.svd_lowrank``, fixed seed),
             exact (True) or by size (None: :func:`ttq.methods.lowrank.svd_factors`' rule).
+        joint: with both grids, score each alpha after its own clipping search (one clipping search per
+            alpha) instead of choosing alpha on unclipped codes first; diag score only.
     """
 
     alpha_grid: tuple[float, ...] | None = None
@@ -86,6 +88,7 @@ class RefineSpec:
     score_tokens: int = 64
     svd_exact: bool | None = False
     hqq: bool = False
+    joint: bool = False
 
     def __post_init__(self) -> None:
         from ttq.typecheck import check_types
@@ -108,6 +111,9 @@ class RefineSpec:
         if self.gptq and self.clip_grid is not None:
             raise ConfigError("refine: clip_grid and gptq exclude each other (GPTQ takes each group's range from "
                               "the weights it has already updated); choose one")
+        if self.joint and (self.alpha_grid is None or self.clip_grid is None or self.score != "diag"):
+            raise ConfigError("refine: joint scores each alpha after its clipping search: it needs alpha_grid and "
+                              "clip_grid and the diag score")
         if self.hqq and (self.gptq or self.clip_grid is not None):
             raise ConfigError("refine: hqq excludes gptq and clip_grid (each of them chooses the codes); choose one")
 
@@ -405,6 +411,8 @@ def refine_quantize(
     elif w_res is None:
         w_res = residual(w, b, a) if rank else w.float()
     alpha, errors = float(scale.alpha), ()
+    if refine.joint:  # each alpha scored after its own clipping search
+        return _joint(w_res, stats, tokens, spec, scale, refine, b if rank else None, a if rank else None)
     if refine.alpha_grid is not None:
         alpha, errs = search_alpha(w_res, stats, tokens, spec, scale, refine.alpha_grid, refine.score)
         errors = tuple(errs)
@@ -432,3 +440,29 @@ def refine_quantize(
         codes, sc, z = quantize(w_res * s, spec, check=False)
     lowrank = rank > 0
     return Refined(codes, sc, z, s, b if lowrank else None, a if lowrank else None, alpha, errors, beta)
+
+
+def _joint(w_res: torch.Tensor, stats: ChannelStats, tokens: TokenStats, spec: QuantSpec, scale: ScaleSpec,
+           refine: RefineSpec, b: torch.Tensor | None, a: torch.Tensor | None) -> Refined:
+    """``refine.joint``: for each alpha of the grid the clipping search, then the alpha whose clipped codes have
+    the least diagonal error (first on ties); the C++ search where it runs, else the PyTorch one."""
+    from ttq.kernels.cpu_codes import clip_codes
+
+    best = None
+    errors = []
+    for alpha in refine.alpha_grid:
+        s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
+        v = w_res * s  # (d_out, d_in)
+        fused = clip_codes(v, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid))
+        if fused is not None:
+            codes, sc, z, beta, err = fused
+            total = float(err.double().sum())
+        else:
+            beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
+            codes, sc, z = apply_clip(v, spec, beta)
+            total = weighted_error(w_res - dequantize(codes, sc, z, spec.group_size, fmt=spec.fmt) / s, tokens)
+        errors.append(total)
+        if best is None or total < best[0]:
+            best = (total, float(alpha), codes, sc, z, s, beta)
+    _, alpha, codes, sc, z, s, beta = best
+    return Refined(codes, sc, z, s, b, a, alpha, tuple(errors), beta)

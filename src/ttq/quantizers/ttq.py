@@ -59,6 +59,8 @@ ROW_REFINES = {  # CLI row name -> (label, refinements)
     "ttq_hqq": ("TTQ+HQQ", RefineSpec(hqq=True)),
     "ttq_plus": ("TTQ+alpha+clip+prompt-SVD", RefineSpec(alpha_grid=ALPHA_GRID, clip_grid=CLIP_GRID,
                                                           prompt_lowrank=True)),
+    "ttq_joint": ("TTQ+(alpha x clip)+prompt-SVD", RefineSpec(alpha_grid=ALPHA_GRID, clip_grid=CLIP_GRID,
+                                                              prompt_lowrank=True, joint=True)),
 }
 
 

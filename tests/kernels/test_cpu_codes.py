@@ -176,3 +176,19 @@ def test_fused_clip_search_without_codes_gives_the_same_choice_and_errors():
     assert bare[0].shape == (0, w.shape[1])
     for got, want in zip(bare[1:], full[1:]):
         assert torch.equal(got, want)
+
+
+@needs_ext
+def test_fused_clip_search_scales_rows_itself_exactly():
+    """With s, clip_codes forms w diag(s) row by row: the same float32 products, so the same results as on w * s."""
+    spec = QuantSpec(bits=3, group_size=32)
+    w = _weight()
+    g = torch.Generator().manual_seed(5)
+    s = torch.rand(w.shape[1], generator=g) + 0.3
+    hw = torch.rand(w.shape[1], generator=g)
+    grid = (1.0, 0.9, 0.8)
+    for with_codes in (True, False):
+        a = cpu_codes.clip_codes(w * s, hw, spec, grid, with_codes)
+        b = cpu_codes.clip_codes(w, hw, spec, grid, with_codes, s=s)
+        for got, want in zip(b, a):
+            assert torch.equal(got, want)

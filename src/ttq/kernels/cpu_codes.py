@@ -62,7 +62,8 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return torch.ops.ttq_cpu.dequant_codes(codes, scale, zero, effective_group_size(d_in, group_size))
 
 
-def clip_codes(v: torch.Tensor, hw: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...], with_codes: bool = True
+def clip_codes(v: torch.Tensor, hw: torch.Tensor, spec: QuantSpec, grid: tuple[float, ...], with_codes: bool = True,
+               s: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The diagonal-scored clipping search of :func:`ttq.methods.refine.search_clip` fused with
     :func:`~ttq.methods.refine.apply_clip`, one pass over ``v`` (``csrc/codes.inc``).
@@ -71,6 +72,8 @@ def clip_codes(v: torch.Tensor, hw: torch.Tensor, spec: QuantSpec, grid: tuple[f
         v: (d_out, d_in) float32 scaled weight ``w_res diag(s)``; hw: (d_in,) ``h_i / s_i^2``.
         spec: an integer format; grid: the shrinks tried, in order (the first of equal errors wins).
         with_codes: False returns empty codes (0, d_in) and skips writing them (a search that needs the errors only).
+        s: (d_in,) when given, ``v`` is the unscaled ``w_res`` and ``w_res diag(s)`` is formed row by row inside
+            (the same float32 products, no temporary).
     Returns:
         (codes uint8 (d_out, d_in), scale, zero, beta, error), the last four float32 (d_out, n_groups),
         or None when the fused kernel does not apply (the PyTorch path runs instead): not the integer
@@ -84,4 +87,4 @@ def clip_codes(v: torch.Tensor, hw: torch.Tensor, spec: QuantSpec, grid: tuple[f
         return None
     g = effective_group_size(v.shape[1], spec.group_size)
     return torch.ops.ttq_cpu.clip_codes(v, hw.float(), spec.bits, g, spec.symmetric, float(spec.nu),
-                                        [float(b) for b in grid], with_codes)
+                                        [float(b) for b in grid], with_codes, s)

@@ -240,7 +240,7 @@ def search_alpha(
     errors = []
     for alpha in grid:
         s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
-        fused = clip_codes(w_res * s, tokens.sq / s.square(), spec, (1.0,), with_codes=False) if score == "diag" else None
+        fused = clip_codes(w_res, tokens.sq / s.square(), spec, (1.0,), with_codes=False, s=s) if score == "diag" else None
         if fused is not None:  # one C++ pass: plain quantization and its per-group diagonal error
             errors.append(float(fused[4].double().sum()))
         else:
@@ -425,15 +425,15 @@ def refine_quantize(
 
         codes, sc, z = hqq_quantize(w_res * s, spec)  # (d_out, d_in) scaled weight
     elif refine.clip_grid is not None:
-        v = w_res * s  # (d_out, d_in)
         fused = None
-        if refine.score == "diag":  # search and codes in one C++ pass (None: the PyTorch path)
+        if refine.score == "diag":  # search and codes in one C++ pass, w_res diag(s) formed inside (None: PyTorch)
             from ttq.kernels.cpu_codes import clip_codes
 
-            fused = clip_codes(v, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid))
+            fused = clip_codes(w_res, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid), s=s)
         if fused is not None:
             codes, sc, z, beta, _ = fused
         else:
+            v = w_res * s  # (d_out, d_in)
             beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
             codes, sc, z = apply_clip(v, spec, beta)
     else:
@@ -452,12 +452,12 @@ def _joint(w_res: torch.Tensor, stats: ChannelStats, tokens: TokenStats, spec: Q
     errors = []
     for alpha in refine.alpha_grid:
         s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
-        v = w_res * s  # (d_out, d_in)
-        fused = clip_codes(v, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid))
+        fused = clip_codes(w_res, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid), s=s)
         if fused is not None:
             codes, sc, z, beta, err = fused
             total = float(err.double().sum())
         else:
+            v = w_res * s  # (d_out, d_in)
             beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
             codes, sc, z = apply_clip(v, spec, beta)
             total = weighted_error(w_res - dequantize(codes, sc, z, spec.group_size, fmt=spec.fmt) / s, tokens)

@@ -654,7 +654,7 @@ TORCH_LIBRARY(ttq_cpu, m) {
   m.def("quant_codes(Tensor w, int bits, int group, bool symmetric, float nu) -> (Tensor, Tensor, Tensor, int)");
   m.def("dequant_codes(Tensor codes, Tensor scale, Tensor zero, int group) -> Tensor");
   m.def("clip_codes(Tensor v, Tensor hw, int bits, int group, bool symmetric, float nu, float[] grid,"
-        " bool with_codes=True)"
+        " bool with_codes=True, Tensor? s=None)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("has_avx512() -> int");
   m.def("has_avx2_gemm() -> int");

@@ -15,7 +15,7 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
 * Compilation is paid once per shape and kept on disk (Inductor's cache, in ttq's cache folder
   unless ``TORCHINDUCTOR_CACHE_DIR`` is set): SmolLM2-135M took ~60 s the first time and ~12 s in a
   later process on a 2-core CPU (RESULTS, issue 17).
-* :func:`prepare` compiles with a two-token warm-up and falls back to eager decoding with one
+* :func:`prepare` compiles with a short warm-up (two decode steps) and falls back to eager decoding with one
   logged line when compilation is unavailable (no C++ compiler, an architecture transformers
   does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
 
@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 CACHE_STEP = 256  # static KV cache lengths are multiples of this (one compiled graph per bucket)
 RECOMPILE_LIMIT = 64  # graphs dynamo keeps per code object (models x shapes in one process)
+# decode steps of the warm-up: the second one lets dynamo turn Python ints that change at every step (the
+# sliding-window layers' cumulative length of Gemma3's static cache) into symbolic ones, so the real generation
+# never recompiles (``dynamic=None``: static shapes until something changes; with dynamic=False every step recompiled)
+WARM_STEPS = 2
 
 
 def cache_length(tokens: int) -> int:
@@ -111,10 +115,10 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     """``model.generate`` keywords of a compiled decode: a fresh static cache of :func:`cache_length`
     ``(tokens)`` positions (its batch size is set by the first forward; ``tokens`` must cover the prompt and
     the new tokens: a longer generation stops with an index error, never a wrong token) and transformers' ``CompileConfig`` (full graph,
-    static shapes, Inductor, on every device type)."""
+    automatic dynamic shapes, Inductor, on every device type)."""
     from transformers import CompileConfig, StaticCache
 
-    config = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
+    config = CompileConfig(fullgraph=True, dynamic=None, backend="inductor", mode="default")
     config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
@@ -134,8 +138,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, pre
 def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Prepared:
     """Compile ``model``'s decode step for generations shaped like ``input_ids`` + ``max_new_tokens``.
 
-    A two-token warm-up generation (the prompt's first tokens, a cache of the real length bucket)
-    triggers compilation; it quantizes the TTQ layers for its own short prompt, and the real
+    A short warm-up generation (the prompt's first tokens, :data:`WARM_STEPS` decode steps, a cache of the
+    real length bucket) triggers compilation; it quantizes the TTQ layers for its own short prompt, and the real
     generation's prefill quantizes them again.  On any failure the model is left as it was and
     decoding stays eager, with one logged line.
 
@@ -161,8 +165,8 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2, min_new_tokens=2,
-                           do_sample=False, **generate_kwargs(model, tokens))
+            model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=WARM_STEPS + 1,
+                           min_new_tokens=WARM_STEPS + 1, do_sample=False, **generate_kwargs(model, tokens))
     except Exception as e:  # noqa: BLE001 - Inductor/dynamo raise many types; decoding eagerly is always correct
         root = e
         while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:

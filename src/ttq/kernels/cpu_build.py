@@ -106,13 +106,17 @@ def load(strict: bool = False, verbose: bool = False) -> bool:
         if not _state["loaded"] and _state["error"] is None:
             try:
                 _build(verbose)
-                from ttq.kernels import cpu_fake
-
-                cpu_fake.register()  # shapes of the products for torch.compile (ttq.compiled)
                 _state["loaded"] = True
             except Exception as e:  # compiler missing, headers missing, bad flags: fall back, never crash
                 _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
                 log.warning("ttq CPU kernels unavailable (%s); using the reference path", _state["error"])
+            if _state["loaded"]:
+                try:
+                    from ttq.kernels import cpu_fake
+
+                    cpu_fake.register()  # shapes of the products for torch.compile (ttq.compiled)
+                except Exception as e:  # noqa: BLE001 - only compiling needs them: the kernels stay usable
+                    log.warning("ttq CPU kernels: no fake implementations for torch.compile (%s)", e)
     if strict and not _state["loaded"]:
         raise RuntimeError(f"ttq CPU kernels could not be built: {_state['error']}")
     return _state["loaded"]

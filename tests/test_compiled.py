@@ -98,7 +98,7 @@ def test_prepare_falls_back_to_eager_with_one_line(stories_model, prompts, caplo
     model = _ttq(stories_model, refresh_every=2)
     with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
         prep = compiled.prepare(model, prompts[0], NEW)
-    assert not prep.compiled and prep.kwargs == {}
+    assert not prep.compiled and prep.seconds == 0
     assert [r.getMessage() for r in caplog.records if r.name == "ttq.compiled"] == [
         "compiled decode unavailable: prompt mode with refresh_every re-quantizes during decoding (Python work per "
         "step); decoding eagerly"]
@@ -130,7 +130,8 @@ def test_a_failing_compilation_falls_back_and_decodes_exactly(stories_model, pro
     assert "compilation failed" in prep.reason and "no compiler today" in prep.reason
     assert len([r for r in caplog.records if r.name == "ttq.compiled"]) == 1
     runtime.reset(model)
-    assert torch.equal(_generate(model, prompts[0], **prep.kwargs), eager)
+    assert torch.equal(compiled.generate(model, prompts[0], NEW, prep, attention_mask=torch.ones_like(prompts[0]),
+                                        do_sample=False, min_new_tokens=NEW), eager)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3", "mistral"])

@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -91,16 +91,12 @@ def unavailable(model: nn.Module, tokens: int | None = None) -> str | None:
 
 @dataclass
 class Prepared:
-    """What :func:`prepare` did: ``kwargs`` for ``model.generate`` ({} = eager decoding), ``seconds`` the
-    warm-up took (compilation included), ``reason`` why it fell back (None when compiled)."""
+    """What :func:`prepare` did: ``compiled`` (the decode step compiled; False = decode eagerly), ``seconds``
+    the warm-up took (compilation included), ``reason`` why it fell back (None when compiled)."""
 
-    kwargs: dict = field(default_factory=dict)
+    compiled: bool = False
     seconds: float = 0.0
     reason: str | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return bool(self.kwargs)
 
 
 def _cache_dir() -> None:
@@ -144,8 +140,8 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     decoding stays eager, with one logged line.
 
     Returns:
-        a :class:`Prepared` whose ``kwargs`` go to ``model.generate`` (empty after a fall-back). Each
-        call of ``generate`` needs fresh kwargs (a new static cache): call :func:`generate_kwargs`.
+        a :class:`Prepared`; when it compiled, generate with :func:`generate` (or pass ``model.generate``
+        fresh :func:`generate_kwargs` per call: each call needs its own static cache).
     """
     from ttq.runtime import reset, ttq_layers
 
@@ -179,4 +175,4 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
         return Prepared(reason=reason, seconds=time.perf_counter() - t0)
     if ttq_layers(model):
         reset(model)
-    return Prepared(generate_kwargs(model, tokens), time.perf_counter() - t0)
+    return Prepared(True, time.perf_counter() - t0)

@@ -105,6 +105,25 @@ def test_svd_factors_exact_must_be_bool_or_none(bad) -> None:
         svd_factors(torch.randn(8, 6), 2, exact=bad)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_svd_factors_do_not_depend_on_the_thread_count(exact) -> None:
+    """LAPACK's SVD rounds differently on 2 threads than on 1: ~1e-5 on SmolLM2's factors, enough to flip 3-bit
+    codes of W - B A and move TTQ r = 16's logits by up to 9.  The factors are computed on one thread, so they are
+    bit-identical whatever torch's thread setting, and the setting is restored."""
+    w = torch.randn(384, 1152, generator=torch.Generator().manual_seed(0))
+    saved = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            got[n] = svd_factors(w, 16, exact=exact)
+            assert torch.get_num_threads() == n
+        for n in (2, 4):
+            assert torch.equal(got[n][0], got[1][0]) and torch.equal(got[n][1], got[1][1])
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_svd_full_rank_reconstructs() -> None:
     w = torch.randn(12, 20, generator=_gen(0))
     b, a = svd_factors(w, 12)

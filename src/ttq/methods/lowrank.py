@@ -7,6 +7,9 @@ prints ``L_r^(-1/2)``; only ``+1/2`` reproduces ``B A = svd_r[W]``.)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -18,6 +21,27 @@ def check_rank(rank: int, shape: tuple[int, int]) -> None:
 
 EXACT_SVD_MAX_NUMEL = 1 << 24  # exact SVD up to 16.8 M weights (every SmolLM2-135M layer), randomized above
 SVD_OVERSAMPLE, SVD_NITER = 16, 6  # randomized SVD: extra sketch columns and power iterations
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block on one CPU thread (no change on other devices or when torch already uses one).
+
+    LAPACK's SVD and the GEMMs of the randomized SVD round differently with another thread count: on
+    SmolLM2 the factors moved by ~1e-5, enough to flip 3-bit codes of ``W - B A`` and change TTQ r = 16's
+    logits by up to 9 (perplexity by a few %) between a 1-thread and a 2-thread run.  One thread makes the
+    factors, and so every r > 0 result, independent of the machine's thread setting (the SVD runs once
+    per layer, outside the hot path).
+    """
+    n = torch.get_num_threads()
+    if device.type != "cpu" or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def svd_factors(w: torch.Tensor, rank: int, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,15 +62,16 @@ def svd_factors(w: torch.Tensor, rank: int, exact: bool | None = None) -> tuple[
         return w.new_zeros(w.shape[0], 0, dtype=torch.float32), w.new_zeros(0, w.shape[1], dtype=torch.float32)
     if exact is None:
         exact = w.numel() <= EXACT_SVD_MAX_NUMEL
-    if exact:
-        u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
-    else:
-        devices = [w.device] if w.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
-            q = min(rank + SVD_OVERSAMPLE, *w.shape)
-            u, sv, v = torch.svd_lowrank(w.float(), q=q, niter=SVD_NITER)  # (d_out, q), (q,), (d_in, q)
-        vh = v.T
+    with one_cpu_thread(w.device):  # the same factors whatever torch's thread count (see one_cpu_thread)
+        if exact:
+            u, sv, vh = torch.linalg.svd(w.float(), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+        else:
+            devices = [w.device] if w.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                q = min(rank + SVD_OVERSAMPLE, *w.shape)
+                u, sv, v = torch.svd_lowrank(w.float(), q=q, niter=SVD_NITER)  # (d_out, q), (q,), (d_in, q)
+            vh = v.T
     root = sv[:rank].sqrt()
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 

@@ -206,3 +206,22 @@ def test_handler_builds_modules(stories_calib) -> None:
 
 def block_linears_modules(model: nn.Module) -> list[nn.Module]:
     return [m for n, m in model.named_modules() if n.endswith(("_proj",))]
+
+
+def test_gptq_does_not_depend_on_the_thread_count():
+    """LAPACK's Cholesky rounds differently on 2 threads than on 1 (~1e-8 in U), which changed GPTQ's codes; it
+    runs on one thread, so the codes, scales and zeros are bit-identical whatever torch's thread setting."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 768, generator=g)
+    x = torch.randn(2048, 768, generator=g) * (torch.rand(768, generator=g) * 3)
+    h = x.T @ x
+    saved = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = gptq_quantize(w, h.clone(), QuantSpec(bits=3, group_size=32))
+        for a, b in zip(got[1], got[2]):
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+    finally:
+        torch.set_num_threads(saved)

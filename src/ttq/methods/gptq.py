@@ -40,6 +40,7 @@ import logging
 import torch
 
 from ttq.formats.affine import QuantSpec, dequantize, effective_group_size, group_params, num_groups, quantize
+from ttq.methods.lowrank import one_cpu_thread
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,12 @@ def damped_inverse_cholesky(
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     lam = float(damp)
     while True:
-        chol, info = torch.linalg.cholesky_ex(h + lam * mean * eye)
-        if int(info) == 0:
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if int(info) == 0 and torch.isfinite(u).all():
-                return u, lam
+        with one_cpu_thread(h.device):  # LAPACK rounds differently on more threads: the same U on any machine
+            chol, info = torch.linalg.cholesky_ex(h + lam * mean * eye)
+            if int(info) == 0:
+                u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if int(info) == 0 and torch.isfinite(u).all():
+            return u, lam
         if lam * 10 > max_damp * (1 + 1e-9):
             raise ValueError(
                 f"the Hessian is too ill-conditioned (or not positive semi-definite): Cholesky failed with damping "

@@ -222,3 +222,19 @@ def test_powerlaw_alpha_matches_weightwatcher():
         assert alpha_hat(alpha, eigs) == pytest.approx(row["alpha_weighted"], rel=1e-3)
         assert stable_rank(eigs) == pytest.approx(row["stable_rank"], rel=1e-3)
         assert eigs.max().item() == pytest.approx(row["lambda_max"], rel=1e-4)
+
+
+@pytest.mark.parametrize("farms", [False, True])
+def test_esd_does_not_depend_on_the_thread_count(farms):
+    """LAPACK's SVD rounds differently on more threads; the spectra (and so AlphaQ's alphas and plans) are
+    computed on one thread: bit-identical whatever torch's thread setting."""
+    w = torch.randn(384, 1152, generator=torch.Generator().manual_seed(0))
+    saved = torch.get_num_threads()
+    try:
+        got = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = esd(w, farms=farms)
+        assert torch.equal(got[1], got[2])
+    finally:
+        torch.set_num_threads(saved)

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ttq.methods.lowrank import one_cpu_thread
+
 ESTIMATORS = ("hill", "mle")
 XMIN_SEARCHES = ("full", "peak")
 
@@ -141,13 +143,14 @@ def esd(w: torch.Tensor, farms: bool = True, block: int = 128, max_blocks: int =
     """
     w = _check_weight(w)
     blocks = farms_blocks(tuple(w.shape), block, max_blocks, seed) if farms else torch.zeros(0, 2, dtype=torch.long)
-    if blocks.shape[0] == 0:
-        sv = torch.linalg.svdvals(w)  # (min(m, n),)
-    else:
-        rows, cols = w.shape[0] // block, w.shape[1] // block
-        grid = w[: rows * block, : cols * block].reshape(rows, block, cols, block).transpose(1, 2)  # (R, C, b, b)
-        picked = grid[blocks[:, 0].to(w.device), blocks[:, 1].to(w.device)]  # (k, b, b)
-        sv = torch.linalg.svdvals(picked).reshape(-1)  # (k * b,)
+    with one_cpu_thread(w.device):  # LAPACK rounds differently on more threads: the same spectrum anywhere
+        if blocks.shape[0] == 0:
+            sv = torch.linalg.svdvals(w)  # (min(m, n),)
+        else:
+            rows, cols = w.shape[0] // block, w.shape[1] // block
+            grid = w[: rows * block, : cols * block].reshape(rows, block, cols, block).transpose(1, 2)  # (R, C, b, b)
+            picked = grid[blocks[:, 0].to(w.device), blocks[:, 1].to(w.device)]  # (k, b, b)
+            sv = torch.linalg.svdvals(picked).reshape(-1)  # (k * b,)
     return torch.sort(sv.square()).values
 
 

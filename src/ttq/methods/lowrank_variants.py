@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ttq.formats.affine import QuantSpec, qdq
-from ttq.methods.lowrank import check_rank, residual, svd_factors
+from ttq.methods.lowrank import check_rank, one_cpu_thread, residual, svd_factors
 from ttq.methods.pruning import check_sparsity, masked_qdq, prune_mask
 from ttq.methods.scaling import scaled_qdq, shrunk_correlation  # noqa: F401  (eq. 13; the ASVD correlation)
 
@@ -45,7 +45,8 @@ def sqrt_pair(corr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top = ev.max()
         ev = torch.ones_like(ev) if top <= 0 else ev.clamp_min(top * EIG_FLOOR)
         return ev.sqrt(), ev.rsqrt()
-    ev, vec = torch.linalg.eigh(corr.float())  # ascending eigenvalues, (d,), (d, d)
+    with one_cpu_thread(corr.device):  # LAPACK rounds differently on more threads: the same basis anywhere
+        ev, vec = torch.linalg.eigh(corr.float())  # ascending eigenvalues, (d,), (d, d)
     top = ev[-1]
     ev = torch.ones_like(ev) if top <= 0 else ev.clamp_min(top * EIG_FLOOR)
     return (vec * ev.sqrt()) @ vec.T, (vec * ev.rsqrt()) @ vec.T
@@ -69,7 +70,8 @@ def asvd_factors(w: torch.Tensor, rank: int, corr: torch.Tensor) -> tuple[torch.
         return svd_factors(w, 0)
     half, inv_half = sqrt_pair(corr)
     wc = w.float() * half if half.dim() == 1 else w.float() @ half  # (d_out, d_in)
-    u, sv, vh = torch.linalg.svd(wc, full_matrices=False)
+    with one_cpu_thread(wc.device):
+        u, sv, vh = torch.linalg.svd(wc, full_matrices=False)
     root = sv[:rank].sqrt()
     a = root[:, None] * vh[:rank]  # (r, d_in)
     a = a * inv_half if inv_half.dim() == 1 else a @ inv_half

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from ttq.formats.affine import QuantSpec, _grouped, effective_group_size, expand_groups
+from ttq.methods.lowrank import one_cpu_thread
 
 LWC_INIT = 4.0  # OmniQuant's initial clipping logit: sigmoid(4) = 0.982
 
@@ -195,7 +196,8 @@ def svd_basis(w: torch.Tensor, n: int) -> SVDBasis:
     a, b = m.shape
     n = min(n, a - 1)
     a_used = min(a, b + n)
-    u, s, vh = torch.linalg.svd(m, full_matrices=a_used > b)  # (a, a) or (a, b), (b,), (b, b)
+    with one_cpu_thread(m.device):  # LAPACK rounds differently on more threads: the same factors anywhere
+        u, s, vh = torch.linalg.svd(m, full_matrices=a_used > b)  # (a, a) or (a, b), (b,), (b, b)
     flat, pick = band_positions(a, b, n)
     dev = w.device
     return SVDBasis(u[:, :a_used].contiguous(), vh, s, n, transposed, flat.to(dev), pick.to(dev))

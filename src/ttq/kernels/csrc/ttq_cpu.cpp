@@ -83,6 +83,14 @@ inline GroupParams params_from_range(float mn, float mx, int qmax, bool symmetri
   return {diff / (float)qmax, mn};
 }
 
+// The integer code of v in a group (zero, scale): clamp(round((v - zero) / safe), 0, qmax), round half to even as
+// torch.round, with safe = scale or 1 for a constant group (ttq.formats.affine.quantize, the same float32 ops).
+inline float code_of(float v, float zero, float safe, int qmax) {
+  float c = std::rint((v - zero) / safe);
+  c = c < 0.0f ? 0.0f : c;
+  return c > (float)qmax ? (float)qmax : c;
+}
+
 inline bool half_ok(float v) {
   float a = std::fabs(v);
   return a == 0.0f || (a >= 6.103515625e-05f && a <= 65504.0f);
@@ -138,10 +146,7 @@ void quant_rows_scalar(const T* w, const float* s, int64_t r0, int64_t r1, int64
       GroupParams p = params_from_range(mn, mx, qmax, symmetric, nu);
       const float safe = p.scale > 0 ? p.scale : 1.0f;
       for (int64_t i = c0; i < c1; ++i) {
-        float v = std::rint((buf[i] - p.zero) / safe);  // round half to even, as torch.round
-        v = v < 0.0f ? 0.0f : v;
-        v = v > (float)qmax ? (float)qmax : v;
-        codes[i] = (uint8_t)v;
+        codes[i] = (uint8_t)code_of(buf[i], p.zero, safe, qmax);
       }
       if constexpr (sizeof(ST) == 2) {
         if (!half_ok(p.scale) || !half_ok(p.zero)) *status |= 2;

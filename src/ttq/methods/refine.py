@@ -304,6 +304,29 @@ def search_clip(
     return best
 
 
+def clipped_codes(
+    w_res: torch.Tensor, s: torch.Tensor, tokens: TokenStats, spec: QuantSpec, grid: tuple[float, ...],
+    score: str = "diag",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The clipping search of ``w_res diag(s)`` and its codes: one C++ pass for the diagonal score
+    (:func:`ttq.kernels.cpu_codes.clip_codes`, ``w_res diag(s)`` formed inside), else :func:`search_clip` and
+    :func:`apply_clip`.
+
+    Returns:
+        (codes, scale, zero, beta, error): error is the C++ pass's per-group diagonal error (d_out, n_groups),
+        None from the PyTorch path.
+    """
+    if score == "diag":
+        from ttq.kernels.cpu_codes import clip_codes
+
+        fused = clip_codes(w_res, tokens.sq / s.square(), spec, clip_candidates(grid), s=s)
+        if fused is not None:
+            return fused
+    v = w_res * s  # (d_out, d_in)
+    beta = search_clip(v, s, tokens, spec, grid, score)
+    return (*apply_clip(v, spec, beta), beta, None)
+
+
 def apply_clip(v: torch.Tensor, spec: QuantSpec, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes uint8 (d_out, d_in), scale and zero (d_out, n_groups) of ``v`` with each group's range shrunk by
     ``beta`` (d_out, n_groups): ``S = beta S_minmax``, ``Z = beta Z_minmax``; weights outside clamp to the ends."""
@@ -425,17 +448,7 @@ def refine_quantize(
 
         codes, sc, z = hqq_quantize(w_res * s, spec)  # (d_out, d_in) scaled weight
     elif refine.clip_grid is not None:
-        fused = None
-        if refine.score == "diag":  # search and codes in one C++ pass, w_res diag(s) formed inside (None: PyTorch)
-            from ttq.kernels.cpu_codes import clip_codes
-
-            fused = clip_codes(w_res, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid), s=s)
-        if fused is not None:
-            codes, sc, z, beta, _ = fused
-        else:
-            v = w_res * s  # (d_out, d_in)
-            beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
-            codes, sc, z = apply_clip(v, spec, beta)
+        codes, sc, z, beta, _ = clipped_codes(w_res, s, tokens, spec, refine.clip_grid, refine.score)
     else:
         codes, sc, z = quantize(w_res * s, spec, check=False)
     lowrank = rank > 0
@@ -446,20 +459,14 @@ def _joint(w_res: torch.Tensor, stats: ChannelStats, tokens: TokenStats, spec: Q
            refine: RefineSpec, b: torch.Tensor | None, a: torch.Tensor | None) -> Refined:
     """``refine.joint``: for each alpha of the grid the clipping search, then the alpha whose clipped codes have
     the least diagonal error (first on ties); the C++ search where it runs, else the PyTorch one."""
-    from ttq.kernels.cpu_codes import clip_codes
-
     best = None
     errors = []
     for alpha in refine.alpha_grid:
         s = input_scale(stats, dataclasses.replace(scale, alpha=float(alpha)))  # (d_in,)
-        fused = clip_codes(w_res, tokens.sq / s.square(), spec, clip_candidates(refine.clip_grid), s=s)
-        if fused is not None:
-            codes, sc, z, beta, err = fused
+        codes, sc, z, beta, err = clipped_codes(w_res, s, tokens, spec, refine.clip_grid, "diag")
+        if err is not None:
             total = float(err.double().sum())
         else:
-            v = w_res * s  # (d_out, d_in)
-            beta = search_clip(v, s, tokens, spec, refine.clip_grid, refine.score)
-            codes, sc, z = apply_clip(v, spec, beta)
             total = weighted_error(w_res - dequantize(codes, sc, z, spec.group_size, fmt=spec.fmt) / s, tokens)
         errors.append(total)
         if best is None or total < best[0]:

@@ -204,12 +204,9 @@ def run(args) -> int:
     if args.gguf is not None and not os.path.isfile(args.gguf):  # now, not after the model and parts a / b
         raise ConfigError(f"--gguf {args.gguf}: no such file (give the path of a .gguf file of the same model)")
     if args.refines:  # an unknown name fails now, not after the model and parts a / b
-        import ttq.config  # noqa: F401  (registers the refinement rows)
-        from ttq.quantizers.ttq import ROW_REFINES
+        from ttq.quantizers.ttq import check_refine_rows
 
-        unknown = [n for n in args.refines if n not in ROW_REFINES]
-        if unknown:
-            raise ConfigError(f"--refines: unknown refinement row(s) {', '.join(unknown)}; allowed: {', '.join(ROW_REFINES)}")
+        check_refine_rows(args.refines)
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick

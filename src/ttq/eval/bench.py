@@ -371,7 +371,7 @@ def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layout
     entry the widest TTQ rows (with the packed head if asked) in that layout; per ``refines`` entry (a
     refinement row name, e.g. ``ttq_clip``) the widest TTQ rows quantized with that refinement (the
     prompt-aware SVD only at r > 0), their quantization cost in ``quant / prefill``."""
-    from ttq.quantizers.ttq import ROW_REFINES
+    from ttq.quantizers.ttq import ROW_REFINES, check_refine_rows, refine_at
 
     rows = [GenRow("fp32", "fp32"), GenRow("bf16", "bf16")]
     rows += [GenRow(f"ttq {b}-bit r={r}", "ttq", b, r) for r in ranks for b in bits]
@@ -381,25 +381,11 @@ def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layout
     if head_bits:
         rows += [GenRow(f"ttq {top}-bit r={r}{head}", kind, top, r) for r in ranks]
     rows += [GenRow(f"ttq {top}-bit r={r}{head} [{lay}]", kind, top, r, lay) for lay in layouts for r in ranks]
+    check_refine_rows(refines)
     for name in refines:
-        if name not in ROW_REFINES:
-            raise ConfigError(f"unknown refinement row {name!r}; allowed: {', '.join(ROW_REFINES)}")
         rows += [GenRow(f"{ROW_REFINES[name][0]} {top}-bit r={r}", "ttq", top, r, refine=name) for r in ranks
                  if refine_at(name, r) is not None]
     return rows
-
-
-def refine_at(name: str, rank: int):
-    """The :class:`ttq.methods.refine.RefineSpec` of refinement row ``name`` at ``rank`` (the prompt-aware SVD
-    needs r > 0), or None when nothing is left to refine (prompt-SVD alone at r = 0), as ``ttq ppl``'s rows."""
-    import dataclasses
-
-    from ttq.methods.refine import RefineSpec
-    from ttq.quantizers.ttq import ROW_REFINES
-
-    base = ROW_REFINES[name][1]
-    spec = dataclasses.replace(base, prompt_lowrank=base.prompt_lowrank and rank > 0)
-    return None if spec == RefineSpec() else spec
 
 
 def bench_generation(
@@ -463,6 +449,8 @@ def bench_generation(
             m = copy.deepcopy(model).to(torch.bfloat16)
         else:
             m = copy.deepcopy(model)
+            from ttq.quantizers.ttq import refine_at
+
             refine = refine_at(c.refine, r) if c.refine else None
             ttq.quantize_(m, ttq.TTQConfig(quant=QuantSpec(bits=b, group_size=group_size), rank=r, refine=refine))
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
@@ -515,7 +503,6 @@ def bench_generation(
         reset_peak_rss()
         cpp = bench_llamacpp(gguf, ids, new_tokens, torch.get_num_threads(), repeats, stat)
         cpp["peak_rss_mb"] = peak_rss_mb()
-        cpp.update(compile_s=None, compile_note=None, same_as_reference=cpp.get("same_as_reference"))
         rows.append(cpp)
     base = {r["config"]: r for r in rows}
     for r in rows:

@@ -107,4 +107,5 @@ def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, t
     return dict(config=f"llama.cpp {Path(gguf).name}", prompt_tokens=len(prompt), new_tokens=new_tokens,
                 prefill_s=pre, decode_s=dec, prefill_tps=len(prompt) / pre,
                 decode_tps=(new_tokens - 1) / dec if dec > 0 else float("nan"), quant_s=None, peak_rss_mb=None,
-                output_ids=out, same_as_reference=None, quant_over_prefill=None, threads=threads)
+                output_ids=out, same_as_reference=None, quant_over_prefill=None, compile_s=None, compile_note=None,
+                threads=threads)

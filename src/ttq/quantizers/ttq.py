@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch.nn as nn
 
+from ttq.errors import ConfigError
 from ttq.formats.affine import QuantSpec
 from ttq.methods.lowrank import check_rank as check_rank_fits
 from ttq.methods.refine import RefineSpec, check_refine
@@ -64,17 +65,28 @@ ROW_REFINES = {  # CLI row name -> (label, refinements)
 }
 
 
+def check_refine_rows(names) -> None:
+    """Refuse names that are not refinement rows (``ConfigError`` naming the allowed ones)."""
+    unknown = [n for n in names if n not in ROW_REFINES]
+    if unknown:
+        raise ConfigError(f"unknown refinement row(s) {', '.join(map(str, unknown))}; allowed: {', '.join(ROW_REFINES)}")
+
+
+def refine_at(name: str, rank: int) -> RefineSpec | None:
+    """Refinement row ``name``'s :class:`RefineSpec` at ``rank`` (the prompt-aware SVD needs r > 0), or None when
+    nothing is left to refine (prompt-SVD alone at r = 0: no row)."""
+    check_refine_rows([name])
+    refine = ROW_REFINES[name][1]
+    spec = dataclasses.replace(refine, prompt_lowrank=refine.prompt_lowrank and rank > 0)
+    return None if spec == RefineSpec() else spec
+
+
 def _refine_rows(name: str):
     label, refine = ROW_REFINES[name]
 
     def rows(options: RowOptions) -> list[tuple[str, TTQConfig]]:
-        out = []
-        for r in options.ranks:
-            spec = dataclasses.replace(refine, prompt_lowrank=refine.prompt_lowrank and r > 0)
-            if spec == RefineSpec():  # prompt-SVD alone at r = 0: nothing to refine, no row
-                continue
-            out.append((f"{label} (r={r})", TTQConfig(quant=options.quant, scale=options.scale, rank=r, refine=spec)))
-        return out
+        return [(f"{label} (r={r})", TTQConfig(quant=options.quant, scale=options.scale, rank=r, refine=spec))
+                for r in options.ranks if (spec := refine_at(name, r)) is not None]
 
     rows.__doc__ = f"``{label}``: TTQ with {refine} (one row per rank; prompt-SVD rows need r > 0)."
     return register_rows(name)(rows)

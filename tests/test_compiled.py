@@ -45,6 +45,7 @@ def compiled_model(stories_dir, prompts):
     prep = compiled.prepare(model, prompts[0], NEW)
     assert prep.compiled, prep.reason
     assert prep.reason is None and prep.seconds > 0
+    assert model.config._attn_implementation == "ttq_sdpa"  # single-token attention on the key/value heads
     return model
 
 
@@ -128,6 +129,7 @@ def test_a_failing_compilation_falls_back_and_decodes_exactly(stories_model, pro
         prep = compiled.prepare(model, prompts[0], NEW)
     assert not prep.compiled
     assert "compilation failed" in prep.reason and "no compiler today" in prep.reason
+    assert model.config._attn_implementation == "sdpa"  # the decode attention is given back with the fallback
     assert len([r for r in caplog.records if r.name == "ttq.compiled"]) == 1
     runtime.reset(model)
     assert torch.equal(compiled.generate(model, prompts[0], NEW, prep, attention_mask=torch.ones_like(prompts[0]),
@@ -198,3 +200,65 @@ def test_generate_sizes_its_cache_and_an_undersized_cache_errors(compiled_model,
     runtime.reset(compiled_model)
     with pytest.raises(Exception, match="index out of bounds|out of range|out of bounds"):
         _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, 8))
+
+
+def _exact(model, ids) -> None:
+    """Compiled greedy tokens equal eager ones on ``model``."""
+    runtime.reset(model)
+    eager = _generate(model, ids)
+    runtime.reset(model)
+    assert torch.equal(_generate(model, ids, **compiled.generate_kwargs(model, ids.shape[-1] + NEW)), eager)
+
+
+def test_a_model_changed_after_compiling_is_compiled_again(stories_dir, prompts, caplog):
+    """The step skips dynamo's per-step guards on the modules; the state key, checked once per generation,
+    takes their place: re-quantized at other bits (other packed shapes), given other packed layouts, or cast,
+    the model gets a new compiled step (one logged line) and decodes exactly."""
+    from ttq.models import load_model
+
+    model, _ = load_model(str(stories_dir))
+    _ttq(model)
+    assert compiled.prepare(model, prompts[0], NEW).compiled
+    key = compiled.state_key(model)
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        _exact(model, prompts[1])  # a generation does not change the key (the packed weights are per prompt)
+        assert compiled.state_key(model) == key
+        assert not [r for r in caplog.records if r.name == "ttq.compiled"]
+        changes = [
+            lambda: (ttq.restore_(model), ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=3, group_size=16))),
+                     runtime.set_mode(model, "prompt")),
+            lambda: runtime.set_mode(model, "prompt", half_params=True),
+            lambda: runtime.quantize_lm_head(model, bits=8, group_size=32),
+        ]
+        for i, change in enumerate(changes, 1):
+            change()
+            assert compiled.state_key(model) != key
+            _exact(model, prompts[1])
+            assert len([r for r in caplog.records if "compiling it again" in r.getMessage()]) == i
+            key = compiled.state_key(model)
+
+
+def test_two_compiled_models_in_one_process_never_share_a_graph(stories_dir, compiled_model, prompts):
+    """Without module guards, one compiled function shared by two models would run the first model's graph
+    on the second's modules; each prepared model compiles its own step, so interleaved generations stay exact."""
+    from ttq.models import load_model
+
+    other, _ = load_model(str(stories_dir))
+    ttq.quantize_(other, ttq.TTQConfig(quant=ttq.QuantSpec(bits=3, group_size=16)))
+    runtime.set_mode(other, "prompt")
+    assert compiled.prepare(other, prompts[0], NEW).compiled
+    assert other.forward.__code__ is not compiled_model.forward.__code__  # graphs live on the code object
+    for model in (compiled_model, other, compiled_model):
+        _exact(model, prompts[1])
+
+
+def test_the_step_skips_module_guards_only():
+    """The guard filter drops the guards whose source is inside an nn.Module and keeps the others (inputs,
+    the cache, global state)."""
+    from types import SimpleNamespace
+
+    def entry(in_module: bool):
+        return SimpleNamespace(orig_guard=SimpleNamespace(source=SimpleNamespace(
+            is_unspecialized_nn_module=lambda: in_module)))
+
+    assert compiled.skip_module_guards([entry(True), entry(False)]) == [False, True]

@@ -15,6 +15,15 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
 * Compilation is paid once per shape and kept on disk (Inductor's cache, in ttq's cache folder
   unless ``TORCHINDUCTOR_CACHE_DIR`` is set): SmolLM2-135M took ~60 s the first time and ~12 s in a
   later process on a 2-core CPU (RESULTS, issue 17).
+* **Guards.** dynamo checks ~13 000 guards on the model's modules before every step (3 ms of a 19 ms
+  SmolLM2 token).  The step :func:`prepare` compiles skips those (``guard_filter_fn``; guards on the inputs,
+  the cache and global state stay) and checks the same module state once per generation instead:
+  :func:`generate_kwargs` compares :func:`state_key` with the one recorded at compile time and compiles the
+  step again when the model changed (restored, re-quantized, cast, another layout or option).  Each
+  prepared model compiles its own ``forward`` (its own code object), so one model's graph never runs
+  another's modules.
+* Attention of the one-token decode queries runs on the key/value heads (:mod:`ttq.nn.attention`):
+  under compilation transformers' SDPA path would copy the whole cache once per query head.
 * :func:`prepare` compiles with a short warm-up (two decode steps) and falls back to eager decoding with one
   logged line when compilation is unavailable (no C++ compiler, an architecture transformers
   does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
@@ -27,7 +36,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import itertools
 import logging
 import os
 import shutil
@@ -107,15 +118,112 @@ def _cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
+KEY_ATTR = "_ttq_compiled_state"  # the model's state_key() when its decode step was compiled (plain attribute)
+_SERIAL = itertools.count()
+
+
+def _module_guard(entry) -> bool:
+    """``guard_filter_fn`` of the compiled step: keep a guard unless it checks the model's modules (their
+    attributes, parameters, buffers, hooks); :func:`state_key` checks those once per generation."""
+    return not entry.orig_guard.source.is_unspecialized_nn_module()
+
+
+def skip_module_guards(entries) -> list[bool]:
+    """The compiled step's guard filter (see :func:`_module_guard`)."""
+    return [_module_guard(e) for e in entries]
+
+
+def _describe(value, path: str, out: list, depth: int = 0) -> None:
+    """Append what the compiled graph depends on in ``value``: a tensor's shape, stride, dtype and device (not
+    its values: they are graph inputs), a scalar's value, and recursively the fields of ttq's own objects
+    (packed weights, kernels, specs, options); other objects by type."""
+    if isinstance(value, torch.Tensor):
+        out.append((path, tuple(value.shape), value.stride(), value.dtype, value.device))
+    elif value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        out.append((path, value))
+    elif isinstance(value, (tuple, list)) and depth < 4:
+        out.append((path, type(value).__name__, len(value)))
+        for i, v in enumerate(value):
+            _describe(v, f"{path}[{i}]", out, depth + 1)
+    elif depth < 4 and (dataclasses.is_dataclass(value) or type(value).__module__.startswith("ttq.")) \
+            and hasattr(value, "__dict__") and not isinstance(value, type):
+        out.append((path, type(value).__qualname__))
+        skip = getattr(type(value), "PER_PROMPT", ())  # a TTQ layer's prompt state: same shapes every prompt
+        for k, v in vars(value).items():
+            if k not in skip:
+                _describe(v, f"{path}.{k}", out, depth + 1)
+    else:
+        out.append((path, type(value).__qualname__))
+
+
+def state_key(model: nn.Module) -> tuple:
+    """What the compiled step's skipped module guards would check, computed once: every module's type,
+    training flag, hooks and public attributes, its parameters' and buffers' shapes / dtypes / devices, the
+    model config, and ttq's process options (they choose packed layouts).  Two states with the same key run
+    the same graph correctly; the per-prompt packed weights of TTQ layers are left out (they are rebuilt with
+    the same shapes for every prompt, from the options and specs that are in the key)."""
+    from ttq import options
+
+    out: list = [repr(options.current()), repr(sorted((k, repr(v)) for k, v in vars(model.config).items()))]
+    for name, m in model.named_modules():
+        out.append((name, type(m).__qualname__, m.training, len(m._forward_hooks), len(m._forward_pre_hooks)))
+        for k, v in itertools.chain(m._parameters.items(), m._buffers.items()):
+            _describe(v, f"{name}.{k}", out)
+        for k, v in vars(m).items():
+            if not k.startswith("_"):
+                _describe(v, f"{name}.{k}", out)
+    return tuple(out)
+
+
+def _install(model: nn.Module, config) -> None:
+    """Give ``model`` a compiled decode step of its own, set where ``model.generate`` looks for it.
+
+    dynamo compiles the model's ``forward`` frame and keeps its graphs on that function's code object, which
+    every instance of the class shares; without module guards, one model's graph would run on another's
+    modules.  So the instance gets its own ``forward``: the class's function with a code object of its own
+    (same bytecode, closure and signature), and its own graphs with it."""
+    import types
+
+    base = type(model).forward
+    code = base.__code__.replace(co_name=f"{base.__code__.co_name}_ttq{next(_SERIAL)}")
+    clone = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+    clone.__kwdefaults__, clone.__dict__, clone.__doc__ = base.__kwdefaults__, dict(base.__dict__), base.__doc__
+    clone.__qualname__, clone.__module__ = base.__qualname__, base.__module__
+    model.forward = types.MethodType(clone, model)
+    model._compiled_call = torch.compile(model.__call__, fullgraph=config.fullgraph, dynamic=config.dynamic,
+                                         backend=config.backend, options=config.options)
+    model._last_compile_config = config
+    model.__dict__[KEY_ATTR] = state_key(model)
+
+
+def _uninstall(model: nn.Module) -> None:
+    for attr in ("forward", "_compiled_call", "_last_compile_config", KEY_ATTR):
+        model.__dict__.pop(attr, None)
+
+
+def _compile_config():
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=None, backend="inductor", mode=None,
+                           options={"guard_filter_fn": skip_module_guards})
+    config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    return config
+
+
 def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     """``model.generate`` keywords of a compiled decode: a fresh static cache of :func:`cache_length`
     ``(tokens)`` positions (its batch size is set by the first forward; ``tokens`` must cover the prompt and
-    the new tokens: a longer generation stops with an index error, never a wrong token) and transformers' ``CompileConfig`` (full graph,
-    automatic dynamic shapes, Inductor, on every device type)."""
-    from transformers import CompileConfig, StaticCache
+    the new tokens: a longer generation stops with an index error, never a wrong token) and transformers'
+    ``CompileConfig`` (full graph, automatic dynamic shapes, Inductor, on every device type, module guards
+    skipped).  A model :func:`prepare` compiled whose :func:`state_key` changed since gets a new compiled
+    step (one logged line; it compiles at the next decode step)."""
+    from transformers import StaticCache
 
-    config = CompileConfig(fullgraph=True, dynamic=None, backend="inductor", mode="default")
-    config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
+    config = _compile_config()
+    recorded = model.__dict__.get(KEY_ATTR)
+    if recorded is not None and recorded != state_key(model):
+        log.warning("the model changed since its decode step was compiled; compiling it again")
+        _install(model, config)
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
     return {key: cache, "compile_config": config}
@@ -155,8 +263,10 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     # dynamo keeps one graph per (model, shapes) under the code object of ``Module.__call__``, 8 by default: a
     # process that compiles several models (ttq bench --compile, a test session) would hit that limit
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for attr in ("_compiled_call", "_last_compile_config"):  # a deep copy inherits these from its source, and
-        model.__dict__.pop(attr, None)  # the inherited compiled call would run the source model: compile our own
+    from ttq.nn import attention
+
+    before = attention.use(model)  # single-token attention on the key/value heads (no cache copies per step)
+    _install(model, _compile_config())  # our own step (a deep copy's inherited one would run its source model)
     warm = input_ids[:, : min(length, 8)]
     t0 = time.perf_counter()
     try:
@@ -170,9 +280,13 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
         first = str(root).strip().splitlines()[0] if str(root).strip() else ""
         reason = f"compilation failed ({type(root).__name__}: {first[:200]})"
         log.warning("compiled decode unavailable: %s; decoding eagerly", reason)
+        _uninstall(model)
+        if before is not None:
+            model.set_attn_implementation(before)
         if ttq_layers(model):
             reset(model)
         return Prepared(reason=reason, seconds=time.perf_counter() - t0)
     if ttq_layers(model):
         reset(model)
+    model.__dict__[KEY_ATTR] = state_key(model)  # after the warm-up (which may set lazily built attributes)
     return Prepared(True, time.perf_counter() - t0)

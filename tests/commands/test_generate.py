@@ -154,3 +154,20 @@ def test_generate_compile_falls_back_with_refresh(stories_dir, capsys, caplog):
     assert rc == 0
     assert "eager decode (could not compile)" in capsys.readouterr().out
     assert any("refresh_every" in r.getMessage() for r in caplog.records if r.name == "ttq.compiled")
+
+
+def test_an_int8_activation_layout_gives_the_packed_head_its_int8_layout(stories_model):
+    """`ttq generate --layout cpu_q4_i8 --lm-head-bits 8` packs the head as `ttq bench`'s int8 rows do
+    (cpu_q8_i8), not in the exact default layout; other layouts keep the default head."""
+    from ttq.commands.generate import quantize_for_generation
+    from ttq.kernels.cpu_i8 import i8_available
+    from ttq.methods.scaling import ScaleSpec
+    from ttq.patch import restore_
+
+    if not i8_available():
+        pytest.skip("no int8-activation kernels on this CPU")
+    quantize_for_generation(stories_model, "ttq", 4, 32, 0, ScaleSpec(), "prompt", 0, head_bits=8, layout="cpu_q4_i8")
+    assert stories_model.get_output_embeddings().packed.layout == "cpu_q8_i8"
+    restore_(stories_model)
+    quantize_for_generation(stories_model, "ttq", 4, 32, 0, ScaleSpec(), "prompt", 0, head_bits=8, layout="cpu_q4")
+    assert stories_model.get_output_embeddings().packed.layout != "cpu_q8_i8"

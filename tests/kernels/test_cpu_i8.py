@@ -340,13 +340,13 @@ def test_codebook_format_raises(lay):
 def test_bench_generation_head_layout():
     import torch.nn as nn
 
-    from ttq.eval.bench import _head_layout
+    from ttq.eval.bench import head_layout
 
     model = nn.Module()
     model.lm_head = nn.Linear(96, 64, bias=False)
     model.get_output_embeddings = lambda: model.lm_head
-    assert _head_layout("cpu_q4_i8", 8, 32, model) == Q8.name  # an "_i8" row packs the head with int8 activations
-    assert _head_layout("cpu_q4_i8", 4, 32, model) == Q4.name
-    assert _head_layout("cpu_q4_i8", 8, 16, model) is None  # g = 16: cpu_q8_i8 cannot, the default layout serves
-    assert _head_layout("cpu_q4", 8, 32, model) is None
-    assert _head_layout(None, 8, 32, model) is None
+    assert head_layout("cpu_q4_i8", 8, 32, model) == Q8.name  # an "_i8" row packs the head with int8 activations
+    assert head_layout("cpu_q4_i8", 4, 32, model) == Q4.name
+    assert head_layout("cpu_q4_i8", 8, 16, model) is None  # g = 16: cpu_q8_i8 cannot, the default layout serves
+    assert head_layout("cpu_q4", 8, 32, model) is None
+    assert head_layout(None, 8, 32, model) is None

@@ -156,7 +156,7 @@ def _can_pack(layout: str, spec: QuantSpec, shape: tuple[int, int], device_type:
     return True
 
 
-def _head_layout(lay: str | None, head_bits: int, group_size: int, model) -> str | None:
+def head_layout(lay: str | None, head_bits: int, group_size: int, model) -> str | None:
     """The packed head's layout for a part (c) row decoding through ``lay``: the int8-activation
     layout of ``head_bits`` when ``lay`` ends with ``_i8`` and it can pack the head, else None (default)."""
     head_lay = I8_HEAD_LAYOUTS.get(head_bits) if lay is not None and lay.endswith("_i8") else None
@@ -456,7 +456,7 @@ def bench_generation(
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
-                                         layout=_head_layout(lay, head_bits, group_size, m))
+                                         layout=head_layout(lay, head_bits, group_size, m))
             if c.fused:
                 from ttq.nn.fused import fuse_shared_inputs
 

@@ -91,6 +91,9 @@ class PromptState:
         n_quantizations, seconds: quantizations and their wall time since the last reset.
     """
 
+    # the attributes :meth:`reset` sets: per-prompt state (ttq.compiled.state_key leaves them out)
+    PER_PROMPT = ("linear", "stats", "tokens", "alpha", "steps", "n_quantizations", "seconds")
+
     def __init__(self, weights: Callable[[], Weights], spec: QuantSpec, scale: ScaleSpec,
                  options: PromptOptions | None = None, refine: RefineSpec | None = None,
                  refiner: Refiner | None = None) -> None:

@@ -1,0 +1,69 @@
+"""Decode attention on the key/value heads: transformers' SDPA attention without the cache copies of GQA.
+
+With grouped-query attention (SmolLM2: 9 query heads over 3 key/value heads) transformers' SDPA path
+repeats the key/value cache to one copy per query head before calling SDPA whenever it gets a mask and
+runs under ``torch.compile`` (eagerly it packs the query instead).  The compiled decode step
+(:mod:`ttq.compiled`) always has a mask (static cache), so every token copied the whole cache of every
+layer three times: on SmolLM2 at 640 positions that is ~6 ms of a ~25 ms token, more than the packed
+products of the q/k/v/o layers.  Here a single-token query is reshaped to ``(batch, kv_heads, group,
+head_dim)`` and attends to the cache as it is, compiled or not; every other call (prefill, no GQA, soft
+capping, position biases, per-head masks) is transformers' own SDPA function unchanged.
+
+The function is registered under :data:`NAME` in transformers' ``AttentionInterface`` (and its mask
+builder is SDPA's), so it works for every architecture that calls attention through that interface,
+with no code per architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NAME = "ttq_sdpa"
+
+
+def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: ``query`` (batch, heads, q_len, dim), ``key``/``value``
+    (batch, kv_heads, kv_len, dim), ``attention_mask`` boolean or additive (batch, 1, q_len, kv_len) or None.
+
+    Returns:
+        ``(output (batch, q_len, heads, dim), None)`` like transformers' SDPA function.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_len, _ = query.shape
+    plain = (kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+             and not kwargs.get("output_attentions", False) and dropout == 0.0)
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
+    if q_len != 1 or groups <= 1 or not plain or not mask_ok or heads != key.shape[1] * groups:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    # one query token: the `groups` query heads of a key/value head become `groups` query rows of that head
+    packed = query.reshape(batch, key.shape[1], groups, query.shape[-1])
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register :func:`decode_attention` (and SDPA's mask builder) with transformers under :data:`NAME`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, decode_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use(model: nn.Module) -> str | None:
+    """Switch ``model`` from transformers' ``sdpa`` attention to :data:`NAME`; returns the implementation it
+    had (to give back with ``model.set_attn_implementation``), or None when it was not ``sdpa`` (left as is:
+    eager, flash and flex attention do not repeat the cache the same way)."""
+    current = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return None
+    model.set_attn_implementation(register())
+    return current

@@ -1,0 +1,94 @@
+"""Decode attention on the key/value heads (src/ttq/nn/attention.py) against transformers' SDPA function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ttq.nn import attention
+
+
+def _module(groups: int) -> nn.Module:
+    m = nn.Module()
+    m.num_key_value_groups = groups
+    m.is_causal = True
+    return m
+
+
+def _inputs(q_len: int, groups: int, kv_len: int = 40, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads, dim = 3, 16
+    query = torch.randn(batch, kv_heads * groups, q_len, dim, generator=g)
+    key = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    value = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    mask = torch.rand(batch, 1, q_len, kv_len, generator=g) > 0.3
+    mask[..., 0] = True  # every query row sees one position at least
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("masked", [True, False])
+def test_equals_transformers_sdpa(groups, q_len, masked):
+    """Same output as the repeat-the-cache SDPA path (the one transformers takes under compilation) for one
+    query token (the packed path) and for prefill / no-GQA calls (delegated)."""
+    q, k, v, mask = _inputs(q_len, groups)
+    mask = mask if masked else None
+    mod = _module(groups)
+    ours, _ = attention.decode_attention(mod, q, k, v, mask, scaling=0.25)
+    # the reference: keys/values repeated to one copy per query head, plain SDPA
+    kk, vv = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=0.25,
+                                                           is_causal=mask is None and q_len > 1)
+    ref = ref.transpose(1, 2)
+    assert ours.shape == ref.shape == (2, q_len, 3 * groups, 16)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    theirs, _ = sdpa_attention_forward(mod, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_under_compile_the_cache_is_not_repeated():
+    """Compiled with a mask, the single-token call attends to the key/value heads as they are: the traced graph
+    has no copy of the cache per query head (transformers' SDPA path has one: expand + reshape of k and v)."""
+    q, k, v, mask = _inputs(1, 3)
+    mod = _module(3)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    for fn, expect_expand in ((attention.decode_attention, False), (sdpa_attention_forward, True)):
+        torch._dynamo.reset()
+        graphs.clear()
+        out = torch.compile(lambda *a: fn(mod, *a, scaling=0.25)[0], backend=backend, fullgraph=True)(q, k, v, mask)
+        targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+        assert any("expand" in t for t in targets) == expect_expand, targets
+        torch.testing.assert_close(out, attention.decode_attention(mod, q, k, v, mask, scaling=0.25)[0],
+                                   rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_soft_capping_and_dropout_are_left_to_transformers():
+    """Calls the packed path does not cover go to transformers' function, which refuses soft capping itself."""
+    q, k, v, mask = _inputs(1, 3)
+    with pytest.raises(ValueError, match="softcap"):
+        attention.decode_attention(_module(3), q, k, v, mask, softcap=30.0)
+
+
+def test_use_switches_sdpa_models_only(stories_dir):
+    from ttq.models import load_model
+
+    model, _ = load_model(str(stories_dir))
+    assert model.config._attn_implementation == "sdpa"
+    assert attention.use(model) == "sdpa"
+    assert model.config._attn_implementation == attention.NAME
+    assert attention.use(model) is None  # already switched: nothing to give back
+    ids = torch.tensor([[1, 400, 30, 90, 7]])
+    with torch.no_grad():
+        ours = model(ids).logits
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits
+    torch.testing.assert_close(ours, ref)

@@ -262,3 +262,24 @@ def test_the_step_skips_module_guards_only():
             is_unspecialized_nn_module=lambda: in_module)))
 
     assert compiled.skip_module_guards([entry(True), entry(False)]) == [False, True]
+
+
+def test_a_deep_copy_and_an_unprepared_model_get_steps_of_their_own(compiled_model, stories_dir, prompts):
+    """A deep copy carries its source's compiled call (bound to the source); generate_kwargs sees the record
+    points at another model and installs the copy's own step, so the copy decodes its own weights. A model
+    never prepared gets its own step too (the class's shared forward never runs without module guards)."""
+    import copy
+
+    from ttq.models import load_model
+
+    twin = copy.deepcopy(compiled_model)
+    with torch.no_grad():
+        twin.get_input_embeddings().weight.mul_(1.5)  # same shapes, other numbers: only the weights tell them apart
+    _exact(twin, prompts[1])
+    assert twin.forward.__code__ is not compiled_model.forward.__code__
+    _exact(compiled_model, prompts[1])
+
+    fresh, _ = load_model(str(stories_dir))
+    _ttq(fresh, rank=2)
+    _exact(fresh, prompts[0])
+    assert fresh.forward.__code__ is not type(fresh).forward.__code__

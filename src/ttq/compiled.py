@@ -118,19 +118,16 @@ def _cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
 
 
-KEY_ATTR = "_ttq_compiled_state"  # the model's state_key() when its decode step was compiled (plain attribute)
+# (weak reference to the model, its state_key()) when its decode step was installed: a plain attribute, which a
+# deep copy carries over still pointing at its source (so the copy installs a step of its own)
+KEY_ATTR = "_ttq_compiled_state"
 _SERIAL = itertools.count()
 
 
-def _module_guard(entry) -> bool:
+def skip_module_guards(entries) -> list[bool]:
     """``guard_filter_fn`` of the compiled step: keep a guard unless it checks the model's modules (their
     attributes, parameters, buffers, hooks); :func:`state_key` checks those once per generation."""
-    return not entry.orig_guard.source.is_unspecialized_nn_module()
-
-
-def skip_module_guards(entries) -> list[bool]:
-    """The compiled step's guard filter (see :func:`_module_guard`)."""
-    return [_module_guard(e) for e in entries]
+    return [not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
 
 
 def _describe(value, path: str, out: list, depth: int = 0) -> None:
@@ -193,7 +190,13 @@ def _install(model: nn.Module, config) -> None:
     model._compiled_call = torch.compile(model.__call__, fullgraph=config.fullgraph, dynamic=config.dynamic,
                                          backend=config.backend, options=config.options)
     model._last_compile_config = config
-    model.__dict__[KEY_ATTR] = state_key(model)
+    _record(model)
+
+
+def _record(model: nn.Module) -> None:
+    import weakref
+
+    model.__dict__[KEY_ATTR] = (weakref.ref(model), state_key(model))
 
 
 def _uninstall(model: nn.Module) -> None:
@@ -215,13 +218,16 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     ``(tokens)`` positions (its batch size is set by the first forward; ``tokens`` must cover the prompt and
     the new tokens: a longer generation stops with an index error, never a wrong token) and transformers'
     ``CompileConfig`` (full graph, automatic dynamic shapes, Inductor, on every device type, module guards
-    skipped).  A model :func:`prepare` compiled whose :func:`state_key` changed since gets a new compiled
-    step (one logged line; it compiles at the next decode step)."""
+    skipped).  The model gets a compiled step of its own (:func:`_install`) when it has none (not prepared, or
+    a deep copy of a prepared model), and a new one when its :func:`state_key` changed since (one logged line);
+    either compiles at the next decode step."""
     from transformers import StaticCache
 
     config = _compile_config()
-    recorded = model.__dict__.get(KEY_ATTR)
-    if recorded is not None and recorded != state_key(model):
+    record = model.__dict__.get(KEY_ATTR)
+    if record is None or record[0]() is not model:
+        _install(model, config)
+    elif record[1] != state_key(model):
         log.warning("the model changed since its decode step was compiled; compiling it again")
         _install(model, config)
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
@@ -288,5 +294,5 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
         return Prepared(reason=reason, seconds=time.perf_counter() - t0)
     if ttq_layers(model):
         reset(model)
-    model.__dict__[KEY_ATTR] = state_key(model)  # after the warm-up (which may set lazily built attributes)
+    _record(model)  # after the warm-up (which may set lazily built attributes)
     return Prepared(True, time.perf_counter() - t0)

@@ -172,8 +172,9 @@ def state_key(model: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _install(model: nn.Module, config) -> None:
-    """Give ``model`` a compiled decode step of its own, set where ``model.generate`` looks for it.
+def _install(model: nn.Module, config, key: tuple | None = None) -> None:
+    """Give ``model`` a compiled decode step of its own, set where ``model.generate`` looks for it, and record
+    its :func:`state_key` (``key`` when the caller has just computed it).
 
     dynamo compiles the model's ``forward`` frame and keeps its graphs on that function's code object, which
     every instance of the class shares; without module guards, one model's graph would run on another's
@@ -190,13 +191,14 @@ def _install(model: nn.Module, config) -> None:
     model._compiled_call = torch.compile(model.__call__, fullgraph=config.fullgraph, dynamic=config.dynamic,
                                          backend=config.backend, options=config.options)
     model._last_compile_config = config
-    _record(model)
+    _record(model, key)
 
 
-def _record(model: nn.Module) -> None:
+def _record(model: nn.Module, key: tuple | None = None) -> None:
+    """Store (weak reference to ``model``, its state key) as :data:`KEY_ATTR`."""
     import weakref
 
-    model.__dict__[KEY_ATTR] = (weakref.ref(model), state_key(model))
+    model.__dict__[KEY_ATTR] = (weakref.ref(model), state_key(model) if key is None else key)
 
 
 def _uninstall(model: nn.Module) -> None:
@@ -227,9 +229,9 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
     record = model.__dict__.get(KEY_ATTR)
     if record is None or record[0]() is not model:
         _install(model, config)
-    elif record[1] != state_key(model):
+    elif record[1] != (current := state_key(model)):  # computed once: compared, then recorded with the new step
         log.warning("the model changed since its decode step was compiled; compiling it again")
-        _install(model, config)
+        _install(model, config, current)
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
     return {key: cache, "compile_config": config}

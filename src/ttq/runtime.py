@@ -86,6 +86,24 @@ def packed_layouts(model: nn.Module) -> dict[str, int]:
     return dict(Counter(m.prompt.packed.layout for m in ttq_layers(model) if m.prompt.packed is not None))
 
 
+I8_HEAD_LAYOUTS = {4: "cpu_q4_i8", 5: "cpu_q8_i8", 6: "cpu_q8_i8", 7: "cpu_q8_i8", 8: "cpu_q8_i8"}  # head bits -> i8 layout
+
+
+def head_layout(blocks_layout: str | None, head_bits: int, group_size: int, model: nn.Module) -> str | None:
+    """The packed head's layout to go with the blocks' ``blocks_layout``: the int8-activation layout of
+    ``head_bits`` when ``blocks_layout`` is one (ends with ``_i8``) and it can pack the head, else None (default)."""
+    from ttq.formats.affine import QuantSpec
+    from ttq.kernels.api import can_pack
+
+    lay = I8_HEAD_LAYOUTS.get(head_bits) if blocks_layout is not None and blocks_layout.endswith("_i8") else None
+    head = model.get_output_embeddings()
+    if lay is None or not isinstance(head, nn.Linear):
+        return None
+    w = head.weight
+    return lay if can_pack(lay, QuantSpec(bits=head_bits, group_size=group_size), tuple(w.shape), w.device.type,
+                           w.dtype) else None
+
+
 def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:
     """Replace the output head (``model.get_output_embeddings()``) by a packed RTN copy.
 

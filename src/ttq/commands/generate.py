@@ -83,10 +83,8 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
     from ttq import runtime
 
     if head_bits:  # an int8-activation layout for the blocks gives the head its int8-activation layout too
-        from ttq.eval.bench import head_layout
-
         runtime.quantize_lm_head(model, bits=head_bits, group_size=group_size,
-                                 layout=head_layout(layout, head_bits, group_size, model))
+                                 layout=runtime.head_layout(layout, head_bits, group_size, model))
     from ttq.registry import RowOptions, table_rows
 
     if method == "fp":

@@ -287,6 +287,15 @@ def select_layout(
     return REFERENCE_LAYOUT
 
 
+def can_pack(layout: str, spec: QuantSpec, shape: tuple[int, int], device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``layout`` is registered and supports ``spec`` for a weight of ``shape`` (no logging, no raise)."""
+    try:
+        select_layout(spec, shape, device_type, dtype, layout)
+    except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
+        return False
+    return True
+
+
 def _check_product_args(
     shape: tuple[int, int], s: torch.Tensor | None, b: torch.Tensor | None, a: torch.Tensor | None,
     bias: torch.Tensor | None = None,

@@ -40,7 +40,7 @@ import logging
 import torch
 
 from ttq.formats.affine import QuantSpec, dequantize, effective_group_size, group_params, num_groups, quantize
-from ttq.methods.lowrank import one_cpu_thread
+from ttq.methods.threads import one_cpu_thread
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ttq.methods.lowrank import one_cpu_thread
+from ttq.methods.threads import one_cpu_thread
 
 ESTIMATORS = ("hill", "mle")
 XMIN_SEARCHES = ("full", "peak")

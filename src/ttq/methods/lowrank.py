@@ -7,10 +7,9 @@ prints ``L_r^(-1/2)``; only ``+1/2`` reproduces ``B A = svd_r[W]``.)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
+
+from ttq.methods.threads import one_cpu_thread
 
 
 def check_rank(rank: int, shape: tuple[int, int]) -> None:
@@ -21,27 +20,6 @@ def check_rank(rank: int, shape: tuple[int, int]) -> None:
 
 EXACT_SVD_MAX_NUMEL = 1 << 24  # exact SVD up to 16.8 M weights (every SmolLM2-135M layer), randomized above
 SVD_OVERSAMPLE, SVD_NITER = 16, 6  # randomized SVD: extra sketch columns and power iterations
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run the block on one CPU thread (no change on other devices or when torch already uses one).
-
-    LAPACK's SVD and the GEMMs of the randomized SVD round differently with another thread count: on
-    SmolLM2 the factors moved by ~1e-5, enough to flip 3-bit codes of ``W - B A`` and change TTQ r = 16's
-    logits by up to 9 (perplexity by a few %) between a 1-thread and a 2-thread run.  One thread makes the
-    factors, and so every r > 0 result, independent of the machine's thread setting (the SVD runs once
-    per layer, outside the hot path).
-    """
-    n = torch.get_num_threads()
-    if device.type != "cpu" or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def svd_factors(w: torch.Tensor, rank: int, exact: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:

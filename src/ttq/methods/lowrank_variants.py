@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from ttq.formats.affine import QuantSpec, qdq
-from ttq.methods.lowrank import check_rank, one_cpu_thread, residual, svd_factors
+from ttq.methods.lowrank import check_rank, residual, svd_factors
+from ttq.methods.threads import one_cpu_thread
 from ttq.methods.pruning import check_sparsity, masked_qdq, prune_mask
 from ttq.methods.scaling import scaled_qdq, shrunk_correlation  # noqa: F401  (eq. 13; the ASVD correlation)
 

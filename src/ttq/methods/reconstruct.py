@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from ttq.formats.affine import QuantSpec, _grouped, effective_group_size, expand_groups
-from ttq.methods.lowrank import one_cpu_thread
+from ttq.methods.threads import one_cpu_thread
 
 LWC_INIT = 4.0  # OmniQuant's initial clipping logit: sigmoid(4) = 0.982
 

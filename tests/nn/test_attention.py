@@ -28,12 +28,21 @@ def _inputs(q_len: int, groups: int, kv_len: int = 40, batch: int = 2, seed: int
     return query, key, value, mask
 
 
+@pytest.fixture(params=[False, True], ids=["sdpa", "kernel"])
+def kernel(request, monkeypatch):
+    """The single-token path through SDPA, or through the C++ op (skipped without the extension)."""
+    if request.param and not attention.kernel_available():
+        pytest.skip("ttq's C++ extension is not available")
+    monkeypatch.setattr(attention, "_KERNEL", [request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("q_len", [1, 5])
 @pytest.mark.parametrize("masked", [True, False])
-def test_equals_transformers_sdpa(groups, q_len, masked):
+def test_equals_transformers_sdpa(groups, q_len, masked, kernel):
     """Same output as the repeat-the-cache SDPA path (the one transformers takes under compilation) for one
-    query token (the packed path) and for prefill / no-GQA calls (delegated)."""
+    query token (the packed path, through SDPA or the C++ op) and for prefill / no-GQA calls (delegated)."""
     q, k, v, mask = _inputs(q_len, groups)
     mask = mask if masked else None
     mod = _module(groups)
@@ -49,9 +58,10 @@ def test_equals_transformers_sdpa(groups, q_len, masked):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def test_under_compile_the_cache_is_not_repeated():
+def test_under_compile_the_cache_is_not_repeated(kernel):
     """Compiled with a mask, the single-token call attends to the key/value heads as they are: the traced graph
-    has no copy of the cache per query head (transformers' SDPA path has one: expand + reshape of k and v)."""
+    has no copy of the cache per query head (transformers' SDPA path has one: expand + reshape of k and v), and
+    with the C++ op it calls the op (its fake implementation traces)."""
     q, k, v, mask = _inputs(1, 3)
     mod = _module(3)
     graphs = []
@@ -66,6 +76,8 @@ def test_under_compile_the_cache_is_not_repeated():
         out = torch.compile(lambda *a: fn(mod, *a, scaling=0.25)[0], backend=backend, fullgraph=True)(q, k, v, mask)
         targets = [str(n.target) for gm in graphs for n in gm.graph.nodes]
         assert any("expand" in t for t in targets) == expect_expand, targets
+        if fn is attention.decode_attention:
+            assert any("decode_attention" in t for t in targets) == kernel, targets
         torch.testing.assert_close(out, attention.decode_attention(mod, q, k, v, mask, scaling=0.25)[0],
                                    rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
@@ -92,3 +104,36 @@ def test_use_switches_sdpa_models_only(stories_dir):
         model.set_attn_implementation("sdpa")
         ref = model(ids).logits
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_kernel_reads_only_the_positions_the_mask_opens(groups):
+    """The C++ op never reads the cache outside [first, last] open position: NaN there leaves its output equal to
+    SDPA on the open slice (SDPA itself turns it into NaN); additive float masks give the same as boolean ones; a
+    row the mask closes completely gives zeros."""
+    if not attention.kernel_available():
+        pytest.skip("ttq's C++ extension is not available")
+    g = torch.Generator().manual_seed(1)
+    b, kv, dim, length = 2, 2, 32, 100
+    q = torch.randn(b, kv, groups, dim, generator=g)
+    k, v = torch.randn(b, kv, length, dim, generator=g), torch.randn(b, kv, length, dim, generator=g)
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :70] = True  # a static cache filled to 70
+    mask[1, ..., 20:60] = True  # a sliding window
+    mask[1, ..., 33] = False  # and a hole inside it
+    k[0, :, 70:], v[0, :, 70:] = float("nan"), float("nan")
+    k[1, :, :20], v[1, :, 60:] = float("nan"), float("nan")
+    out = torch.ops.ttq_cpu.decode_attention(q, k, v, mask, 0.2)
+    assert torch.isfinite(out).all()
+    for i, (lo, hi) in enumerate(((0, 70), (20, 60))):
+        ref = torch.nn.functional.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1, :, lo:hi], v[i:i + 1, :, lo:hi],
+                                                               attn_mask=mask[i:i + 1, ..., lo:hi], scale=0.2)
+        torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-5, atol=1e-6)
+    additive = torch.zeros(b, 1, 1, length).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(torch.ops.ttq_cpu.decode_attention(q, k, v, additive, 0.2), out, rtol=1e-6, atol=1e-7)
+    closed = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+    assert torch.equal(torch.ops.ttq_cpu.decode_attention(q[:1], k[:1], v[:1], closed, 0.2), torch.zeros_like(q[:1]))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.ttq_cpu.decode_attention(q.double(), k, v, mask, 0.2)
+    with pytest.raises(RuntimeError, match=r"mask must be \(B or 1, 1, 1, L\)"):
+        torch.ops.ttq_cpu.decode_attention(q, k, v, mask[..., :50], 0.2)

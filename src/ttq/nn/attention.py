@@ -9,6 +9,12 @@ products of the q/k/v/o layers.  Here a single-token query is reshaped to ``(bat
 head_dim)`` and attends to the cache as it is, compiled or not; every other call (prefill, no GQA, soft
 capping, position biases, per-head masks) is transformers' own SDPA function unchanged.
 
+On the CPU with ttq's C++ extension, float32 single-token attention runs in ``torch.ops.ttq_cpu.decode_attention``
+(``csrc/attention.inc``; a fake implementation lets ``torch.compile`` trace it) instead of SDPA, with or without
+grouped-query attention: it reads only the positions the mask opens, where SDPA reads the whole static cache
+(SmolLM2 at 576 of 768 positions: 25 % fewer bytes; Gemma3's 256-wide heads: 2.7x faster than SDPA in a scratch
+timing of 30 layers).
+
 The function is registered under :data:`NAME` in transformers' ``AttentionInterface`` (and its mask
 builder is SDPA's), so it works for every architecture that calls attention through that interface,
 with no code per architecture.
@@ -21,6 +27,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NAME = "ttq_sdpa"
+_KERNEL: list[bool] = []  # whether ttq_cpu.decode_attention runs here, once known (a plain bool: dynamo traces it)
+
+
+def kernel_available() -> bool:
+    """Whether the C++ single-token attention (``torch.ops.ttq_cpu.decode_attention``) runs in this process."""
+    if not _KERNEL:
+        from ttq.kernels import cpu_build
+
+        _KERNEL.append(bool(cpu_build.load()))
+    return _KERNEL[0]
 
 
 def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -39,12 +55,19 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     plain = (kwargs.get("softcap") is None and kwargs.get("position_bias") is None
              and not kwargs.get("output_attentions", False) and dropout == 0.0)
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if q_len != 1 or groups <= 1 or not plain or not mask_ok or heads != key.shape[1] * groups:
+    kernel = _KERNEL[0] if _KERNEL else False
+    kernel = kernel and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32 and (
+        attention_mask is None or attention_mask.dtype in (torch.bool, torch.float32))
+    if q_len != 1 or (groups <= 1 and not kernel) or not plain or not mask_ok or heads != key.shape[1] * groups:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # one query token: the `groups` query heads of a key/value head become `groups` query rows of that head
     packed = query.reshape(batch, key.shape[1], groups, query.shape[-1])
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    if kernel:  # reads only the cache positions the mask opens
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.ttq_cpu.decode_attention(packed, key, value, attention_mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
@@ -65,5 +88,6 @@ def use(model: nn.Module) -> str | None:
     current = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return None
+    kernel_available()  # decided here, eagerly, so that a compiled step reads a plain bool
     model.set_attn_implementation(register())
     return current

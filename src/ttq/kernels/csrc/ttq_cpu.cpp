@@ -514,6 +514,7 @@ at::Tensor dequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& 
 
 int64_t has_avx512() { return TTQ_AVX512; }
 #include "avx2_i8.inc"
+#include "attention.inc"
 
 int64_t has_avx2_gemm() { return TTQ_AVX2; }  // the AVX2 + FMA packed GEMM (builds without AVX-512)
 
@@ -669,6 +670,7 @@ TORCH_LIBRARY(ttq_cpu, m) {
         " int d_out, int d_in, Tensor? bias, Tensor? b, Tensor? a) -> Tensor");
   m.def("has_vnni() -> int");
   m.def("has_i8() -> int");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
@@ -681,6 +683,7 @@ TORCH_LIBRARY_IMPL(ttq_cpu, CPU, m) {
   m.impl("clip_codes", &clip_codes);
   m.impl("packed_mm_q4i8", &packed_mm_q4i8);
   m.impl("packed_mm_q8i8", &packed_mm_q8i8);
+  m.impl("decode_attention", &decode_attention);
 }
 
 TORCH_LIBRARY_IMPL(ttq_cpu, CompositeExplicitAutograd, m) {

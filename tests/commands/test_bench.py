@@ -101,7 +101,8 @@ def test_bench_bad_part(capsys):
 def test_bench_cli_synthetic_model(stories_dir, tmp_path, capsys):
     out = tmp_path / "syn"
     rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
-               "--synthetic", "128,256,2", "--prompt-tokens", "16", "--new-tokens", "4", "--out", str(out)])
+               "--synthetic", "128,256,2", "--prompt-tokens", "16", "--new-tokens", "4", "--no-llamacpp",
+               "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "synthetic Llama 128/256/2" in text and "random weights" in text
@@ -269,6 +270,54 @@ def test_bench_cli_llamacpp_skipped_with_one_line(stories_dir, stories_gguf, tmp
     assert "llama.cpp" not in capsys.readouterr().out.split("## (c)")[0]
 
 
+def test_bench_cli_synthetic_gets_a_gguf_of_its_own_weights(stories_dir, tmp_path, capsys, monkeypatch):
+    """--synthetic without --gguf: llama.cpp runs a GGUF of the synthetic model's own random weights (Q4_1 codes of
+    the same weights, Q8_0 head), written once into the cache and reused; the model is restored after the export."""
+    pytest.importorskip("llama_cpp")
+    gguf = pytest.importorskip("gguf")
+    monkeypatch.setenv("TTQ_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+            "--synthetic", "64,128,2,16", "--prompt-tokens", "8", "--new-tokens", "3", "--threads", "1"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert "llama.cpp rows skipped" not in capsys.readouterr().out
+    files = list((tmp_path / "cache" / "gguf").glob("synthetic-*.gguf"))
+    assert len(files) == 1
+    gen = {r["config"]: r for r in json.loads((tmp_path / "a.json").read_text())["generation"]}
+    assert f"llama.cpp {files[0].name}" in gen and gen["fp32"]["decode_vs_llamacpp"] > 0
+    reader = gguf.GGUFReader(str(files[0]))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_1"
+    assert types["blk.1.ffn_down.weight"] == "Q4_1" and types["token_embd.weight"] == "F32"
+    assert int(reader.fields["llama.embedding_length"].contents()) == 64
+    stamp = files[0].stat().st_mtime_ns
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0  # the same weights (seed 0): the file is reused
+    assert files[0].stat().st_mtime_ns == stamp and len(list(files[0].parent.iterdir())) == 1
+
+
+def test_synthetic_gguf_restores_the_model_and_matches_rtn(stories_dir, tmp_path):
+    """The synthetic GGUF holds the model's own RTN 4-bit codes (exact Q4_1) and leaves the model unchanged."""
+    gguf = pytest.importorskip("gguf")
+    from ttq.eval.llamacpp import synthetic_gguf
+    from ttq.formats.affine import QuantSpec
+    from ttq.models import load_model, synthetic_llama
+    from ttq.methods.rtn import rtn
+
+    _, tok = load_model(str(stories_dir))
+    model = synthetic_llama(tok, 64, 128, 2, head_dim=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = synthetic_gguf(model, stories_dir, folder=tmp_path)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    reader = gguf.GGUFReader(str(path))
+    t = {x.name: x for x in reader.tensors}["blk.0.ffn_down.weight"]  # not permuted (q/k are)
+    w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(64, 128)
+    ref = rtn(before["model.layers.0.mlp.down_proj.weight"], QuantSpec(bits=4, group_size=32))
+    assert (w - ref).abs().max() <= 2e-3 * ref.abs().max()  # float16 d and m
+    head = {x.name: x for x in reader.tensors}["output.weight"]
+    h = torch.from_numpy(gguf.quants.dequantize(head.data, head.tensor_type)).reshape(-1, 64)
+    assert (h - before["lm_head.weight"]).abs().max() <= before["lm_head.weight"].abs().max() / 127 + 1e-6
+
+
 def test_bench_cli_missing_gguf_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     from ttq import models
 
@@ -327,3 +376,39 @@ def test_bench_cli_unknown_refinement_is_refused_before_loading(tmp_path, capsys
     assert rc == 2
     err = capsys.readouterr().err
     assert "ttq_magic" in err and "ttq_clip" in err and "allowed" in err
+
+
+def test_generation_rows_run_in_their_dtype_whatever_the_base(stories_dir, monkeypatch):
+    """--dtype bfloat16: the fp32 row still runs a float32 model and the bf16 row a bfloat16 one (the caller's model
+    is left in its dtype); the TTQ rows quantize the model as loaded."""
+    from ttq.models import load_model
+
+    model, tok = load_model(str(stories_dir), dtype=torch.bfloat16)
+    seen = []
+    real = bench.timed_generate
+
+    def spy(m, *a, **k):
+        seen.append(next(m.parameters()).dtype)
+        return real(m, *a, **k)
+
+    monkeypatch.setattr(bench, "timed_generate", spy)
+    rows = bench.bench_generation(model, tok, prompt_tokens=8, new_tokens=3, bits=(4,), ranks=(0,), repeats=1)
+    assert [r["config"] for r in rows] == ["fp32", "bf16", "ttq 4-bit r=0"]
+    assert seen[:2] == [torch.float32, torch.float32] and seen[2:4] == [torch.bfloat16, torch.bfloat16]
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_synthetic_without_a_tokenizer_source_skips_llamacpp_with_one_line(tmp_path, monkeypatch):
+    """--synthetic with a --model that has neither a GGUF file nor a SentencePiece tokenizer.model: no GGUF can be
+    written, so the llama.cpp row is skipped with a line saying what to pass instead."""
+    import argparse
+
+    from ttq.commands.bench import _llamacpp_gguf
+    from ttq.eval import llamacpp
+
+    monkeypatch.setattr(llamacpp, "missing", lambda: None)
+    monkeypatch.setattr(llamacpp, "synthetic_gguf", lambda *a, **k: pytest.fail("no GGUF should be written"))
+    args = argparse.Namespace(no_llamacpp=False, synthetic=[64, 128, 2], gguf=None, model=str(tmp_path), gguf_file=None)
+    gguf, why = _llamacpp_gguf(args, model=None)
+    assert gguf is None
+    assert why.startswith("llama.cpp rows skipped: the synthetic model's GGUF takes its tokenizer") and "--gguf" in why

@@ -198,6 +198,11 @@ def test_output_rules(tmp_path, stories_model, stories_dir) -> None:
         export(stories_model, tmp_path / "x", "onnx")
     with pytest.raises(ConfigError, match=r"no tokenizer llama\.cpp can use"):
         export(stories_model, tmp_path / "y.gguf", "gguf", vocab=tmp_path)
+    from ttq.export.gguf import save_gguf
+
+    with pytest.raises(ConfigError, match="head_type 'Q4_0' is not one of F32, Q8_0"):
+        save_gguf(stories_model, tmp_path / "z.gguf", stories_dir, head_type="Q4_0")
+    assert not (tmp_path / "z.gguf").exists()
 
 
 def test_moe_is_refused(tmp_path, stories_dir) -> None:

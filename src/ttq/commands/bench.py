@@ -168,14 +168,25 @@ def _load_model(args):
     return model, tok, name
 
 
-def _llamacpp_gguf(args) -> tuple[str | None, str | None]:
-    """(GGUF file for part c's llama.cpp row, None) or (None, the one line saying why there is no such row)."""
+def _llamacpp_gguf(args, model) -> tuple[str | None, str | None]:
+    """(GGUF file for part c's llama.cpp row, None) or (None, the one line saying why there is no such row).
+
+    A synthetic model without ``--gguf`` gets a GGUF of its own random weights (written once, cached), with the
+    tokenizer of ``--model``'s GGUF file or SentencePiece ``tokenizer.model``."""
     from ttq.eval import llamacpp
 
     if args.no_llamacpp:
         return None, None
     if args.synthetic is not None and args.gguf is None:
-        return None, "llama.cpp rows skipped: a synthetic model has no GGUF file (pass --gguf to time one anyway)"
+        if why := llamacpp.missing():
+            return None, why
+        vocab = llamacpp.default_gguf(args.model, args.gguf_file)
+        if vocab is None and os.path.isfile(os.path.join(os.path.expanduser(args.model), "tokenizer.model")):
+            vocab = os.path.expanduser(args.model)  # a SentencePiece folder, as ttq export reads it
+        if vocab is None or not os.path.exists(vocab):
+            return None, (f"llama.cpp rows skipped: the synthetic model's GGUF takes its tokenizer from --model's GGUF "
+                          f"file or SentencePiece tokenizer.model, and {args.model} has neither (pass --gguf PATH)")
+        return str(llamacpp.synthetic_gguf(model, vocab)), None
     gguf = args.gguf or llamacpp.default_gguf(args.model, args.gguf_file)
     if gguf is None:
         return None, f"llama.cpp rows skipped: {args.model} is not a GGUF model (pass --gguf PATH of the same model)"
@@ -248,7 +259,7 @@ def run(args) -> int:
             ("fp32_ms", "fp32 ms", ".4f"), ("bf16_ms", "bf16 ms", ".4f"), ("speedup_fp32", "x fp32", ".2f"),
             ("speedup_bf16", "x bf16", ".2f"), ("mbytes", "packed MB", ".2f")]))
     if "c" in args.parts:
-        gguf, why = _llamacpp_gguf(args)
+        gguf, why = _llamacpp_gguf(args, model)
         if why:
             emit(why)
         rows = bench.bench_generation(

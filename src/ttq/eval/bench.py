@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
 from ttq.errors import ConfigError
@@ -142,35 +143,11 @@ def _cycled(fn: Callable[[int], object]) -> Callable[[], object]:
 
 
 OPT_IN_LAYOUTS = ("cpu_q4_i8", "cpu_q8_i8")  # not chosen by layout=None (not bit-exact); part (b) times them
-I8_HEAD_LAYOUTS = {4: "cpu_q4_i8", 5: "cpu_q8_i8", 6: "cpu_q8_i8", 7: "cpu_q8_i8", 8: "cpu_q8_i8"}  # head bits -> i8 layout
-
-
-def _can_pack(layout: str, spec: QuantSpec, shape: tuple[int, int], device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``layout`` is registered and supports ``spec`` for a weight of ``shape`` (no logging, no raise)."""
-    from ttq.kernels.api import select_layout
-
-    try:
-        select_layout(spec, shape, device_type, dtype, layout)
-    except ValueError:  # not registered, unsupported combination, VNNI missing, kernels disabled
-        return False
-    return True
-
-
-def head_layout(lay: str | None, head_bits: int, group_size: int, model) -> str | None:
-    """The packed head's layout for a part (c) row decoding through ``lay``: the int8-activation
-    layout of ``head_bits`` when ``lay`` ends with ``_i8`` and it can pack the head, else None (default)."""
-    head_lay = I8_HEAD_LAYOUTS.get(head_bits) if lay is not None and lay.endswith("_i8") else None
-    head = model.get_output_embeddings()
-    if head_lay is None or not isinstance(head, torch.nn.Linear):
-        return None
-    w = head.weight
-    ok = _can_pack(head_lay, QuantSpec(bits=head_bits, group_size=group_size), tuple(w.shape), w.device.type, w.dtype)
-    return head_lay if ok else None
-
-
 def _opt_in_layouts(spec: QuantSpec, shape: tuple[int, int]) -> list[str]:
     """The :data:`OPT_IN_LAYOUTS` that can pack ``spec`` for a float32 CPU weight of ``shape``."""
-    return [lay for lay in OPT_IN_LAYOUTS if _can_pack(lay, spec, shape, "cpu", torch.float32)]
+    from ttq.kernels.api import can_pack
+
+    return [lay for lay in OPT_IN_LAYOUTS if can_pack(lay, spec, shape, "cpu", torch.float32)]
 
 
 def bench_matmul(shapes, bits=(4, 3, 2), group_sizes=(32,), ranks=(0, 16), batch: int = 1, repeats: int = 20,
@@ -439,12 +416,15 @@ def bench_generation(
     if compiled:  # each row but bf16, then the same with a compiled decode step
         configs = [x for c in configs for x in ([c] if c.kind == "bf16" else
                                                 [c, dataclasses.replace(c, label=f"{c.label} compiled", compiled=True)])]
-    for c in configs:
+    bar = tqdm(configs, desc="part c", unit="row", leave=False)
+    for c in bar:
         label, kind, b, r, lay, comp = c.label, c.kind, c.bits, c.rank, c.layout, c.compiled
+        bar.set_postfix_str(label)
         gc.collect()
         reset_peak_rss()
-        if kind == "fp32":
-            m = copy.deepcopy(model) if comp else model  # compiling sets attributes: never on the caller's model
+        if kind == "fp32":  # float32 whatever dtype the model was loaded in (--dtype)
+            as_is = not comp and next(model.parameters()).dtype == torch.float32  # compiling sets attributes
+            m = model if as_is else copy.deepcopy(model).float()  # so never on the caller's model
         elif kind == "bf16":
             m = copy.deepcopy(model).to(torch.bfloat16)
         else:
@@ -456,7 +436,7 @@ def bench_generation(
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
-                                         layout=head_layout(lay, head_bits, group_size, m))
+                                         layout=runtime.head_layout(lay, head_bits, group_size, m))
             if c.fused:
                 from ttq.nn.fused import fuse_shared_inputs
 

@@ -109,3 +109,44 @@ def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, t
                 decode_tps=(new_tokens - 1) / dec if dec > 0 else float("nan"), quant_s=None, peak_rss_mb=None,
                 output_ids=out, same_as_reference=None, quant_over_prefill=None, compile_s=None, compile_note=None,
                 threads=threads)
+
+
+def synthetic_gguf(model, vocab: str | Path, folder: str | Path | None = None) -> Path:
+    """A GGUF file of ``model``'s own weights, for the llama.cpp row of a synthetic model (``ttq bench --synthetic``).
+
+    The decoder blocks are 4-bit g = 32 round-to-nearest codes, written exactly as Q4_1 (the grid of
+    ``llama-quantize Q4_1``), the untied LM head is ggml's Q8_0, embeddings and norms are F32.  Written once,
+    named by a digest of the weights, the tokenizer file and ttq's code under ``folder`` (default
+    ``<ttq cache>/gguf``) and reused; ``model`` is quantized for the export and restored to its exact original
+    layers.
+
+    Args:
+        model: a Llama-family model in full precision (``ttq.models.synthetic_llama``).
+        vocab: the tokenizer the synthetic model was built with, as :func:`ttq.export.gguf.save_gguf` takes it
+            (a GGUF file whose tokenizer is copied, or a folder with a SentencePiece ``tokenizer.model``).
+        folder: where the file goes.
+    Returns:
+        the file's path.
+    """
+    from ttq.cache import cache_root, code_fingerprint, digest, model_fingerprint
+    from ttq.errors import OutputExistsError
+    from ttq.export.gguf import save_gguf
+    from ttq.formats.affine import QuantSpec
+    from ttq.patch.walker import quantize_, restore_
+    from ttq.quantizers.rtn import RTNConfig
+
+    vocab = Path(vocab)
+    source = vocab / "tokenizer.model" if vocab.is_dir() else vocab
+    key = digest(model_fingerprint(model), source.read_bytes(), code_fingerprint())
+    path = Path(folder or cache_root() / "gguf") / f"synthetic-{key}-q4_1-head-q8_0.gguf"
+    if path.is_file():
+        return path
+    log.warning("writing a GGUF of the synthetic model's weights for llama.cpp (once; cached at %s)", path)
+    quantize_(model, RTNConfig(quant=QuantSpec(bits=4, group_size=32)), progress=True)
+    try:
+        save_gguf(model, path, vocab, head_type="Q8_0", metadata={"ttq.source": "synthetic model, RTN 4-bit g32"})
+    except OutputExistsError:  # another process wrote it meanwhile: the same weights, so the same file
+        pass
+    finally:
+        restore_(model)
+    return path

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ttq.models import text_config
 from ttq.errors import ConfigError, MissingDependency, ModelError, OutputExistsError
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per block of Q4_1 / Q5_1 / Q8_0
 INT_FORMATS = ("int", "int_zp")
+HEAD_NAME = "output.weight"  # llama.cpp's name of an untied LM head
+HEAD_TYPES = ("F32", "Q8_0")
 SKIP_TENSORS = (".rotary_emb.inv_freq",)  # buffers convert_hf_to_gguf.py does not write either
 
 
@@ -334,6 +337,7 @@ def save_gguf(
     vocab: str | os.PathLike,
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
+    head_type: str = "F32",
 ) -> ExportReport:
     """Write a ttq-quantized model (static layers, input scales folded) as one GGUF file for llama.cpp.
 
@@ -345,12 +349,16 @@ def save_gguf(
             a SentencePiece ``tokenizer.model``.
         overwrite: replace an existing file.
         metadata: extra string keys (``ttq.*``) recorded in the file.
+        head_type: how an untied full-precision LM head is stored: ``"F32"`` (ttq's weights) or ``"Q8_0"``
+            (ggml's own Q8_0 of them, as llama.cpp's quantizers store a head; reported as re-encoded).
     Returns:
         the :class:`ExportReport` (types, exactness, distance to ttq's weights per layer).
     Raises:
         OutputExistsError, ConfigError (an architecture, format, tokenizer or layer GGUF cannot hold), ModelError.
     """
     gguf = _gguf()
+    if head_type not in HEAD_TYPES:
+        raise ConfigError(f"GGUF export: head_type {head_type!r} is not one of {', '.join(HEAD_TYPES)}")
     out = check_output_file(path, overwrite)
     check_vocab(vocab)
     mtype = getattr(text_config(model), "model_type", "")
@@ -388,7 +396,7 @@ def save_gguf(
 
     report = ExportReport(out, "gguf")
     tensors: list[tuple[str, np.ndarray, str]] = []  # (gguf name, data, type name)
-    for name, qw in layers.items():
+    for name, qw in tqdm(layers.items(), desc="GGUF export", unit="layer", disable=None):
         kind, data, how = encode_layer(name, qw)
         max_abs, rel = distance(decode(kind, data).reshape(qw.shape), qw.dequantize())
         report.layers.append(LayerExport(name, kind, how, max_abs, rel, qw.fallback))
@@ -399,7 +407,15 @@ def save_gguf(
     for key, t in dense.items():
         if key.endswith(SKIP_TENSORS):
             continue
-        tensors.append((gguf_name(key), permuted(key, t.detach()).float().contiguous().cpu().numpy(), "F32"))
+        gname, data = gguf_name(key), permuted(key, t.detach()).float().contiguous().cpu().numpy()
+        if gname == HEAD_NAME and head_type != "F32" and data.shape[-1] % BLOCK == 0:
+            kind = gguf.GGMLQuantizationType[head_type]
+            packed = gguf.quants.quantize(data, kind)
+            max_abs, rel = distance(torch.from_numpy(gguf.quants.dequantize(packed, kind)), torch.from_numpy(data))
+            report.layers.append(LayerExport(key.removesuffix(".weight"), head_type, "re-encoded", max_abs, rel))
+            tensors.append((gname, packed, head_type))
+        else:
+            tensors.append((gname, data, "F32"))
 
     kinds = Counter(x.stored_as for x in report.layers)
     file_type = {"Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,

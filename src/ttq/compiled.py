@@ -37,7 +37,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 import os
@@ -47,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from ttq.models import cache_argument
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +234,7 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
         log.warning("the model changed since its decode step was compiled; compiling it again")
         _install(model, config, current)
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # renamed in v5
-    return {key: cache, "compile_config": config}
+    return {cache_argument(model): cache, "compile_config": config}
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, prepared: Prepared | None = None,

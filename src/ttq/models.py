@@ -175,6 +175,13 @@ def _unavailable(kind: str) -> str:
     return f"no {kind} device is visible to this PyTorch build"
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The KV-cache argument of ``model.forward``: ``cache`` (renamed in transformers v5) or ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def check_finite(model: torch.nn.Module, name: str = "model") -> None:
     """Raise when a floating-point parameter of ``model`` holds NaN or Inf (one pass over the weights).
 

@@ -21,7 +21,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 
 import torch.nn as nn
 
@@ -31,6 +33,23 @@ from ttq.nn.linear import MODES, PromptOptions, TTQLinear
 def ttq_layers(model: nn.Module) -> list[TTQLinear]:
     """The TTQLinear modules of ``model`` in module order."""
     return [m for m in model.modules() if isinstance(m, TTQLinear)]
+
+
+def test_time_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules of a quantized ``model`` that take a statistic of their own tokens (they carry a
+    ``token_mask``; TTQ, its low-rank and pruning variants, AWP's test-time rows), whatever method made them."""
+    return [m for m in model.modules() if hasattr(m, "token_mask") and isinstance(getattr(m, "original", None), nn.Module)]
+
+
+def check_held_out(model: nn.Module) -> None:
+    """Held-out scoring needs every test-time layer in prompt mode (quantized once from the prompt); a layer
+    that quantizes at every forward would take its statistic from the scored tokens."""
+    bad = sorted({type(m).__name__ for m in test_time_layers(model)
+                  if not (isinstance(m, TTQLinear) and m.mode == "prompt")})
+    if bad:
+        raise ValueError(f"held-out scoring runs test-time layers in prompt mode, and {', '.join(bad)} layers "
+                         "have none or are not in it; held-out scoring supports static methods and TTQ rows "
+                         "(TTQLinear, any rank and refinement), with ttq.runtime.set_mode(model, 'prompt')")
 
 
 def set_mode(
@@ -68,6 +87,21 @@ def reset(model: nn.Module) -> None:
     """Drop every layer's packed weights (the next forward quantizes again)."""
     for m in ttq_layers(model):
         m.reset()
+
+
+@contextlib.contextmanager
+def holding(model: nn.Module) -> Iterator[None]:
+    """Inside the block, prompt-mode layers that hold a packed prompt run every forward on it, whatever its
+    token count (no re-quantization): a multi-token continuation after a prefill, e.g. held-out tokens scored
+    with the prompt's quantization (:func:`ttq.eval.ppl.window_nll` with ``prompt_tokens``)."""
+    layers = [m for m in ttq_layers(model) if m.mode == "prompt"]
+    for m in layers:
+        m.prompt.hold = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.prompt.hold = False
 
 
 def quantization_seconds(model: nn.Module) -> float:

@@ -33,6 +33,30 @@ def test_ppl_table_files(stories_dir, data_dir, tmp_path, capsys):
     assert out.with_suffix(".csv").read_text().startswith("method,bits,group_size,dataset,ppl")
 
 
+def test_ppl_held_out(stories_dir, data_dir, tmp_path, capsys):
+    """--held-out K: every row scores the tokens after K; TTQ rows run in prompt mode; FP equals the scored part of
+    the full forward (the paper-protocol FP row scores more tokens, so it differs)."""
+    out = tmp_path / "h"
+    base = ["ppl", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "2", "--bits", "3",
+            "--methods", "fp,rtn,ttq", "--rank", "0,4", "--datasets", "wikitext2", "--data-dir", data_dir, "--cache", ""]
+    assert main([*base, "--held-out", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out: the first 64 tokens of each window are the prompt" in printed
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())}
+    assert set(rows) == {"FP", "RTN", "TTQ (r=0)", "TTQ (r=4)"}
+    assert all(r["prompt_tokens"] == 64 and r["ppl"] > 1 for r in rows.values())
+    assert main([*base, "--methods", "fp", "--out", str(tmp_path / "p")]) == 0
+    full = json.loads((tmp_path / "p").with_suffix(".json").read_text())[0]
+    assert full["prompt_tokens"] is None and full["ppl"] != pytest.approx(rows["FP"]["ppl"], rel=1e-6)
+
+
+def test_ppl_held_out_leaving_nothing_to_score(stories_dir, data_dir, tmp_path, capsys):
+    rc = main(["ppl", "--model", str(stories_dir), "--seqlen", "64", "--max-windows", "1", "--methods", "fp",
+               "--datasets", "ptb", "--data-dir", data_dir, "--cache", "", "--held-out", "64", "--out", str(tmp_path / "x")])
+    assert rc == 2
+    assert "--held-out 64 leaves nothing to score in 64-token windows" in capsys.readouterr().err
+
+
 def test_hparams_cli(stories_dir, data_dir, tmp_path):
     out = tmp_path / "h"
     rc = main(["hparams", "--model", str(stories_dir), "--seqlen", "128", "--max-windows", "1", "--bits", "3",

@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
     p.add_argument("--lm-head-bits", type=non_negative_int, default=0,
                    help="pack the LM head with RTN at this many bits in every row, FP included (0 = keep it; not the paper's setting)")
     p.add_argument("--seqlen", type=positive_int, default=2048, help="window length (capped at the model's context)")
+    p.add_argument("--held-out", type=positive_int, default=None, metavar="K",
+                   help="score only the tokens after the first K of each window: TTQ rows quantize once from those K "
+                        "tokens in prompt mode (packed weights, KV cache, as in generation) and never see a scored "
+                        "token; every row scores the same tokens (default: the paper's protocol, all tokens, the "
+                        "statistic includes them)")
     p.add_argument("--max-windows", type=non_negative_int, default=16, help="windows per dataset (0 = all)")
     p.add_argument("--quick", action="store_true",
                    help="a first look in minutes: 4 windows per dataset and calibration sets cut to 2^15 tokens "
@@ -90,6 +95,9 @@ def run(args) -> int:
     check_outputs(args.out, SUFFIXES, args.overwrite)  # before an hour of work, not after
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device, **load_kwargs(args))
     seqlen = min(args.seqlen, max_context(model))
+    if args.held_out is not None and args.held_out >= seqlen:
+        raise ConfigError(f"--held-out {args.held_out} leaves nothing to score in {seqlen}-token windows; "
+                          f"give a prompt length in [1, {seqlen - 1}]")
     scale = scale_from_args(args)
     cells = build_cells(args.methods, args.bits, args.group_size, args.rank, args.calib, scale, seqlen, args.symmetric, args.fmt)
     cells += extra
@@ -113,9 +121,13 @@ def run(args) -> int:
         key += f"|lm_head-rtn{head.spec.bits}-g{head.spec.group_size}"  # its own cache rows
     print(_estimate(model, cells, windows, args), flush=True)
     results = run_cells(model, tok, key, cells, windows, Path(args.cache) if args.cache else None,
-                        args.data_dir, args.data_source, on_row=lambda rows: print(row_line(rows), flush=True))
+                        args.data_dir, args.data_source, on_row=lambda rows: print(row_line(rows), flush=True),
+                        prompt_tokens=args.held_out)
     print()
-    table = f"Model {key}, seqlen {seqlen}, scale {scale}\n\n" + markdown_tables(results, args.datasets)
+    held = ("" if args.held_out is None else
+            f", held-out: the first {args.held_out} tokens of each window are the prompt (TTQ rows quantize from "
+            f"them in prompt mode), the other {seqlen - args.held_out} are scored")
+    table = f"Model {key}, seqlen {seqlen}, scale {scale}{held}\n\n" + markdown_tables(results, args.datasets)
     if args.overhead:
         from ttq.config import TTQConfig
         from ttq.formats.affine import QuantSpec

@@ -13,10 +13,10 @@ from ttq.patch.walker import quantize_, restore_
 
 
 def is_test_time(model) -> bool:
-    """Whether the quantized ``model`` has test-time layers: modules that take a statistic of their own
-    tokens (they carry a ``token_mask``), whatever method made them."""
-    return any(hasattr(m, "token_mask") and isinstance(getattr(m, "original", None), torch.nn.Module)
-               for m in model.modules())
+    """Whether the quantized ``model`` has test-time layers (:func:`ttq.runtime.test_time_layers`)."""
+    from ttq.runtime import test_time_layers
+
+    return bool(test_time_layers(model))
 
 
 def quantization_times(model, tokenizer, cells: list[Cell], window: torch.Tensor, repeats: int = 3,

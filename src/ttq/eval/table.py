@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ttq import runtime
 from ttq.cache import code_fingerprint, digest, model_fingerprint, tensor_digest, writable, write_bytes
 from ttq.calibrate import calibrate, calibration_tokens, config_p
 from ttq.config import CalibSpec, config_to_dict
@@ -96,14 +97,18 @@ def build_cells(
     return cells
 
 
-def _key(model_key: str, cell: Cell, dataset: str, windows: torch.Tensor, source: str) -> str:
+def _key(model_key: str, cell: Cell, dataset: str, windows: torch.Tensor, source: str,
+         prompt_tokens: int | None = None) -> str:
     """Cache key of one (cell, dataset) row: the model (its name and weights fingerprint), the method
-    config (and a bit plan's per-layer bits) and the evaluated token ids themselves (so a changed text,
-    tokenizer or window count is a new row)."""
+    config (and a bit plan's per-layer bits), the evaluated token ids themselves (so a changed text,
+    tokenizer or window count is a new row) and the held-out prompt length, if any."""
     cfg = config_to_dict(cell.config) if cell.config is not None else {"method": "fp"}
     if cell.plan is not None:
         cfg = {**cfg, "bit_plan": dict(sorted(cell.plan.bits.items()))}
-    blob = json.dumps([model_key, cfg, dataset, list(windows.shape), tensor_digest(windows), source], sort_keys=True)
+    parts = [model_key, cfg, dataset, list(windows.shape), tensor_digest(windows), source]
+    if prompt_tokens is not None:  # appended only then: the paper-protocol rows keep their keys
+        parts.append({"held_out_prompt_tokens": prompt_tokens})
+    blob = json.dumps(parts, sort_keys=True)
     return digest(blob)
 
 
@@ -141,8 +146,12 @@ def run_cells(
     source: str = "local",
     progress: bool = True,
     on_row=None,
+    prompt_tokens: int | None = None,
 ) -> list[dict]:
     """Evaluate every cell on every dataset; one result dict per (cell, dataset).
+
+    ``prompt_tokens``: held-out scoring (:mod:`ttq.eval.ppl`): the first ``prompt_tokens`` of each window are a
+    prompt that TTQ rows quantize from in prompt mode, the rest are scored.
 
     ``on_row(rows)``, when given, is called with a cell's rows (one per dataset) as soon as the cell is done
     (cached or computed), so a long table can show each row at once.
@@ -154,14 +163,15 @@ def run_cells(
     for cell in cells:
         todo, done = [], {}
         for ds, win in windows.items():
-            path = cache / f"{_key(cache_key, cell, ds, win, source)}.json" if cache else None
+            path = cache / f"{_key(cache_key, cell, ds, win, source, prompt_tokens)}.json" if cache else None
             row = _cached_row(path)
             if row is not None:
                 done[ds] = {**row, "method": cell.label}  # same config, maybe another label
             else:
                 todo.append((ds, win, path))
         if todo:
-            _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress)
+            _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress,
+                           prompt_tokens)
         for ds in windows:
             results.append(done[ds])
         if on_row is not None:
@@ -170,7 +180,8 @@ def run_cells(
     return results
 
 
-def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress):
+def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, windows, data_dir, source, progress,
+                   prompt_tokens=None):
     calibration = None
     cfg = cell.config
     if cfg is not None and getattr(cfg, "sequential", False):  # block-by-block: quantize_ takes the token windows
@@ -193,11 +204,14 @@ def _evaluate_cell(model, tokenizer, model_key, cell, todo, done, calib_cache, w
         quantize_(model, cfg, calibration=calibration, overrides=overrides, progress=progress)
     t_quant = time.perf_counter() - t0
     try:
+        if prompt_tokens is not None and runtime.ttq_layers(model):
+            runtime.set_mode(model, "prompt")  # quantized once from each window's prompt (restore_ drops it)
         for ds, win, path in todo:
             for m in model.modules():  # stateful layers (online low-rank, prompt mode) start fresh per dataset
                 if m is not model and callable(getattr(m, "reset", None)) and hasattr(m, "original"):
                     m.reset()
-            res = perplexity(model, win, progress=progress, desc=f"{cell.label} q={cell.bits} {ds}")
+            res = perplexity(model, win, progress=progress, desc=f"{cell.label} q={cell.bits} {ds}",
+                             prompt_tokens=prompt_tokens)
             row = {
                 "method": cell.label, "bits": cell.bits, "group_size": cell.group_size, "dataset": ds,
                 **res.to_dict(), "quantize_seconds": t_quant,

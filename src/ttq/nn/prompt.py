@@ -18,7 +18,8 @@ A model's ``forward`` does not say which step it is running, so :meth:`PromptSta
 layer's forward in prompt mode) tells them apart by token count: more than one token per sequence,
 or nothing packed yet, is a prefill; one token per sequence is a decode step.  ``model.generate``
 therefore needs no extra call; a one-token prompt after another prompt looks like a decode step:
-call :func:`ttq.runtime.reset` first.  Set the mode of a whole model with :func:`ttq.runtime.set_mode`.
+call :func:`ttq.runtime.reset` first.  Inside :func:`ttq.runtime.holding` every forward after the prefill,
+whatever its length, runs on the packed weights (a continuation scored with the prompt's quantization).  Set the mode of a whole model with :func:`ttq.runtime.set_mode`.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class PromptState:
         self.stats: ChannelStats | None = None
         self.tokens: TokenStats | None = None
         self.alpha: float | None = None
+        self.hold = False  # True: forwards of any length run on the packed weights (ttq.runtime.holding)
         self.steps = 0
         self.n_quantizations = 0
         self.seconds = 0.0
@@ -135,7 +137,7 @@ class PromptState:
                 y = lin.decoder(x)  # directly (the per-token hot path); None for prefill-shaped x
                 if y is not None:
                     return y
-            if x.dim() < 2 or x.shape[-2] == 1:  # (B, 1, d), (1, d), (d,)
+            if x.dim() < 2 or x.shape[-2] == 1 or self.hold:  # (B, 1, d), (1, d), (d,); held: any length
                 return self.decode(x, mask)
         self.prefill(x if mask is None else real_tokens(x, mask.rows(x)))
         return self.linear(x)

@@ -118,3 +118,33 @@ def test_held_out_refuses_what_it_cannot_score_honestly(stories_model, wt2_windo
             perplexity(stories_model, wt2_windows[:1], prompt_tokens=100)
     finally:
         ttq.restore_(stories_model)
+
+
+def decoded_nll(model, window: torch.Tensor, k: int) -> float:
+    """NLL of tokens k .. seqlen-1 as generation computes their logits: a prefill of the first k tokens, then one
+    decode step per token with the KV cache (what held-out scoring must equal, in one forward)."""
+    from ttq import runtime
+    from ttq.models import cache_argument
+
+    runtime.reset(model)
+    with torch.no_grad():
+        out = model(window[:, :k], use_cache=True)
+        logits, past = [out.logits[0, -1]], out.past_key_values
+        for t in range(k, window.shape[1] - 1):
+            out = model(window[:, t : t + 1], **{cache_argument(model): past}, use_cache=True)
+            logits.append(out.logits[0, -1])
+            past = out.past_key_values
+    return float(torch.nn.functional.cross_entropy(torch.stack(logits).float(), window[0, k:]))
+
+
+def test_held_out_equals_decoding_token_by_token(stories_model, wt2_windows):
+    from ttq import runtime
+
+    win = wt2_windows[:1, :96]
+    ttq.quantize_(stories_model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=4, group_size=32), rank=4))
+    try:
+        runtime.set_mode(stories_model, "prompt")
+        got = window_nll(stories_model, win, prompt_tokens=40)
+        assert got == pytest.approx(decoded_nll(stories_model, win, 40), rel=1e-4)
+    finally:
+        ttq.restore_(stories_model)

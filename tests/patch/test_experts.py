@@ -192,6 +192,27 @@ def test_prompt_mode_generation_runs_packed_experts():
     assert out.shape == (1, 14)
 
 
+def test_held_out_scoring_matches_generation_for_experts_first_reached_after_the_prompt():
+    """Held-out scoring (one forward of the continuation) gives the logits of step-by-step decoding, also for an
+    expert that no prompt token reached: it packs from its first routed token, as at its first decode step."""
+    from tests.eval.test_ppl import decoded_nll
+    from ttq.eval.ppl import window_nll
+
+    model = tiny_moe("qwen3_moe", experts=8, top_k=1)
+    ids = _ids(b=1, t=24, seed=5)
+    ttq.quantize_(model, ttq.TTQConfig(quant=QuantSpec(bits=4, group_size=16)))
+    ttq.runtime.set_mode(model, "prompt")
+    ttq.runtime.reset(model)
+    with torch.no_grad():
+        model(ids[:, :3])  # a 3-token prompt reaches at most 3 of the 8 experts per block
+    routed = model.model.layers[0].mlp.experts
+    unpacked = [e for e in range(8) if routed.gate_up_proj[e].prompt.linear is None]
+    assert unpacked
+    got = window_nll(model, ids, prompt_tokens=3)
+    assert got == pytest.approx(decoded_nll(model, ids, 3), rel=1e-4)
+    assert any(routed.gate_up_proj[e].prompt.n_quantizations == 1 for e in unpacked)  # reached after the prompt
+
+
 @torch.no_grad()
 def test_calibrated_methods_use_routed_tokens_and_fall_back_to_rtn():
     model = tiny_moe("olmoe", top_k=1)

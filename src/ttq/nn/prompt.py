@@ -19,7 +19,9 @@ layer's forward in prompt mode) tells them apart by token count: more than one t
 or nothing packed yet, is a prefill; one token per sequence is a decode step.  ``model.generate``
 therefore needs no extra call; a one-token prompt after another prompt looks like a decode step:
 call :func:`ttq.runtime.reset` first.  Inside :func:`ttq.runtime.holding` every forward after the prefill,
-whatever its length, runs on the packed weights (a continuation scored with the prompt's quantization).  Set the mode of a whole model with :func:`ttq.runtime.set_mode`.
+whatever its length, runs on the packed weights (a continuation scored with the prompt's quantization); a layer
+with nothing packed yet (an MoE expert no prompt token reached) packs from the first of its tokens, as it would
+at its first decode step.  Set the mode of a whole model with :func:`ttq.runtime.set_mode`.
 """
 
 from __future__ import annotations
@@ -139,7 +141,10 @@ class PromptState:
                     return y
             if x.dim() < 2 or x.shape[-2] == 1 or self.hold:  # (B, 1, d), (1, d), (d,); held: any length
                 return self.decode(x, mask)
-        self.prefill(x if mask is None else real_tokens(x, mask.rows(x)))
+        real = x if mask is None else real_tokens(x, mask.rows(x))
+        if self.hold:  # first reached inside a held continuation (an MoE expert no prompt token was routed to):
+            real = real.reshape(-1, real.shape[-1])[:1]  # its first token, as at its first decode step in generation
+        self.prefill(real)
         return self.linear(x)
 
     def prefill(self, real: torch.Tensor) -> None:

@@ -164,10 +164,10 @@ class RoutedExperts(nn.Module):
         out = torch.zeros_like(hidden_states)  # (N, H)
         keep = self._keep(hidden_states.shape[0])
         prefill = self._shape is not None and self._shape[1] > 1
-        if prefill:  # a new prompt: no expert keeps the last prompt's packed weights
-            for e in range(self.num_experts):
+        if prefill:  # a new prompt: no expert keeps the last prompt's packed weights (a held continuation, which
+            for e in range(self.num_experts):  # runs on them, is not a new prompt: ttq.runtime.holding)
                 for m in self._test_time(e):
-                    if getattr(m, "mode", None) == "prompt":
+                    if getattr(m, "mode", None) == "prompt" and not m.prompt.hold:
                         m.reset()
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.num_experts:  # expert-parallel sentinels

@@ -12,6 +12,7 @@ import torch
 
 import ttq
 from ttq import compiled, runtime
+from ttq.errors import ConfigError
 
 NEW = 12
 
@@ -117,8 +118,8 @@ def test_a_failing_compilation_falls_back_and_decodes_exactly(stories_model, pro
 
     real = compiled.generate_kwargs
 
-    def kwargs(m, tokens):
-        kw = real(m, tokens)
+    def kwargs(m, tokens, kv_dtype=None):
+        kw = real(m, tokens, kv_dtype)
         config = CompileConfig(fullgraph=True, dynamic=False, backend=broken)
         config._compile_all_devices = True
         kw["compile_config"] = config
@@ -283,3 +284,63 @@ def test_a_deep_copy_and_an_unprepared_model_get_steps_of_their_own(compiled_mod
     _ttq(fresh, rank=2)
     _exact(fresh, prompts[0])
     assert fresh.forward.__code__ is not type(fresh).forward.__code__
+
+
+def _narrow_kwargs(model, tokens: int, dtype) -> dict:
+    """An eager generation over a static cache narrowed to ``dtype`` (no compile config: transformers decodes it
+    eagerly on the CPU)."""
+    from transformers import StaticCache
+
+    from ttq.models import cache_argument
+
+    cache = StaticCache(config=model.config, max_cache_len=compiled.cache_length(tokens))
+    return {cache_argument(model): compiled.narrow_cache(cache, dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_cache_compiles_and_decodes_like_its_eager_twin(stories_model, prompts, dtype):
+    """prepare(kv_dtype=...): the static cache stores 16-bit keys and values (half the bytes the decode attention
+    reads), the compiled tokens equal eager decoding over the same narrowed cache, the prefill is that of a float32
+    cache, and the decode logits stay within 16-bit rounding of the float32 cache's."""
+    model = _ttq(stories_model)
+    ids = prompts[1]
+    prep = compiled.prepare(model, ids, NEW, kv_dtype=str(dtype).removeprefix("torch."))
+    assert prep.compiled, prep.reason
+    assert prep.kv_dtype == dtype
+
+    def run(**kw):
+        runtime.reset(model)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                 min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                                 **kw)
+        return out.sequences, torch.cat(out.logits)
+
+    narrow = _narrow_kwargs(model, ids.shape[-1] + NEW, dtype)
+    eager_ids, eager_logits = run(**narrow)
+    assert next(iter(narrow.values())).layers[0].keys.dtype == dtype
+    fast_kw = compiled.generate_kwargs(model, ids.shape[-1] + NEW, prep.kv_dtype)
+    fast_ids, fast_logits = run(**fast_kw)
+    assert next(iter(fast_kw.values())).layers[0].keys.dtype == dtype
+    assert torch.equal(fast_ids, eager_ids)
+    # Inductor's fused RoPE moves a key by float rounding, and that can move its 16-bit copy by one 16-bit step
+    torch.testing.assert_close(fast_logits, eager_logits, rtol=0, atol=2e-3 if dtype == torch.float16 else 2e-2)
+    full_ids, full_logits = run()  # float32 dynamic cache
+    # the prefill attends to the float32 states (TTQ's prompt statistics, the first token): as a float32 cache
+    torch.testing.assert_close(eager_logits[:1], full_logits[:1], rtol=1e-5, atol=1e-5)
+    err = (eager_logits - full_logits).abs().max() / full_logits.abs().max()
+    assert 0 < err < (2e-2 if dtype == torch.bfloat16 else 2e-3), err
+
+
+def test_a_16_bit_cache_needs_ttq_attention_and_a_known_dtype(stories_model, prompts, caplog):
+    """A model that keeps another attention (eager here) compiles with its own dtype and one logged line; an
+    unknown cache dtype is refused with the allowed names."""
+    model = _ttq(stories_model)
+    model.set_attn_implementation("eager")
+    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        compiled.prepare(model, prompts[0], NEW, kv_dtype="int8")
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        prep = compiled.prepare(model, prompts[0], NEW, kv_dtype="float16")
+    assert prep.compiled and prep.kv_dtype is None
+    assert "KV cache needs ttq's attention (the model uses 'eager')" in caplog.text
+    _exact(model, prompts[0])

@@ -24,6 +24,12 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
   another's modules.
 * Attention of the one-token decode queries runs on the key/value heads (:mod:`ttq.nn.attention`):
   under compilation transformers' SDPA path would copy the whole cache once per query head.
+* **A 16-bit KV cache** (``kv_dtype=torch.float16`` or ``bfloat16``; llama.cpp's default cache is float16): keys and
+  values are stored narrowed (:func:`narrow_cache`) and read by the C++ single-token attention, which widens them in
+  registers, so a decode step reads half the cache bytes.  The prefill attends to the float32 states, so the first
+  token and TTQ's prompt statistics are unchanged; decode steps see rounded keys and values (float16 keeps 11
+  significant bits), so the exact layouts' greedy tokens can differ from the float32 reference; float32 (the
+  default) keeps them equal.
 * :func:`prepare` compiles with a short warm-up (two decode steps) and falls back to eager decoding with one
   logged line when compilation is unavailable (no C++ compiler, an architecture transformers
   does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
@@ -47,6 +53,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ttq.errors import ConfigError
 from ttq.models import cache_argument
 
 log = logging.getLogger(__name__)
@@ -109,6 +116,43 @@ class Prepared:
     compiled: bool = False
     seconds: float = 0.0
     reason: str | None = None
+    kv_dtype: torch.dtype | None = None  # the static cache's dtype (None: the model's)
+
+
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kv_dtype_arg(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A KV cache dtype from its name (``float32``, ``float16``, ``bfloat16``), a dtype, or None (the model's)."""
+    if name is None or isinstance(name, torch.dtype) and name in KV_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in KV_DTYPES:
+        return KV_DTYPES[name]
+    raise ConfigError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+
+
+def narrow_cache(cache, dtype: torch.dtype):
+    """Make every layer of a transformers static ``cache`` store its keys and values in ``dtype``: the new
+    states are cast before each layer's own ``update`` (whose lazy allocation then takes ``dtype``), so a
+    one-token (decode) call hands the attention ``dtype`` keys and values.  A call with several tokens (the
+    prefill) gets what a cache of the states' own dtype would return (the layer updated on a widened copy), so
+    prefill attention, and the prompt statistics TTQ quantizes from, are those of a float32 cache.
+    Returns ``cache``."""
+    import copy
+
+    for layer in cache.layers:
+        def update(key_states, value_states, *args, _layer=layer, _update=layer.update, **kwargs):
+            exact = None
+            if key_states.shape[-2] > 1:  # prefill: answer as a cache of the states' dtype would
+                shadow = copy.deepcopy(_layer)
+                if getattr(shadow, "is_initialized", False):
+                    shadow.keys, shadow.values = shadow.keys.to(key_states.dtype), shadow.values.to(value_states.dtype)
+                exact = type(_layer).update(shadow, key_states, value_states, *args, **kwargs)
+            narrow = _update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
+            return narrow if exact is None else exact
+
+        layer.update = update
+    return cache
 
 
 def _cache_dir() -> None:
@@ -216,10 +260,11 @@ def _compile_config():
     return config
 
 
-def generate_kwargs(model: nn.Module, tokens: int) -> dict:
+def generate_kwargs(model: nn.Module, tokens: int, kv_dtype: torch.dtype | None = None) -> dict:
     """``model.generate`` keywords of a compiled decode: a fresh static cache of :func:`cache_length`
     ``(tokens)`` positions (its batch size is set by the first forward; ``tokens`` must cover the prompt and
-    the new tokens: a longer generation stops with an index error, never a wrong token) and transformers'
+    the new tokens: a longer generation stops with an index error, never a wrong token; its keys and values in
+    ``kv_dtype`` when given, see :func:`narrow_cache`: pass :attr:`Prepared.kv_dtype`) and transformers'
     ``CompileConfig`` (full graph, automatic dynamic shapes, Inductor, on every device type, module guards
     skipped).  The model gets a compiled step of its own (:func:`_install`) when it has none (not prepared, or
     a deep copy of a prepared model), and a new one when its :func:`state_key` changed since (one logged line);
@@ -234,6 +279,8 @@ def generate_kwargs(model: nn.Module, tokens: int) -> dict:
         log.warning("the model changed since its decode step was compiled; compiling it again")
         _install(model, config, current)
     cache = StaticCache(config=model.config, max_cache_len=cache_length(tokens))
+    if kv_dtype is not None:
+        narrow_cache(cache, kv_dtype)
     return {cache_argument(model): cache, "compile_config": config}
 
 
@@ -243,12 +290,16 @@ def generate(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, pre
     ``prepared`` (from :func:`prepare`, or prepared here when None) compiled, eagerly otherwise; the static
     cache is sized for this call, so it cannot overflow."""
     prepared = prepared if prepared is not None else prepare(model, input_ids, max_new_tokens)
-    extra = generate_kwargs(model, int(input_ids.shape[-1]) + max_new_tokens) if prepared.compiled else {}
+    extra = generate_kwargs(model, int(input_ids.shape[-1]) + max_new_tokens, prepared.kv_dtype) \
+        if prepared.compiled else {}
     return model.generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **extra, **kwargs)
 
 
-def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> Prepared:
-    """Compile ``model``'s decode step for generations shaped like ``input_ids`` + ``max_new_tokens``.
+def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+            kv_dtype: str | torch.dtype | None = None) -> Prepared:
+    """Compile ``model``'s decode step for generations shaped like ``input_ids`` + ``max_new_tokens``, over a
+    static cache of ``kv_dtype`` keys and values (None: the model's dtype; a 16-bit cache needs ttq's
+    attention, :mod:`ttq.nn.attention`, and is refused with a logged line when the model keeps another).
 
     A short warm-up generation (the prompt's first tokens, :data:`WARM_STEPS` decode steps, a cache of the
     real length bucket) triggers compilation; it quantizes the TTQ layers for its own short prompt, and the real
@@ -261,6 +312,7 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     """
     from ttq.runtime import reset, ttq_layers
 
+    kv_dtype = kv_dtype_arg(kv_dtype)
     length = int(input_ids.shape[-1])
     tokens = length + max_new_tokens
     reason = unavailable(model, tokens)
@@ -274,13 +326,18 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     from ttq.nn import attention
 
     before = attention.use(model)  # single-token attention on the key/value heads (no cache copies per step)
+    if kv_dtype is not None and model.config._attn_implementation != attention.NAME:
+        log.warning("a %s KV cache needs ttq's attention (the model uses %r); keeping the model's dtype",
+                    kv_dtype, model.config._attn_implementation)
+        kv_dtype = None
     _install(model, _compile_config())  # our own step (a deep copy's inherited one would run its source model)
     warm = input_ids[:, : min(length, 8)]
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
             model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=WARM_STEPS + 1,
-                           min_new_tokens=WARM_STEPS + 1, do_sample=False, **generate_kwargs(model, tokens))
+                           min_new_tokens=WARM_STEPS + 1, do_sample=False,
+                           **generate_kwargs(model, tokens, kv_dtype))
     except Exception as e:  # noqa: BLE001 - Inductor/dynamo raise many types; decoding eagerly is always correct
         root = e
         while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
@@ -297,4 +354,4 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int) -> P
     if ttq_layers(model):
         reset(model)
     _record(model)  # after the warm-up (which may set lazily built attributes)
-    return Prepared(True, time.perf_counter() - t0)
+    return Prepared(True, time.perf_counter() - t0, kv_dtype=kv_dtype)

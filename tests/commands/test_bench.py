@@ -353,6 +353,26 @@ def test_bench_cli_compiled_rows(stories_dir, tmp_path, capsys):
     assert gen["ttq 4-bit r=0 fused compiled"]["same_as_reference"] is True
 
 
+def test_bench_cli_16_bit_cache_rows(stories_dir, tmp_path, capsys):
+    """--kv-cache-dtype adds a twin of every compiled row whose static cache is 16-bit; it needs --compile (refused
+    before the model loads)."""
+    out = tmp_path / "kv"
+    rc = main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--repeats", "1", "--model", str(stories_dir),
+               "--prompt-tokens", "16", "--new-tokens", "6", "--compile", "--kv-cache-dtype", "float16",
+               "--no-llamacpp", "--out", str(out)])
+    assert rc == 0
+    gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
+    assert list(gen) == ["fp32", "fp32 compiled", "fp32 compiled kv float16", "bf16", "ttq 4-bit r=0",
+                         "ttq 4-bit r=0 compiled", "ttq 4-bit r=0 compiled kv float16"]
+    for name in ("fp32 compiled kv float16", "ttq 4-bit r=0 compiled kv float16"):
+        assert gen[name]["compile_note"] is None and gen[name]["compile_s"] > 0 and gen[name]["new_tokens"] == 6
+    capsys.readouterr()
+    rc = main(["bench", "--parts", "c", "--kv-cache-dtype", "float16", "--model", str(tmp_path / "never-loaded")])
+    assert rc == 2
+    assert "--kv-cache-dtype float16 sets the static cache of compiled decode steps; add --compile" in \
+        capsys.readouterr().err
+
+
 def test_bench_cli_refinement_rows(stories_dir, tmp_path, capsys):
     """--refines adds the widest TTQ rows quantized with those refinements in prompt mode: their tokens equal the
     reference path on the same (refined) packed weights; prompt-SVD alone has no r = 0 row, as in ttq ppl."""

@@ -145,6 +145,16 @@ def test_generate_compile_prints_the_eager_text(stories_dir, capsys):
     assert fast.split("\n[")[0] == eager.split("\n[")[0]  # the same streamed text
 
 
+def test_generate_compile_with_a_16_bit_cache(stories_dir, capsys):
+    args = ["generate", "--model", str(stories_dir), "--prompt", "Once upon a time", "--max-new-tokens", "6",
+            "--bits", "4", "--kv-cache-dtype", "float16"]
+    assert main(args) == 2
+    assert "--kv-cache-dtype float16 sets the static cache of compiled decode steps; add --compile" in \
+        capsys.readouterr().err
+    assert main([*args, "--compile"]) == 0
+    assert "compiled decode, float16 KV cache (warm-up" in capsys.readouterr().out
+
+
 def test_generate_compile_falls_back_with_refresh(stories_dir, capsys, caplog):
     import logging
 

@@ -137,3 +137,39 @@ def test_kernel_reads_only_the_positions_the_mask_opens(groups):
         torch.ops.ttq_cpu.decode_attention(q.double(), k, v, mask, 0.2)
     with pytest.raises(RuntimeError, match=r"mask must be \(B or 1, 1, 1, L\)"):
         torch.ops.ttq_cpu.decode_attention(q, k, v, mask[..., :50], 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups,dim", [(1, 32), (3, 64), (4, 24)])
+def test_kernel_reads_a_16_bit_cache_as_the_widened_float32_one(dtype, groups, dim):
+    """A float16 / bfloat16 cache (a narrowed static cache, ttq.compiled.narrow_cache) gives the same output as
+    the float32 kernel on the same cache widened (the widening is exact, the arithmetic float32), on the 16-key
+    AVX-512 path and on a head size it does not cover; k and v of different dtypes are refused."""
+    if not attention.kernel_available():
+        pytest.skip("ttq's C++ extension is not available")
+    g = torch.Generator().manual_seed(2)
+    b, kv, length = 2, 2, 77
+    q = torch.randn(b, kv, groups, dim, generator=g)
+    k = torch.randn(b, kv, length, dim, generator=g).to(dtype)
+    v = torch.randn(b, kv, length, dim, generator=g).to(dtype)
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :50] = True
+    mask[1, ..., 9:77] = True
+    out = torch.ops.ttq_cpu.decode_attention(q, k, v, mask, 0.3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.ops.ttq_cpu.decode_attention(q, k.float(), v.float(), mask, 0.3),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="k and v must both be float32, float16 or bfloat16"):
+        torch.ops.ttq_cpu.decode_attention(q, k, v.float(), mask, 0.3)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_a_16_bit_cache_under_a_float32_model(q_len, kernel):
+    """Keys and values from a float16 cache with float32 queries: the one-token kernel reads them as they are,
+    every other path (SDPA, prefill) widens them first; both equal SDPA on the widened cache."""
+    q, k, v, mask = _inputs(q_len, 3)
+    k16, v16 = k.half(), v.half()
+    ours, _ = attention.decode_attention(_module(3), q, k16, v16, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(_module(3), q, k16.float(), v16.float(), mask, scaling=0.25)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -118,6 +118,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="part c: also time each row (but bf16) with its decode step compiled (torch.compile over a "
                         "static KV cache; compile time reported, paid once and cached on disk)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=["float16", "bfloat16"],
+                   help="part c, with --compile: also time each compiled row with its static KV cache in this dtype "
+                        "(half the cache bytes per decode step; llama.cpp's default cache is float16)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     add_out_args(p, None, ".md and .json")
     p.set_defaults(func=run)
@@ -218,6 +221,9 @@ def run(args) -> int:
         from ttq.quantizers.ttq import check_refine_rows
 
         check_refine_rows(args.refines)
+    if args.kv_cache_dtype and not args.compile:  # now, not after the model and parts a / b
+        raise ConfigError(f"--kv-cache-dtype {args.kv_cache_dtype} sets the static cache of compiled decode steps; "
+                          f"add --compile")
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick
@@ -267,7 +273,7 @@ def run(args) -> int:
             group_size=args.group_size[0], repeats=_default(rep, quick, 3, 1), stat=args.stat,
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
             half_params=True if args.half_params else None, gguf=gguf, fused=args.fused,
-            compiled=args.compile, refines=tuple(args.refines))
+            compiled=args.compile, refines=tuple(args.refines), kv_dtype=args.kv_cache_dtype)
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]

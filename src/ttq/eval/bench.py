@@ -328,7 +328,8 @@ class GenRow:
         kind: ``fp32``, ``bf16``, ``ttq`` or ``ttq+head`` (TTQ with the LM head packed too).
         bits, rank: TTQ's (0 for fp32 / bf16); layout: packed layout (None = best for the device).
         refine: a TTQ refinement row of :data:`ttq.quantizers.ttq.ROW_REFINES` (e.g. ``ttq_clip``), or None.
-        fused: q/k/v and gate/up as one product each; compiled: a compiled decode step.
+        fused: q/k/v and gate/up as one product each; compiled: a compiled decode step; kv_dtype: its
+            static cache's dtype name (None: the model's).
     """
 
     label: str
@@ -339,6 +340,7 @@ class GenRow:
     refine: str | None = None
     fused: bool = False
     compiled: bool = False
+    kv_dtype: str | None = None
 
 
 def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layouts: tuple[str, ...] = (),
@@ -383,6 +385,7 @@ def bench_generation(
     fused: bool = False,
     compiled: bool = False,
     refines: tuple[str, ...] = (),
+    kv_dtype: str | None = None,
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -396,6 +399,8 @@ def bench_generation(
     ``compiled`` adds, per row but bf16, one whose decode steps run as one compiled graph
     (:mod:`ttq.compiled`, label suffix `` compiled``; ``compile_s`` is its warm-up, compilation
     included; a row that fell back to eager decoding says why in ``compile_note``).
+    ``kv_dtype`` (with ``compiled``; e.g. ``float16``) adds, per compiled row, one whose static cache stores
+    keys and values in that dtype (:func:`ttq.compiled.narrow_cache`, label suffix `` kv float16``).
     ``refines`` adds the widest TTQ rows with these refinements (:func:`generation_configs`).
     ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
     (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
@@ -404,6 +409,12 @@ def bench_generation(
     import ttq
     from ttq import runtime
 
+    if kv_dtype is not None:
+        from ttq.compiled import kv_dtype_arg
+
+        kv_dtype_arg(kv_dtype)  # an unknown name is refused before any row runs
+        if not compiled:
+            raise ConfigError("a KV cache dtype applies to compiled decode steps only; ask for compiled rows too")
     if new_tokens < 2:
         raise ConfigError(f"new_tokens must be at least 2 to time decode (the first new token ends the prefill), "
                           f"got {new_tokens}")
@@ -416,6 +427,9 @@ def bench_generation(
     if compiled:  # each row but bf16, then the same with a compiled decode step
         configs = [x for c in configs for x in ([c] if c.kind == "bf16" else
                                                 [c, dataclasses.replace(c, label=f"{c.label} compiled", compiled=True)])]
+        if kv_dtype is not None:
+            configs = [x for c in configs for x in ([c] if not c.compiled else [
+                c, dataclasses.replace(c, label=f"{c.label} kv {kv_dtype}", kv_dtype=kv_dtype)])]
     bar = tqdm(configs, desc="part c", unit="row", leave=False)
     for c in bar:
         label, kind, b, r, lay, comp = c.label, c.kind, c.bits, c.rank, c.layout, c.compiled
@@ -447,10 +461,11 @@ def bench_generation(
         if comp:
             from ttq import compiled as compiled_step
 
-            prep = compiled_step.prepare(m, ids, new_tokens)  # compiles (or says why not, decoding eagerly)
+            prep = compiled_step.prepare(m, ids, new_tokens, c.kv_dtype)  # compiles (or says why not: eager)
 
         def extra() -> dict:  # a fresh static cache per compiled generation
-            return compiled_step.generate_kwargs(m, prompt_tokens + new_tokens) if prep and prep.compiled else {}
+            return compiled_step.generate_kwargs(m, prompt_tokens + new_tokens, prep.kv_dtype) \
+                if prep and prep.compiled else {}
 
         runs, quant = [], []
         for _ in range(repeats):

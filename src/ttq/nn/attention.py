@@ -13,7 +13,8 @@ On the CPU with ttq's C++ extension, float32 single-token attention runs in ``to
 (``csrc/attention.inc``; a fake implementation lets ``torch.compile`` trace it) instead of SDPA, with or without
 grouped-query attention: it reads only the positions the mask opens, where SDPA reads the whole static cache
 (SmolLM2 at 576 of 768 positions: 25 % fewer bytes; Gemma3's 256-wide heads: 2.7x faster than SDPA in a scratch
-timing of 30 layers).
+timing of 30 layers).  It also reads a float16 or bfloat16 cache (:func:`ttq.compiled.narrow_cache`) as it is,
+widening in registers; every other path widens a 16-bit cache to the query's dtype first.
 
 The function is registered under :data:`NAME` in transformers' ``AttentionInterface`` (and its mask
 builder is SDPA's), so it works for every architecture that calls attention through that interface,
@@ -56,9 +57,13 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
              and not kwargs.get("output_attentions", False) and dropout == 0.0)
     mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
     kernel = _KERNEL[0] if _KERNEL else False
-    kernel = kernel and query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32 and (
-        attention_mask is None or attention_mask.dtype in (torch.bool, torch.float32))
-    if q_len != 1 or (groups <= 1 and not kernel) or not plain or not mask_ok or heads != key.shape[1] * groups:
+    kernel = kernel and query.device.type == "cpu" and query.dtype == torch.float32 and key.dtype == value.dtype \
+        and key.dtype in (torch.float32, torch.float16, torch.bfloat16) and (
+            attention_mask is None or attention_mask.dtype in (torch.bool, torch.float32))
+    one_token = q_len == 1 and (groups > 1 or kernel) and plain and mask_ok and heads == key.shape[1] * groups
+    if not (one_token and kernel) and key.dtype != query.dtype:  # a 16-bit cache: widened for SDPA
+        key, value = key.to(query.dtype), value.to(query.dtype)
+    if not one_token:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # one query token: the `groups` query heads of a key/value head become `groups` query rows of that head

@@ -23,6 +23,15 @@ def _generate(model, ids, **kw) -> torch.Tensor:
                               min_new_tokens=NEW, **kw)
 
 
+def _with_logits(model, ids, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the logits of every new token, the TTQ layers reset first."""
+    runtime.reset(model)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                             min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True, **kw)
+    return out.sequences, torch.cat(out.logits)
+
+
 def _ttq(model, rank: int = 0, **mode):
     ttq.quantize_(model, ttq.TTQConfig(quant=ttq.QuantSpec(bits=4, group_size=32), rank=rank))
     runtime.set_mode(model, "prompt", **mode)
@@ -153,12 +162,7 @@ def test_other_architectures_compile_with_no_code_of_their_own(family):
     assert prep.compiled, prep.reason
 
     def run(**kw):
-        runtime.reset(model)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                                 min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                 **kw)
-        return out.sequences, torch.cat(out.logits)
+        return _with_logits(model, ids, **kw)
 
     from torch._dynamo.utils import counters
 
@@ -309,12 +313,7 @@ def test_a_16_bit_cache_compiles_and_decodes_like_its_eager_twin(stories_model, 
     assert prep.kv_dtype == dtype
 
     def run(**kw):
-        runtime.reset(model)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                                 min_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                 **kw)
-        return out.sequences, torch.cat(out.logits)
+        return _with_logits(model, ids, **kw)
 
     narrow = _narrow_kwargs(model, ids.shape[-1] + NEW, dtype)
     eager_ids, eager_logits = run(**narrow)

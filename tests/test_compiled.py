@@ -6,6 +6,7 @@ compares compiled greedy tokens with eager ones on the same packed weights."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -343,3 +344,21 @@ def test_a_16_bit_cache_needs_ttq_attention_and_a_known_dtype(stories_model, pro
     assert prep.compiled and prep.kv_dtype is None
     assert "KV cache needs ttq's attention (the model uses 'eager')" in caplog.text
     _exact(model, prompts[0])
+
+
+def test_compiled_code_is_kept_in_ttqs_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
+    """Importing torch._dynamo writes torch's default (under /tmp) into TORCHINDUCTOR_CACHE_DIR: that is replaced
+    by ttq's cache folder; a folder the user set stays."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ttq.cache import cache_root
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    compiled._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_root() / "inductor")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    compiled._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_root() / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiled._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)

@@ -156,8 +156,13 @@ def narrow_cache(cache, dtype: torch.dtype):
 
 
 def _cache_dir() -> None:
-    """Keep Inductor's compiled code in ttq's cache folder unless the user chose one."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    """Keep Inductor's compiled code in ttq's cache folder unless the user chose one.  Importing ``torch._dynamo``
+    writes torch's default (a folder under /tmp, often wiped at boot) into ``TORCHINDUCTOR_CACHE_DIR``; that
+    value counts as not chosen.  Inductor reads the variable at each cache access."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         from ttq.cache import cache_root
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")

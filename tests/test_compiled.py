@@ -328,6 +328,8 @@ def test_a_16_bit_cache_compiles_and_decodes_like_its_eager_twin(stories_model, 
     full_ids, full_logits = run()  # float32 dynamic cache
     # the prefill attends to the float32 states (TTQ's prompt statistics, the first token): as a float32 cache
     torch.testing.assert_close(eager_logits[:1], full_logits[:1], rtol=1e-5, atol=1e-5)
+    first = ids.shape[-1] + 1
+    assert torch.equal(eager_ids[:, :first], full_ids[:, :first])
     err = (eager_logits - full_logits).abs().max() / full_logits.abs().max()
     assert 0 < err < (2e-2 if dtype == torch.bfloat16 else 2e-3), err
 

@@ -463,7 +463,7 @@ def bench_generation(
 
             prep = compiled_step.prepare(m, ids, new_tokens, c.kv_dtype)  # compiles (or says why not: eager)
 
-        def extra() -> dict:  # a fresh static cache per compiled generation
+        def extra(m=m, prep=prep) -> dict:  # a fresh static cache per compiled generation
             return compiled_step.generate_kwargs(m, prompt_tokens + new_tokens, prep.kv_dtype) \
                 if prep and prep.compiled else {}
 

@@ -348,6 +348,20 @@ def test_a_16_bit_cache_needs_ttq_attention_and_a_known_dtype(stories_model, pro
     _exact(model, prompts[0])
 
 
+def test_a_16_bit_cache_needs_the_cpp_attention(stories_model, prompts, caplog, monkeypatch):
+    """Without ttq's C++ extension every decode step would widen the whole 16-bit cache: the cache keeps the
+    model's dtype, with one logged line."""
+    from ttq.nn import attention
+
+    monkeypatch.setattr(attention, "_KERNEL", [False])
+    model = _ttq(stories_model)
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
+        prep = compiled.prepare(model, prompts[0], NEW, kv_dtype="bfloat16")
+    assert prep.compiled and prep.kv_dtype is None
+    assert "KV cache needs ttq's C++ attention" in caplog.text
+    _exact(model, prompts[0])
+
+
 def test_compiled_code_is_kept_in_ttqs_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):
     """Importing torch._dynamo writes torch's default (under /tmp) into TORCHINDUCTOR_CACHE_DIR: that is replaced
     by ttq's cache folder; a folder the user set stays."""

@@ -304,7 +304,7 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
             kv_dtype: str | torch.dtype | None = None) -> Prepared:
     """Compile ``model``'s decode step for generations shaped like ``input_ids`` + ``max_new_tokens``, over a
     static cache of ``kv_dtype`` keys and values (None: the model's dtype; a 16-bit cache needs ttq's
-    attention, :mod:`ttq.nn.attention`, and is refused with a logged line when the model keeps another).
+    attention, :mod:`ttq.nn.attention`, and its C++ op, and is refused with a logged line without them).
 
     A short warm-up generation (the prompt's first tokens, :data:`WARM_STEPS` decode steps, a cache of the
     real length bucket) triggers compilation; it quantizes the TTQ layers for its own short prompt, and the real
@@ -334,6 +334,10 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
     if kv_dtype is not None and model.config._attn_implementation != attention.NAME:
         log.warning("a %s KV cache needs ttq's attention (the model uses %r); keeping the model's dtype",
                     kv_dtype, model.config._attn_implementation)
+        kv_dtype = None
+    elif kv_dtype is not None and kv_dtype != torch.float32 and not attention.kernel_available():
+        log.warning("a %s KV cache needs ttq's C++ attention (without it every step would widen the whole cache); "
+                    "keeping the model's dtype", kv_dtype)
         kv_dtype = None
     _install(model, _compile_config())  # our own step (a deep copy's inherited one would run its source model)
     warm = input_ids[:, : min(length, 8)]

@@ -350,7 +350,7 @@ def test_a_16_bit_cache_needs_ttq_attention_and_a_known_dtype(stories_model, pro
 
 def test_a_16_bit_cache_needs_the_cpp_attention(stories_model, prompts, caplog, monkeypatch):
     """Without ttq's C++ extension every decode step would widen the whole 16-bit cache: the cache keeps the
-    model's dtype, with one logged line."""
+    model's dtype, with one logged line; asking for the model's own dtype narrows nothing, silently."""
     from ttq.nn import attention
 
     monkeypatch.setattr(attention, "_KERNEL", [False])
@@ -360,6 +360,10 @@ def test_a_16_bit_cache_needs_the_cpp_attention(stories_model, prompts, caplog, 
     assert prep.compiled and prep.kv_dtype is None
     assert "KV cache needs ttq's C++ attention" in caplog.text
     _exact(model, prompts[0])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ttq.compiled"):  # the model's own dtype: nothing to narrow
+        prep = compiled.prepare(model, prompts[0], NEW, kv_dtype="float32")
+    assert prep.compiled and prep.kv_dtype is None and not caplog.text
 
 
 def test_compiled_code_is_kept_in_ttqs_cache_unless_the_user_chose_a_folder(monkeypatch, tmp_path):

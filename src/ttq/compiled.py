@@ -318,6 +318,8 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
     from ttq.runtime import reset, ttq_layers
 
     kv_dtype = kv_dtype_arg(kv_dtype)
+    if kv_dtype == getattr(model, "dtype", None):  # the cache takes the model's dtype anyway: nothing to narrow
+        kv_dtype = None
     length = int(input_ids.shape[-1])
     tokens = length + max_new_tokens
     reason = unavailable(model, tokens)

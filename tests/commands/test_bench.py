@@ -432,3 +432,14 @@ def test_synthetic_without_a_tokenizer_source_skips_llamacpp_with_one_line(tmp_p
     gguf, why = _llamacpp_gguf(args, model=None)
     assert gguf is None
     assert why.startswith("llama.cpp rows skipped: the synthetic model's GGUF takes its tokenizer") and "--gguf" in why
+
+
+def test_bench_generation_refuses_a_cache_dtype_it_cannot_use():
+    """The library entry point refuses an unknown cache dtype, and one without compiled rows, before any row runs
+    (no model is needed to get there)."""
+    from ttq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, float16, bfloat16, got 'int8'"):
+        bench.bench_generation(None, None, compiled=True, kv_dtype="int8")
+    with pytest.raises(ConfigError, match="a KV cache dtype applies to compiled decode steps only"):
+        bench.bench_generation(None, None, kv_dtype="float16")

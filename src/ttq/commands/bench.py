@@ -16,7 +16,15 @@ import json
 import os
 import platform
 
-from ttq.commands.common import DTYPES, add_out_args, int_list, non_negative_int, positive_int, str_list
+from ttq.commands.common import (
+    DTYPES,
+    add_out_args,
+    check_kv_cache_dtype,
+    int_list,
+    non_negative_int,
+    positive_int,
+    str_list,
+)
 from ttq.errors import ConfigError
 
 PARTS = ("a", "b", "c", "load")
@@ -221,9 +229,7 @@ def run(args) -> int:
         from ttq.quantizers.ttq import check_refine_rows
 
         check_refine_rows(args.refines)
-    if args.kv_cache_dtype and not args.compile:  # now, not after the model and parts a / b
-        raise ConfigError(f"--kv-cache-dtype {args.kv_cache_dtype} sets the static cache of compiled decode steps; "
-                          f"add --compile")
+    check_kv_cache_dtype(args)  # now, not after the model and parts a / b
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = args.quick

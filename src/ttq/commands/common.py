@@ -136,3 +136,12 @@ def add_row_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int_list, default="3", help="comma-separated, 2..8")
     p.add_argument("--group-size", type=int_list, default="32", help="comma-separated; -1 = per output channel")
     p.add_argument("--rank", type=int_list, default="0,16", help="TTQ low-rank r values")
+
+
+def check_kv_cache_dtype(args: argparse.Namespace) -> None:
+    """``--kv-cache-dtype`` sets the static cache of compiled decode steps: refused without ``--compile``."""
+    if args.kv_cache_dtype and not args.compile:
+        from ttq.errors import ConfigError
+
+        raise ConfigError(f"--kv-cache-dtype {args.kv_cache_dtype} sets the static cache of compiled decode steps; "
+                          f"add --compile")

@@ -13,7 +13,8 @@ import logging
 import sys
 
 from ttq.commands.common import (
-    DTYPES, add_model_args, add_scale_args, group_size_arg, non_negative_int, positive_int, scale_from_args,
+    DTYPES, add_model_args, add_scale_args, check_kv_cache_dtype, group_size_arg, non_negative_int, positive_int,
+    scale_from_args,
 )
 
 from ttq.errors import ConfigError
@@ -110,9 +111,7 @@ def run(args) -> int:
 
     if not args.prompt.strip():
         raise ConfigError("the prompt is empty; give the text to continue with --prompt TEXT")
-    if args.kv_cache_dtype and not args.compile:
-        raise ConfigError(f"--kv-cache-dtype {args.kv_cache_dtype} sets the static cache of compiled decode steps; "
-                          f"add --compile")
+    check_kv_cache_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)

@@ -93,7 +93,10 @@ def test_a_damaged_cached_library_is_rebuilt_never_loaded(cache_copy, damage):
     done = _load_in_subprocess(cache)
     assert done.returncode == 0, done.stderr[-3000:]  # loaded: not killed by SIGBUS, not "could not be built"
     assert done.stderr.count("does not match its build") == 1  # one warning
-    assert so.stat().st_size == size and cpu_build.check_build(so) is None  # relinked whole, recorded again
+    # rebuilt whole and recorded again; not byte-equal to the copy: a rebuild in another directory may compile
+    # again, and the object files hold their paths (CI's rebuild differed from the copy by one 4 KiB page)
+    assert cpu_build.check_build(so) is None and so.stat().st_size > 0.9 * size
+    assert so.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_check_build_compares_size_and_sha256(tmp_path):

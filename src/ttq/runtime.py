@@ -114,6 +114,34 @@ def packed_bytes(model: nn.Module) -> int:
     return sum(m.prompt.packed.nbytes() for m in ttq_layers(model) if m.prompt.packed is not None)
 
 
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads (prompt mode, after a prefill), for bandwidth arithmetic.
+
+    A packed product (a TTQ layer's, a packed head's) counts its codes, scales, zeros, ``s``, low-rank
+    factors and bias, and stands in for the float weight it was packed from; every other parameter counts
+    in full, but the input embedding, of which a step reads one row (all of it when it is also the unpacked
+    output head).  Tensors shared by several modules count once.  The KV cache is not counted, nor buffers;
+    a mixture-of-experts model counts every expert (a step reads the routed ones only: an upper bound).
+    """
+    from ttq.nn.packed_head import PackedHeadLinear
+
+    total, replaced = 0, set()
+    for m in model.modules():
+        if isinstance(m, TTQLinear) and m.prompt.linear is not None:
+            total += m.prompt.linear.nbytes()
+            replaced.update(id(p) for p in (m.weight, m.bias) if p is not None)
+        elif isinstance(m, PackedHeadLinear):
+            total += m.linear.nbytes()
+            replaced.update(id(p) for p in (m.original.weight, m.original.bias) if p is not None)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    whole_table = isinstance(head, nn.Linear) and head.weight is emb  # tied and unpacked: the head reads all of it
+    if not whole_table:
+        total += emb[0].numel() * emb.element_size()
+        replaced.add(id(emb))
+    return total + sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in replaced)
+
+
 def packed_layouts(model: nn.Module) -> dict[str, int]:
     """How many TTQ layers currently hold packed weights in each layout (prompt mode), e.g. ``{"cpu_q4": 210}``;
     ``u8`` is the reference path (no kernel fits, or ``TTQ_DISABLE_KERNELS=1``)."""

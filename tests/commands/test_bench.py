@@ -11,7 +11,7 @@ import torch
 
 from ttq.cli import build_parser, main
 from ttq.errors import ConfigError
-from ttq.eval import bench
+from ttq.eval import bench, llamacpp
 from ttq.formats.affine import QuantSpec
 
 
@@ -90,6 +90,14 @@ def test_bench_cli_all_parts(stories_dir, tmp_path, capsys):
     assert gen["ttq 4-bit r=0"]["quant_s"] > 0 and gen["ttq 4-bit r=0"]["new_tokens"] == 4
     assert gen["fp32"]["quant_s"] is None and gen["bf16"]["quant_over_prefill"] is None  # nothing quantized: "-"
     assert "nan" not in text.lower().split("|") and "| nan |" not in text
+    # weights read per decode step: the 8-bit packed head reads about a quarter of the float32 head's bytes
+    roof = data["read_bandwidth_gbps"]
+    assert roof > 0 and "memory read bandwidth here" in text
+    for r in gen.values():
+        assert r["weights_gbps"] == pytest.approx(r["decode_mb"] * 1e6 * 3 / r["decode_s"] / 1e9)
+        assert r["of_bandwidth"] == pytest.approx(r["weights_gbps"] / roof)
+    assert gen["bf16"]["decode_mb"] == pytest.approx(gen["fp32"]["decode_mb"] / 2, rel=1e-3)
+    assert gen["ttq 4-bit r=0 + head 8-bit"]["decode_mb"] < gen["ttq 4-bit r=0"]["decode_mb"] < gen["fp32"]["decode_mb"]
     assert out.with_suffix(".md").read_text().startswith("# ttq bench") and out.with_suffix(".md").read_text().count("# ttq bench") == 1
 
 
@@ -240,6 +248,8 @@ def test_bench_cli_llamacpp_rows(stories_dir, stories_gguf, tmp_path, capsys):
     gen = {r["config"]: r for r in json.loads(out.with_suffix(".json").read_text())["generation"]}
     assert list(gen) == ["fp32", "bf16", "ttq 4-bit r=0", "ttq 4-bit r=0 fused", "llama.cpp stories.gguf"]
     cpp = gen["llama.cpp stories.gguf"]
+    assert cpp["decode_mb"] * 1e6 == llamacpp.decode_bytes(stories_gguf)
+    assert cpp["weights_gbps"] == pytest.approx(cpp["decode_mb"] * 1e6 * 4 / cpp["decode_s"] / 1e9)
     assert cpp["new_tokens"] == 5 and cpp["prompt_tokens"] == 16 and cpp["threads"] == 1
     assert cpp["decode_vs_llamacpp"] == pytest.approx(1.0) and cpp["prefill_vs_llamacpp"] == pytest.approx(1.0)
     for r in gen.values():  # every row as a ratio to llama.cpp and to fp32, from the same run

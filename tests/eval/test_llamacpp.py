@@ -35,3 +35,22 @@ def test_greedy_generation_is_llama_cpp_own_greedy(stories_dir, tmp_path):
     want = [t for t, _ in zip(llm.generate(ids[0].tolist(), top_k=1, temp=0.0), range(6))]  # its own greedy sampler
     llm.close()
     assert row["output_ids"][0, 12:].tolist() == want
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_bytes_reads_one_embedding_row_unless_the_head_is_tied(tmp_path, tied):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((10, 8), dtype=np.float32))  # 10 rows of 8: 320 bytes
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((8, 8), dtype=np.float16))  # 128 bytes
+    w.add_tensor("output_norm.weight", np.zeros(8, dtype=np.float32))  # 32 bytes
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((10, 8), dtype=np.float16))  # 160 bytes
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert llamacpp.decode_bytes(path) == (320 + 128 + 32 if tied else 32 + 128 + 32 + 160)

@@ -55,6 +55,27 @@ def test_prompt_mode_quantizes_once_per_prompt(stories_model):
     assert runtime.packed_bytes(model) > 0
 
 
+def test_decode_bytes_counts_what_a_decode_step_reads(stories_model):
+    """Float model: every weight but the embedding's rows (its tied head reads them all); packed: codes + scales."""
+    emb = stories_model.get_input_embeddings().weight
+    assert stories_model.get_output_embeddings().weight is emb  # stories260K ties its head
+    params = {id(p): p for p in stories_model.parameters()}.values()
+    assert runtime.decode_bytes(stories_model) == sum(p.numel() * 4 for p in params)
+    model = _quantized(stories_model, bits=4)
+    runtime.set_mode(model, "prompt", half_params=False)
+    _generate(model, torch.tensor([PROMPT]), n=2)
+    layers = runtime.ttq_layers(model)
+    linear = {id(m.weight) for m in layers}
+    rest = sum(p.numel() * 4 for p in params if id(p) not in linear)  # norms and the tied embedding / head
+    groups = {id(m): -(-m.in_features // 32) for m in layers}  # the last group padded (d_in = 172 in the MLP)
+    packed = sum(m.out_features * groups[id(m)] * (16 + 2 * 4)  # 4-bit codes, float32 scale and zero per group
+                 + 4 * m.in_features for m in layers)  # TTQ's s
+    assert runtime.decode_bytes(model) == packed + rest
+    runtime.quantize_lm_head(model, bits=8, group_size=32)
+    head = emb.numel() * (1 + 2 * 4 / 32) + 4 * emb.shape[1]  # 8-bit codes, scale and zero, the ones for s
+    assert runtime.decode_bytes(model) == packed + rest - emb.numel() * 4 + emb.shape[1] * 4 + head
+
+
 def test_prefill_matches_per_sequence_quantization(stories_model):
     """With the reference layout, the prefill logits of prompt mode are the per-sequence mode's."""
     model = _quantized(stories_model, bits=3)

@@ -280,16 +280,23 @@ def run(args) -> int:
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
             half_params=True if args.half_params else None, gguf=gguf, fused=args.fused,
             compiled=args.compile, refines=tuple(args.refines), kv_dtype=args.kv_cache_dtype)
+        roof = bench.read_bandwidth_gbps()  # after the rows: their timings ran without this 512 MB tensor
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:
             r["same_as_fp32"] = same[r["config"]]
+            r["of_bandwidth"] = r["weights_gbps"] / roof
         data["generation"] = [{k: v for k, v in r.items() if k != "output_ids"} for r in rows]
-        emit(f"## (c) generation, {model_name}, greedy, KV cache, TTQ in prompt mode\n\n" + _table(rows, [
+        data["read_bandwidth_gbps"] = roof
+        emit(f"## (c) generation, {model_name}, greedy, KV cache, TTQ in prompt mode\n\n"
+             f"weights GB/s = the weights one decode step reads (MB / token; KV cache not counted) x decode tok/s; "
+             f"memory read bandwidth here: {roof:.1f} GB/s (a sum over 512 MB at {torch.get_num_threads()} "
+             f"thread(s)), the roof of a memory-bound decode step\n\n" + _table(rows, [
             ("config", "config", ""), ("prompt_tokens", "prompt", "d"), ("new_tokens", "new", "d"),
             ("prefill_tps", "prefill tok/s", ".1f"), ("decode_tps", "decode tok/s", ".2f"),
             ("decode_vs_fp32", "decode x fp32", ".2f"), ("decode_vs_bf16", "decode x bf16", ".2f"),
             ("decode_vs_llamacpp", "decode x llama.cpp", ".2f"), ("prefill_vs_fp32", "prefill x fp32", ".2f"),
-            ("prefill_vs_llamacpp", "prefill x llama.cpp", ".2f"), ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
+            ("prefill_vs_llamacpp", "prefill x llama.cpp", ".2f"), ("decode_mb", "weights MB / token", ".1f"),
+            ("weights_gbps", "weights GB/s", ".1f"), ("of_bandwidth", "x read bandwidth", ".2f"), ("quant_s", "quant s (whole model)", ".3f"), ("quant_over_prefill", "quant / prefill", ".3f"),
             ("peak_rss_mb", "peak RSS MB", ".0f"), ("same_as_fp32", "same tokens as fp32", ""),
             ("same_as_reference", "same tokens as reference path", "")]
             + ([("compile_s", "compile s (warm-up)", ".1f"), ("compile_note", "eager because", "")] if args.compile else [])))

@@ -267,6 +267,15 @@ def timed_generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer
     return GenTiming(int(input_ids.shape[1]), ts.n_new, t_first - t0, (ts.t_last or t_end) - t_first, out)
 
 
+def read_bandwidth_gbps(mbytes: int = 512, repeats: int = 5) -> float:
+    """Memory read bandwidth of this process at torch's current thread count, GB/s: the best of ``repeats``
+    sums over a float32 tensor of ``mbytes`` MB (far beyond the caches, so each sum streams it from memory).
+    The roof a memory-bound decode step cannot pass: see ``weights_gbps`` in :func:`bench_generation`."""
+    x = torch.ones(mbytes * 2**20 // 4)
+    best = median_time(x.sum, repeats=repeats, warmup=1, stat="min")  # the warm-up touches the pages
+    return x.numel() * 4 / best / 1e9
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark of this process (Linux ``clear_refs``); False if unsupported."""
     try:
@@ -474,6 +483,7 @@ def bench_generation(
             runs.append(timed_generate(m, ids, new_tokens, **extra()))
             if quantized:
                 quant.append(runtime.quantization_seconds(m))
+        weights = runtime.decode_bytes(m)  # after a timed generation: what its decode steps read
         same_ref = None
         if quantized:  # the oracle: dequantize-then-matmul decode on the same packed weights
             runtime.set_mode(m, "prompt", layout=lay, reference=True, half_params=half_params)
@@ -485,7 +495,8 @@ def bench_generation(
                    prefill_tps=prompt_tokens / pre, decode_tps=(n_new - 1) / dec if dec > 0 else float("nan"),
                    quant_s=STATS[stat](quant) if quant else None, peak_rss_mb=peak_rss_mb(),  # None: "-"
                    output_ids=runs[0].output_ids, same_as_reference=same_ref,
-                   compile_s=prep.seconds if prep else None, compile_note=prep.reason if prep else None)
+                   compile_s=prep.seconds if prep else None, compile_note=prep.reason if prep else None,
+                   decode_mb=weights / 1e6, weights_gbps=weights * (n_new - 1) / dec / 1e9 if dec > 0 else float("nan"))
         row["quant_over_prefill"] = row["quant_s"] / pre if quant else None
         rows.append(row)
         if m is not model:

@@ -83,6 +83,22 @@ def greedy_generate(llm, ids: list[int], new_tokens: int) -> tuple[float, float,
     return t_first - t0, time.perf_counter() - t_first, out
 
 
+def decode_bytes(gguf: str | Path) -> int:
+    """Bytes of weights one llama.cpp decode step reads from ``gguf`` (as :func:`ttq.runtime.decode_bytes`):
+    every tensor in full, but the token embedding, of which a step reads one row (all of it when the file
+    has no ``output.weight``: the head is tied to the embedding)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(gguf)).tensors}
+    total = 0
+    for name, t in tensors.items():
+        if name == "token_embd.weight" and "output.weight" in tensors:
+            total += int(t.n_bytes) // int(t.shape[-1])  # one row of the (rows = vocab) table
+        else:
+            total += int(t.n_bytes)
+    return total
+
+
 def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, threads: int, repeats: int = 3,
                    stat: str = "median") -> dict:
     """One part (c) row of llama.cpp on ``gguf`` (same keys as :func:`ttq.eval.bench.bench_generation`'s rows).
@@ -103,12 +119,14 @@ def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, t
     finally:
         llm.close()
     pre, dec = STATS[stat]([r[0] for r in runs]), STATS[stat]([r[1] for r in runs])
+    weights = decode_bytes(gguf)
     out = torch.tensor([prompt + runs[0][2]], dtype=input_ids.dtype)
     return dict(config=f"llama.cpp {Path(gguf).name}", prompt_tokens=len(prompt), new_tokens=new_tokens,
                 prefill_s=pre, decode_s=dec, prefill_tps=len(prompt) / pre,
                 decode_tps=(new_tokens - 1) / dec if dec > 0 else float("nan"), quant_s=None, peak_rss_mb=None,
                 output_ids=out, same_as_reference=None, quant_over_prefill=None, compile_s=None, compile_note=None,
-                threads=threads)
+                threads=threads, decode_mb=weights / 1e6,
+                weights_gbps=weights * (new_tokens - 1) / dec / 1e9 if dec > 0 else float("nan"))
 
 
 def synthetic_gguf(model, vocab: str | Path, folder: str | Path | None = None) -> Path:

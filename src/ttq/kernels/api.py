@@ -429,6 +429,11 @@ class PackedLinear:
             return reference_linear(x, self.packed, self.s, self.bias, self.b, self.a, weight=self.reference_weight)
         return self.kernel.linear(x, self.packed, self.s, self.bias, self.b, self.a)
 
+    def nbytes(self) -> int:
+        """Bytes one product reads: the packed weight's, the scale ``s``, the low-rank factors and the bias."""
+        extra = [t for t in (self.s, self.bias, self.b, self.a) if t is not None]
+        return self.packed.nbytes() + sum(t.numel() * t.element_size() for t in extra)
+
     def __reduce__(self):  # the bound decoder holds this object's tensors: a copy binds its own
         return _bind, (self.packed, self.s, self.bias, self.b, self.a, self.decoder is not None,
                        self.reference_weight is not None)

@@ -339,7 +339,7 @@ def test_a_16_bit_cache_needs_ttq_attention_and_a_known_dtype(stories_model, pro
     unknown cache dtype is refused with the allowed names."""
     model = _ttq(stories_model)
     model.set_attn_implementation("eager")
-    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, float16, bfloat16, got 'int8'"):
+    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, bfloat16, float16, got 'int8'"):
         compiled.prepare(model, prompts[0], NEW, kv_dtype="int8")
     with caplog.at_level(logging.WARNING, logger="ttq.compiled"):
         prep = compiled.prepare(model, prompts[0], NEW, kv_dtype="float16")

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 
 from ttq.errors import ConfigError
-from ttq.models import cache_argument
+from ttq.models import DTYPES, cache_argument
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Prepared:
     kv_dtype: torch.dtype | None = None  # the static cache's dtype (None: the model's)
 
 
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_DTYPES = DTYPES  # the cache dtypes a compiled decode step takes
 
 
 def kv_dtype_arg(name: str | torch.dtype | None) -> torch.dtype | None:

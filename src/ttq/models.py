@@ -131,6 +131,7 @@ NAMED_MODELS: dict[str, NamedModel] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # a model's / a cache's dtype by name
 
 
 def check_device(device: str | torch.device) -> torch.device:

@@ -449,7 +449,7 @@ def test_bench_generation_refuses_a_cache_dtype_it_cannot_use():
     (no model is needed to get there)."""
     from ttq.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, float16, bfloat16, got 'int8'"):
+    with pytest.raises(ConfigError, match="KV cache dtype must be one of float32, bfloat16, float16, got 'int8'"):
         bench.bench_generation(None, None, compiled=True, kv_dtype="int8")
     with pytest.raises(ConfigError, match="a KV cache dtype applies to compiled decode steps only"):
         bench.bench_generation(None, None, kv_dtype="float16")

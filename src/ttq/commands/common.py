@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from ttq.models import DTYPES  # the commands take it from here
 
 
 def int_list(s: str) -> list[int]:

@@ -121,18 +121,22 @@ def decode_bytes(model: nn.Module) -> int:
     factors and bias, and stands in for the float weight it was packed from; every other parameter counts
     in full, but the input embedding, of which a step reads one row (all of it when it is also the unpacked
     output head).  Tensors shared by several modules count once.  The KV cache is not counted, nor buffers;
-    a mixture-of-experts model counts every expert (a step reads the routed ones only: an upper bound).
+    a mixture-of-experts model counts every packed expert (a step reads the routed ones only: an upper bound).
     """
     from ttq.nn.packed_head import PackedHeadLinear
 
     total, replaced = 0, set()
+
+    def stands_in_for(*ts) -> None:  # a view (an expert of a fused parameter) stands in for its base
+        replaced.update(id(u) for t in ts if t is not None for u in (t, t._base) if u is not None)
+
     for m in model.modules():
         if isinstance(m, TTQLinear) and m.prompt.linear is not None:
             total += m.prompt.linear.nbytes()
-            replaced.update(id(p) for p in (m.weight, m.bias) if p is not None)
+            stands_in_for(m.weight, m.bias)
         elif isinstance(m, PackedHeadLinear):
             total += m.linear.nbytes()
-            replaced.update(id(p) for p in (m.original.weight, m.original.bias) if p is not None)
+            stands_in_for(m.original.weight, m.original.bias)
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     whole_table = isinstance(head, nn.Linear) and head.weight is emb  # tied and unpacked: the head reads all of it

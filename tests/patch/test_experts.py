@@ -190,6 +190,11 @@ def test_prompt_mode_generation_runs_packed_experts():
     torch.testing.assert_close(prefill, per_seq, atol=2e-3, rtol=2e-3)  # same statistic (one prompt), packed kernels
     out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert out.shape == (1, 14)
+    # bytes a decode step reads: a packed expert stands in for its float weight, never both
+    base = tiny_moe("mixtral")
+    fp = ttq.runtime.decode_bytes(base)
+    fused = sum(p.numel() * 4 for p in base.parameters() if p.dim() == 3)  # the experts' 3-D tensors
+    assert fused > fp / 3 and fp - ttq.runtime.decode_bytes(model) > 0.6 * fused  # 4-bit g16: 1 byte per weight, not 4
 
 
 def test_held_out_scoring_matches_generation_for_experts_first_reached_after_the_prompt():

@@ -179,7 +179,7 @@ def test_other_architectures_compile_with_no_code_of_their_own(family):
 
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
 def test_a_full_sliding_window_decodes_like_eager(family):
-    """A prompt longer than the window (8): the compiled step's sliding layers hold every position and the mask
+    """A prompt longer than the window (64): the compiled step's sliding layers hold every position and the mask
     applies the window (transformers' static sliding layer would roll its window at every step); the tokens and
     logits are those of eager decoding over transformers' own sliding cache."""
     import transformers as T
@@ -189,23 +189,27 @@ def test_a_full_sliding_window_decodes_like_eager(family):
 
     torch.manual_seed(0)
     config = _config(family)
-    config.sliding_window = 8
+    config.sliding_window = 64  # the cache (256 positions, one bucket) is FULL_WINDOW_MAX windows
     model = T.AutoModelForCausalLM.from_config(config).eval()
     _ttq(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, model.config.vocab_size, (1, 80), generator=torch.Generator().manual_seed(2))
     prep = compiled.prepare(model, ids, NEW)
     assert prep.compiled, prep.reason
     kwargs = compiled.generate_kwargs(model, ids.shape[-1] + NEW)
     cache = next(v for v in kwargs.values() if hasattr(v, "layers"))
-    plain = T.StaticCache(config=model.config, max_cache_len=compiled.cache_length(20 + NEW))
+    plain = T.StaticCache(config=model.config, max_cache_len=compiled.cache_length(80 + NEW))
     assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in plain.layers)  # what it replaced
     assert not any(isinstance(layer, StaticSlidingWindowLayer) for layer in cache.layers)
-    assert all(isinstance(layer, StaticLayer) and layer.max_cache_len == compiled.cache_length(20 + NEW)
+    assert all(isinstance(layer, StaticLayer) and layer.max_cache_len == compiled.cache_length(80 + NEW)
                for layer in cache.layers)
     eager_ids, eager_logits = _with_logits(model, ids)
     fast_ids, fast_logits = _with_logits(model, ids, **kwargs)
     assert torch.equal(fast_ids, eager_ids)
     torch.testing.assert_close(fast_logits, eager_logits, rtol=1e-4, atol=1e-4)
+    # a context of more than FULL_WINDOW_MAX windows keeps the rolling layers (memory bounded by the window)
+    long = T.StaticCache(config=model.config, max_cache_len=64 * compiled.FULL_WINDOW_MAX + 1)
+    assert compiled.full_window(long, 64 * compiled.FULL_WINDOW_MAX + 1) == 0
+    assert any(isinstance(layer, StaticSlidingWindowLayer) for layer in long.layers)
 
 
 def test_int8_activation_layout_compiles_and_matches_its_eager_tokens(stories_model, prompts):

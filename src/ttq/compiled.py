@@ -34,7 +34,8 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
   transformers' static sliding layer, once its window is full, rolls the whole window at every decode step
   (a copy of keys and values in and out: on Gemma3-270M with a 512-token prompt, 15 layers of 512 × 256 floats per
   step).  A full-length layer writes one position and the attention mask applies the window, so the same
-  positions are attended; the cost is memory: those layers hold the whole context, as the global layers do.
+  positions are attended; the cost is memory: those layers hold the whole context, as the global layers do,
+  so only up to :data:`FULL_WINDOW_MAX` windows of context (longer ones keep transformers' rolling layers).
 * :func:`prepare` compiles with a short warm-up (two decode steps) and falls back to eager decoding with one
   logged line when compilation is unavailable (no C++ compiler, an architecture transformers
   does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
@@ -270,15 +271,20 @@ def _compile_config():
     return config
 
 
+FULL_WINDOW_MAX = 4  # a sliding layer gets every position while the cache is at most this many windows long
+
+
 def full_window(cache, length: int) -> int:
     """Replace the sliding-window layers of a fresh static ``cache`` by layers of ``length`` positions (the
-    cache's length; the window is then applied by the attention mask transformers builds for those layers);
-    returns how many were replaced."""
+    cache's length; the window is then applied by the attention mask transformers builds for those layers) when
+    ``length`` is at most :data:`FULL_WINDOW_MAX` windows: a longer context keeps the rolling layers, whose
+    memory does not grow with it (their per-step copy is then small next to the global layers' attention).
+    Returns how many were replaced."""
     from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
     n = 0
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, StaticSlidingWindowLayer):
+        if isinstance(layer, StaticSlidingWindowLayer) and length <= FULL_WINDOW_MAX * layer.max_cache_len:
             cache.layers[i] = StaticLayer(max_cache_len=length)
             n += 1
     return n

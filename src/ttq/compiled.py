@@ -125,16 +125,13 @@ class Prepared:
     kv_dtype: torch.dtype | None = None  # the static cache's dtype (None: the model's)
 
 
-KV_DTYPES = DTYPES  # the cache dtypes a compiled decode step takes
-
-
 def kv_dtype_arg(name: str | torch.dtype | None) -> torch.dtype | None:
     """A KV cache dtype from its name (``float32``, ``float16``, ``bfloat16``), a dtype, or None (the model's)."""
-    if name is None or isinstance(name, torch.dtype) and name in KV_DTYPES.values():
+    if name is None or isinstance(name, torch.dtype) and name in DTYPES.values():
         return name
-    if isinstance(name, str) and name in KV_DTYPES:
-        return KV_DTYPES[name]
-    raise ConfigError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {name!r}")
+    if isinstance(name, str) and name in DTYPES:
+        return DTYPES[name]
+    raise ConfigError(f"KV cache dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
 def narrow_cache(cache, dtype: torch.dtype):

@@ -126,17 +126,13 @@ def decode_bytes(model: nn.Module) -> int:
     from ttq.nn.packed_head import PackedHeadLinear
 
     total, replaced = 0, set()
-
-    def stands_in_for(*ts) -> None:  # a view (an expert of a fused parameter) stands in for its base
-        replaced.update(id(u) for t in ts if t is not None for u in (t, t._base) if u is not None)
-
     for m in model.modules():
         if isinstance(m, TTQLinear) and m.prompt.linear is not None:
             total += m.prompt.linear.nbytes()
-            stands_in_for(m.weight, m.bias)
+            replaced.update(id(p) for p in (m.weight, m.bias))
         elif isinstance(m, PackedHeadLinear):
             total += m.linear.nbytes()
-            stands_in_for(m.original.weight, m.original.bias)
+            replaced.update(id(p) for p in (m.original.weight, m.original.bias))
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     whole_table = isinstance(head, nn.Linear) and head.weight is emb  # tied and unpacked: the head reads all of it

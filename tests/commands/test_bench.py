@@ -444,6 +444,13 @@ def test_synthetic_without_a_tokenizer_source_skips_llamacpp_with_one_line(tmp_p
     assert why.startswith("llama.cpp rows skipped: the synthetic model's GGUF takes its tokenizer") and "--gguf" in why
 
 
+@pytest.mark.parametrize("mbytes,repeats", [(0, 5), (8, 0)])
+def test_read_bandwidth_refuses_nothing_to_measure(mbytes, repeats):
+    with pytest.raises(ConfigError, match="needs at least 1 MB and 1 repeat"):
+        bench.read_bandwidth_gbps(mbytes, repeats)
+    assert bench.read_bandwidth_gbps(8, 2) > 0
+
+
 def test_bench_generation_refuses_a_cache_dtype_it_cannot_use():
     """The library entry point refuses an unknown cache dtype, and one without compiled rows, before any row runs
     (no model is needed to get there)."""

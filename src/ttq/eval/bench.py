@@ -271,6 +271,8 @@ def read_bandwidth_gbps(mbytes: int = 512, repeats: int = 5) -> float:
     """Memory read bandwidth of this process at torch's current thread count, GB/s: the best of ``repeats``
     sums over a float32 tensor of ``mbytes`` MB (far beyond the caches, so each sum streams it from memory).
     The roof a memory-bound decode step cannot pass: see ``weights_gbps`` in :func:`bench_generation`."""
+    if mbytes < 1 or repeats < 1:
+        raise ConfigError(f"read_bandwidth_gbps needs at least 1 MB and 1 repeat, got {mbytes} MB, {repeats} repeats")
     x = torch.ones(mbytes * 2**20 // 4)
     best = median_time(x.sum, repeats=repeats, warmup=1, stat="min")  # the warm-up touches the pages
     return x.numel() * 4 / best / 1e9
@@ -413,7 +415,9 @@ def bench_generation(
     ``refines`` adds the widest TTQ rows with these refinements (:func:`generation_configs`).
     ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
     (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
-    and ``prefill_vs_llamacpp`` (None without it).
+    and ``prefill_vs_llamacpp`` (None without it).  Every row holds ``decode_mb``, the weight bytes one decode step
+    reads (:func:`ttq.runtime.decode_bytes`; :func:`ttq.eval.llamacpp.decode_bytes`), and ``weights_gbps``, the rate
+    its decode read them at.
     """
     import ttq
     from ttq import runtime
@@ -496,7 +500,7 @@ def bench_generation(
                    quant_s=STATS[stat](quant) if quant else None, peak_rss_mb=peak_rss_mb(),  # None: "-"
                    output_ids=runs[0].output_ids, same_as_reference=same_ref,
                    compile_s=prep.seconds if prep else None, compile_note=prep.reason if prep else None,
-                   decode_mb=weights / 1e6, weights_gbps=weights * (n_new - 1) / dec / 1e9 if dec > 0 else float("nan"))
+                   decode_mb=weights / 1e6)
         row["quant_over_prefill"] = row["quant_s"] / pre if quant else None
         rows.append(row)
         if m is not model:
@@ -517,6 +521,7 @@ def bench_generation(
         r["prefill_vs_fp32"] = r["prefill_tps"] / base["fp32"]["prefill_tps"]
         r["decode_vs_llamacpp"] = r["decode_tps"] / cpp["decode_tps"] if cpp else None
         r["prefill_vs_llamacpp"] = r["prefill_tps"] / cpp["prefill_tps"] if cpp else None
+        r["weights_gbps"] = r["decode_mb"] * r["decode_tps"] / 1e3  # MB per token x tokens per second -> GB/s
     return rows
 
 

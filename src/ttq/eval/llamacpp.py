@@ -119,14 +119,12 @@ def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, t
     finally:
         llm.close()
     pre, dec = STATS[stat]([r[0] for r in runs]), STATS[stat]([r[1] for r in runs])
-    weights = decode_bytes(gguf)
     out = torch.tensor([prompt + runs[0][2]], dtype=input_ids.dtype)
     return dict(config=f"llama.cpp {Path(gguf).name}", prompt_tokens=len(prompt), new_tokens=new_tokens,
                 prefill_s=pre, decode_s=dec, prefill_tps=len(prompt) / pre,
                 decode_tps=(new_tokens - 1) / dec if dec > 0 else float("nan"), quant_s=None, peak_rss_mb=None,
                 output_ids=out, same_as_reference=None, quant_over_prefill=None, compile_s=None, compile_note=None,
-                threads=threads, decode_mb=weights / 1e6,
-                weights_gbps=weights * (new_tokens - 1) / dec / 1e9 if dec > 0 else float("nan"))
+                threads=threads, decode_mb=decode_bytes(gguf) / 1e6)
 
 
 def synthetic_gguf(model, vocab: str | Path, folder: str | Path | None = None) -> Path:

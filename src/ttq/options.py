@@ -6,7 +6,7 @@ field                  environment variable      meaning
 ``disable_kernels``    ``TTQ_DISABLE_KERNELS``   never use the C++/Triton kernels: packed weights take
                                                  the ``u8`` reference layout (:mod:`ttq.kernels.api`)
 ``half_params``        ``TTQ_HALF_PARAMS``       the default of ``half_params=None``: float16 scale /
-                                                 zero for bits <= 4 in the ``cpu_q*`` layouts
+                                                 zero in the ``cpu_q*`` layouts (any bits)
 =====================  ========================  ===================================================
 
 A variable is on for ``1``, ``true``, ``yes`` or ``on`` (any case, surrounding spaces ignored) and
@@ -37,7 +37,7 @@ class Options:
 
     Args:
         disable_kernels: force the ``u8`` reference path for packed weights.
-        half_params: float16 scale / zero by default for bits <= 4 (``cpu_q*`` layouts).
+        half_params: float16 scale / zero by default (``cpu_q*`` layouts).
     """
 
     disable_kernels: bool = False

@@ -54,3 +54,31 @@ def test_forward_overhead_restores_the_model(stories_model):
     assert o["fp_seconds"] > 0 and o["quantized_seconds"] > 0 and o["seqlen"] == 64
     assert o["ratio"] == pytest.approx(o["quantized_seconds"] / o["fp_seconds"])
     assert not any(isinstance(m, TTQLinear) for m in stories_model.modules())
+
+
+def test_held_out_rows_are_cached_per_process_options(stories_model, stories_tokenizer, tmp_path):
+    """Prompt mode packs the weights (float16 scale / zero with the option half_params): a held-out row computed
+    under one option value is never served under another."""
+    from ttq import options
+
+    from tests.conftest import shared_dir
+    from ttq.data import eval_windows, load_text, tokenize
+
+    data = shared_dir() / "data"
+    if not (data / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.skip("shared data missing")
+    text = tokenize(stories_tokenizer, load_text("wikitext2", data_dir=data), cache=False)
+    windows = {"wikitext2": eval_windows(text, 256, max_windows=1)}
+    cells = build_cells(["ttq"], [8], [32], [0], [], ScaleSpec(), 256)
+    with options.using(half_params=False):
+        full = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False,
+                         prompt_tokens=64)
+    with options.using(half_params=True):
+        half = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False,
+                         prompt_tokens=64)
+        again = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False,
+                          prompt_tokens=64)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one row per option value
+    assert half[0]["ppl"] != full[0]["ppl"]  # float16 scale / zero moved the 8-bit weights a little
+    assert half[0]["ppl"] == pytest.approx(full[0]["ppl"], rel=1e-3)
+    assert again[0]["ppl"] == half[0]["ppl"]

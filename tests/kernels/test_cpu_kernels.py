@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ttq import options
-from ttq.formats.affine import QuantSpec
+from ttq.formats.affine import QuantSpec, dequantize
 from ttq.kernels import cpu, cpu_build
 from ttq.kernels.api import pack_ttq, packed_linear, unpack
 from ttq.kernels.reference import dequantize_packed, reference_linear
@@ -109,10 +109,17 @@ def test_half_params_option(bits, half_params_on):
     packed = pack_ttq(w, s, spec)
     codes, scale, zero = scaled_quantize(w, s, spec)
     got_codes, got_scale, got_zero = unpack(packed)
-    assert packed.scale.dtype == (torch.float16 if bits <= 4 else torch.float32)
-    assert torch.equal(got_codes, codes)
-    tol = 2 ** -11 if bits <= 4 else 0.0  # float16 rounding of the stored scale / zero
+    assert packed.scale.dtype == torch.float16  # every bit width
+    assert torch.equal(got_codes, codes)  # codes chosen against the float32 scale / zero
+    tol = 2 ** -11  # float16 rounding of the stored scale / zero
     assert torch.allclose(got_scale, scale, rtol=tol, atol=0) and torch.allclose(got_zero, zero, rtol=tol, atol=0)
+    # so each weight moves by at most 2^-11 (|zero| + code * scale) < 3 * 2^-11 of its group's largest magnitude
+    moved = (cpu.dequantize(packed) - dequantize(codes, scale, zero, 32)).abs()
+    bound = 2 ** -11 * (dequantize(codes, scale, zero.abs(), 32) + 1e-6)
+    assert (moved <= bound).all()
+    absmax = torch.cat([(w * s)[:, c0:c0 + 32].abs().amax(-1, keepdim=True).expand(-1, min(32, 200 - c0))
+                        for c0 in range(0, 200, 32)], 1)
+    assert (moved <= 3 * 2 ** -11 * absmax).all()
     assert torch.equal(cpu.dequantize(packed), dequantize_packed(packed))
     for n in (1, 9, 40):
         x = torch.randn(n, 200)
@@ -265,7 +272,7 @@ for half in ("0", "1"):  # float32 and float16 scale / zero
         for gs in (16, 128, -1):
             w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1
             spec = QuantSpec(bits=bits, group_size=gs); p = pack_ttq(w, s, spec)
-            assert p.scale.dtype == (torch.float16 if half == "1" and bits <= 4 else torch.float32)
+            assert p.scale.dtype == (torch.float16 if half == "1" else torch.float32)
             assert torch.equal(unpack(p)[0], scaled_quantize(w, s, spec)[0])
             assert torch.equal(cpu.dequantize(p), dequantize_packed(p))
             for n in (1, 5, 12):

@@ -211,7 +211,7 @@ def test_half_params_option():
     with torch.no_grad(), options.using():  # the process options restored after the test
         for env, half, bits, want in [("0", True, 4, torch.float16), ("1", False, 4, torch.float32),
                                       ("1", None, 4, torch.float16), ("0", None, 3, torch.float32),
-                                      ("0", True, 8, torch.float32)]:
+                                      ("0", True, 8, torch.float16), ("1", None, 8, torch.float16)]:
             options.configure(half_params=env == "1")
             layer = TTQLinear(lin, ttq.QuantSpec(bits=bits, group_size=32), ttq.ScaleSpec())
             layer.set_mode("prompt", PromptOptions(half_params=half))

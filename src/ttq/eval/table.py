@@ -26,6 +26,7 @@ from ttq.data import C4_EVAL_WINDOWS, dataset_label, eval_windows, load_text, to
 from ttq.eval.ppl import perplexity
 from ttq.formats.affine import QuantSpec
 from ttq.methods.scaling import ScaleSpec
+from ttq.options import current as current_options
 from ttq.errors import ConfigError
 from ttq.patch.walker import quantize_, restore_
 from ttq.registry import RowOptions, row_names, table_rows
@@ -101,13 +102,14 @@ def _key(model_key: str, cell: Cell, dataset: str, windows: torch.Tensor, source
          prompt_tokens: int | None = None) -> str:
     """Cache key of one (cell, dataset) row: the model (its name and weights fingerprint), the method
     config (and a bit plan's per-layer bits), the evaluated token ids themselves (so a changed text,
-    tokenizer or window count is a new row) and the held-out prompt length, if any."""
+    tokenizer or window count is a new row) and the held-out prompt length, if any, with the process options
+    (:mod:`ttq.options`: float16 scale / zero or the reference layout change prompt mode's packed weights)."""
     cfg = config_to_dict(cell.config) if cell.config is not None else {"method": "fp"}
     if cell.plan is not None:
         cfg = {**cfg, "bit_plan": dict(sorted(cell.plan.bits.items()))}
     parts = [model_key, cfg, dataset, list(windows.shape), tensor_digest(windows), source]
     if prompt_tokens is not None:  # appended only then: the paper-protocol rows keep their keys
-        parts.append({"held_out_prompt_tokens": prompt_tokens})
+        parts.append({"held_out_prompt_tokens": prompt_tokens, "options": dataclasses.asdict(current_options())})
     blob = json.dumps(parts, sort_keys=True)
     return digest(blob)
 

@@ -45,9 +45,11 @@ packed weights are exactly :func:`ttq.formats.affine.quantize` of ``(W - B A) * 
 computed in float32 (the per-sequence mode's weights); with ``half_params=True``
 (:func:`pack_ttq`, ``PromptOptions``, ``--half-params``; :mod:`ttq.options` ``half_params``, from
 ``TTQ_HALF_PARAMS=1``, sets the default)
-they are stored in float16 for bits <= 4 when every value fits (fewer bytes per
-decode step; the oracle dequantizes the stored values, so kernel and oracle still
-see the same weights).  Padded columns carry code 0 and never reach the output.
+they are stored in float16 when every value fits (fewer bytes per decode step: 4-bit g=32 weights read
+0.625 instead of 0.75 bytes each, 8-bit ones 1.125 instead of 1.25; codes are chosen against the float32
+scale / zero, so each weight moves by at most 2^-11 (|zero| + code * scale), under 3 * 2^-11 of its group's largest
+magnitude, a fifth of an 8-bit step; the oracle dequantizes
+the stored values, so kernel and oracle still see the same weights).  Padded columns carry code 0 and never reach the output.
 
 Other modules add layouts of their own (the CUDA/Triton ones document theirs in
 :mod:`ttq.kernels.cuda_register`).  PyTorch's CPU int4 kernel
@@ -354,8 +356,8 @@ def pack_ttq(
         out: a previous result for the same weight; when its layout and format match and the
             kernel has ``pack_into``, its tensors are overwritten (no new allocation) and shared
             by the returned weight.
-        half_params: store scale / zero in float16 for bits <= 4 (fewer bytes per decode step;
-            5..8-bit codes keep float32); None = the option ``half_params`` of :mod:`ttq.options`
+        half_params: store scale / zero in float16 (fewer bytes per decode step, :func:`wants_half`);
+            None = the option ``half_params`` of :mod:`ttq.options`
             (``TTQ_HALF_PARAMS`` at start-up; off).  Only the ``cpu_q*`` layouts store float16; True
             with another layout raises.
     Returns:
@@ -363,6 +365,12 @@ def pack_ttq(
     """
     s = _check_ttq_args(w, s, b, a)
     return _pack(w, s, spec, b, a, layout, strict, out, half_params)[0]
+
+
+def wants_half(half_params: bool | None) -> bool:
+    """float16 scale / zero in the ``cpu_q*`` layouts: ``half_params``, None = the option ``half_params`` of
+    :mod:`ttq.options` (``TTQ_HALF_PARAMS=1`` at start-up; off)."""
+    return bool(options.current().half_params if half_params is None else half_params)
 
 
 def _pack(
@@ -595,7 +603,7 @@ def pack_codes(
         layout, strict: as for :func:`pack_ttq` (layout None = the best for the codes' device); a layout
             with no code packer (its kernel's ``pack_codes`` or :data:`CODE_PACKERS`) falls back to ``u8``
             with one logged line (``ValueError`` with ``strict`` or an explicit layout).
-        half_params: float16 scale / zero for bits <= 4 in the ``cpu_q*`` layouts when every value fits
+        half_params: float16 scale / zero in the ``cpu_q*`` layouts when every value fits
             float16's normal range (as :func:`pack_ttq`); None = the option ``half_params``.
     Returns:
         a :class:`PackedWeight` whose unpacked codes, scale and zero are the given ones.
@@ -620,8 +628,7 @@ def pack_codes(
         name, packer = REFERENCE_LAYOUT, CODE_PACKERS[REFERENCE_LAYOUT]
     sc, zr = scale.float().contiguous(), zero.float().contiguous()
     if name in HALF_LAYOUTS:
-        half = spec.bits <= 4 and (options.current().half_params if half_params is None else bool(half_params))
-        if half and _fits_half(sc) and _fits_half(zr):
+        if wants_half(half_params) and _fits_half(sc) and _fits_half(zr):
             sc, zr = sc.half(), zr.half()
     elif half_params:
         raise ValueError(f"layout {name!r} keeps float32 scale / zero; half_params=True needs a cpu_q* layout")

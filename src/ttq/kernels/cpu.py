@@ -15,10 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ttq import options
 from ttq.formats.spec import QuantSpec, effective_group_size, num_groups
 from ttq.kernels import cpu_build
-from ttq.kernels.api import PackedWeight, register_kernel
+from ttq.kernels.api import PackedWeight, register_kernel, wants_half
 from ttq.methods.lowrank import residual
 
 SMALL_BATCH = 32  # rows of x up to which the packed GEMM is used; above, tiled dequantize + torch.mm (measured)
@@ -48,27 +47,16 @@ def check_supported(layout: str, spec: QuantSpec, shape: tuple[int, int], dtype:
     return None
 
 
-def half_params_enabled() -> bool:
-    """float16 scale / zero by default (fewer bytes per decode step, weights rounded by 2^-11): the option
-    ``half_params`` of :mod:`ttq.options` (``TTQ_HALF_PARAMS=1`` at start-up)."""
-    return options.current().half_params
-
-
-def wants_half(spec: QuantSpec, half_params: bool | None) -> bool:
-    """float16 scale / zero for ``spec``: bits <= 4 and ``half_params`` (None = :func:`half_params_enabled`)."""
-    return spec.bits <= 4 and (half_params_enabled() if half_params is None else bool(half_params))
-
-
 def pack(layout: str, w: torch.Tensor, s: torch.Tensor, spec: QuantSpec, b=None, a=None,
          half_params: bool | None = None) -> PackedWeight:
     """Fused ``(W - B A) diag(s)`` -> codes, scales, zeros in ``layout`` (see :mod:`ttq.kernels.api`).
 
-    ``half_params``: float16 scale / zero for bits <= 4 (None = :func:`half_params_enabled`); kept in
+    ``half_params``: float16 scale / zero (:func:`ttq.kernels.api.wants_half`); kept in
     float32 when a value does not fit float16's normal range.
     """
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
-    half = wants_half(spec, half_params)
+    half = wants_half(half_params)
     q, scale, zero, status = _ops().quant_pack(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), half)
     if status & 1:
         n_bad = int((~torch.isfinite(w_res.float() * s)).sum())
@@ -83,7 +71,7 @@ def pack_into(out: PackedWeight, w: torch.Tensor, s: torch.Tensor, spec: QuantSp
     """:func:`pack` writing into ``out``'s tensors (same layout, shape, bits, group size, scale dtype)."""
     w_res = residual(w, b.float(), a.float()) if b is not None and b.shape[1] > 0 else w
     g = effective_group_size(w.shape[1], spec.group_size)
-    if half_params is not None and (out.scale.dtype == torch.float16) != wants_half(spec, half_params):
+    if half_params is not None and (out.scale.dtype == torch.float16) != wants_half(half_params):
         return pack(out.layout, w, s, spec, b, a, half_params)  # out holds the other scale / zero dtype
     status = _ops().quant_pack_out(w_res, s, spec.bits, g, spec.symmetric, float(spec.nu), out.qweight, out.scale,
                                    out.zero)

@@ -56,7 +56,7 @@ class PromptOptions:
         layout: packed layout for :func:`ttq.kernels.api.pack_ttq` (None = best for the device).
         strict: raise instead of falling back to the reference path when no kernel fits.
         reference: decode with the plain dequantize-then-matmul oracle on the same packed weights.
-        half_params: float16 scale / zero for bits <= 4 (CPU layouts; fewer bytes per decode step,
+        half_params: float16 scale / zero (CPU layouts; fewer bytes per decode step,
             scale and zero rounded to float16); None = the option ``half_params`` of :mod:`ttq.options`
             (``TTQ_HALF_PARAMS`` at start-up; off).
     """

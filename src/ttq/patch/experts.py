@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ttq.errors import ModelError
 from ttq.patch.tokens import TokenMask
 
 logger = logging.getLogger(__name__)

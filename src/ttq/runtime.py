@@ -166,7 +166,8 @@ def head_layout(blocks_layout: str | None, head_bits: int, group_size: int, mode
                            w.dtype) else None
 
 
-def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None) -> nn.Module:
+def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layout: str | None = None,
+                     half_params: bool | None = None) -> nn.Module:
     """Replace the output head (``model.get_output_embeddings()``) by a packed RTN copy.
 
     Opt-in and outside the paper's setting (which keeps the head in full precision): it
@@ -177,6 +178,7 @@ def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layo
         model: a transformers causal LM.
         bits, group_size: RTN codes of the head (8-bit keeps the logits close to full precision).
         layout: packed layout (None = best for the device).
+        half_params: float16 scale / zero (``cpu_q*`` layouts); None = the option ``half_params``.
     Returns:
         the new head module.
     """
@@ -189,6 +191,6 @@ def quantize_lm_head(model: nn.Module, bits: int = 8, group_size: int = 32, layo
         raise ValueError("the LM head is already quantized; call ttq.restore_(model) first")
     if not isinstance(head, nn.Linear):
         raise ValueError(f"the model has no nn.Linear output head to quantize (found {type(head).__name__})")
-    new = PackedHeadLinear(head, QuantSpec(bits=bits, group_size=group_size), layout=layout)
+    new = PackedHeadLinear(head, QuantSpec(bits=bits, group_size=group_size), layout=layout, half_params=half_params)
     model.set_output_embeddings(new)
     return new

@@ -460,3 +460,23 @@ def test_bench_generation_refuses_a_cache_dtype_it_cannot_use():
         bench.bench_generation(None, None, compiled=True, kv_dtype="int8")
     with pytest.raises(ConfigError, match="a KV cache dtype applies to compiled decode steps only"):
         bench.bench_generation(None, None, kv_dtype="float16")
+
+
+def test_half_params_reach_the_packed_head(stories_model, stories_tokenizer):
+    """half_params=True: every packed product of the row, the 8-bit head included, stores float16 scale / zero,
+    so a decode step reads exactly 4 bytes less per group than with float32 ones."""
+    from ttq.kernels import cpu_build
+    from ttq.formats.spec import num_groups
+
+    if not cpu_build.load():
+        pytest.skip("the C++ kernels are not available here")
+    kw = dict(prompt_tokens=8, new_tokens=2, bits=(4,), ranks=(0,), repeats=1, head_bits=8)
+    rows = {h: {r["config"]: r for r in bench.bench_generation(stories_model, stories_tokenizer, half_params=h, **kw)}
+            for h in (False, True)}
+    groups = sum(num_groups(m.in_features, 32) * m.out_features for m in stories_model.modules()
+                 if isinstance(m, torch.nn.Linear))  # every block linear and the head
+    row = "ttq 4-bit r=0 + head 8-bit"
+    assert (rows[False][row]["decode_mb"] - rows[True][row]["decode_mb"]) * 1e6 == pytest.approx(4 * groups, abs=1)
+    head_groups = num_groups(stories_model.config.hidden_size, 32) * stories_model.config.vocab_size
+    body = rows[False]["ttq 4-bit r=0"]["decode_mb"] - rows[True]["ttq 4-bit r=0"]["decode_mb"]
+    assert body * 1e6 == pytest.approx(4 * (groups - head_groups), abs=1)

@@ -81,3 +81,26 @@ def test_head_binds_once_and_equals_packed_linear(bits):
     with torch.no_grad():
         for x in (torch.randn(1, 1, 64), torch.randn(2, 1, 64), torch.randn(1, 9, 64)):
             assert torch.equal(head(x), packed_linear(x, head.packed, head.ones, lin.bias))
+
+
+def test_half_params_head(stories_model):
+    """half_params=True stores the head's scale / zero in float16 (cpu_q* layouts): logits within the float16
+    rounding of the RTN head, fewer bytes; False keeps float32 whatever the process option says."""
+    from ttq import options
+    from ttq.kernels import cpu_build
+
+    if not cpu_build.load():
+        pytest.skip("the C++ kernels are not available here")
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), options.using(half_params=True):
+        full = runtime.quantize_lm_head(stories_model, bits=8, group_size=32, half_params=False)
+        out_full = stories_model(ids).logits
+        ttq.restore_(stories_model)
+        half = runtime.quantize_lm_head(stories_model, bits=8, group_size=32, half_params=True)
+        out_half = stories_model(ids).logits
+        ttq.restore_(stories_model)
+    assert full.packed.scale.dtype == torch.float32 and half.packed.scale.dtype == torch.float16
+    assert half.packed.zero.dtype == torch.float16 and torch.equal(half.packed.qweight, full.packed.qweight)
+    assert full.linear.nbytes() - half.linear.nbytes() == 4 * full.packed.scale.numel()  # 2 bytes less per scale, zero
+    rel = ((out_half - out_full).norm() / out_full.norm()).item()
+    assert 0 < rel < 1e-3

@@ -88,7 +88,7 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
 
     if head_bits:  # an int8-activation layout for the blocks gives the head its int8-activation layout too
         runtime.quantize_lm_head(model, bits=head_bits, group_size=group_size,
-                                 layout=runtime.head_layout(layout, head_bits, group_size, model))
+                                 layout=runtime.head_layout(layout, head_bits, group_size, model), half_params=half_params)
     from ttq.registry import RowOptions, table_rows
 
     if method == "fp":

@@ -404,7 +404,7 @@ def bench_generation(
     ``quant_s``, measured inside the prefill, and ``quant_over_prefill``), decode steps use packed weights.
     ``head_bits`` adds rows whose LM head is also packed (RTN, :func:`ttq.runtime.quantize_lm_head`);
     ``layouts`` adds rows decoding through those packed layouts (e.g. the opt-in ``cpu_q4_i8``);
-    ``half_params`` is passed to :func:`ttq.runtime.set_mode` (float16 scale / zero);
+    ``half_params`` is passed to :func:`ttq.runtime.set_mode` and the packed head (float16 scale / zero);
     ``fused`` adds, per TTQ row, one whose q/k/v and gate/up products run as one packed product each
     (:func:`ttq.nn.fused.fuse_shared_inputs`, label suffix `` fused``).
     ``compiled`` adds, per row but bf16, one whose decode steps run as one compiled graph
@@ -463,7 +463,7 @@ def bench_generation(
             runtime.set_mode(m, "prompt", layout=lay, strict=lay is not None, half_params=half_params)
             if kind == "ttq+head":
                 runtime.quantize_lm_head(m, bits=head_bits, group_size=group_size,
-                                         layout=runtime.head_layout(lay, head_bits, group_size, m))
+                                         layout=runtime.head_layout(lay, head_bits, group_size, m), half_params=half_params)
             if c.fused:
                 from ttq.nn.fused import fuse_shared_inputs
 

@@ -23,9 +23,12 @@ class PackedHeadLinear(nn.Module):
         linear: the head to quantize (its weight is not modified; a tied embedding keeps working).
         spec: bits and group size of the codes (any the kernels support; see ``layout``).
         layout: packed layout (None = best for the device; see :mod:`ttq.kernels.api`).
+        half_params: float16 scale / zero (``cpu_q*`` layouts; 8-bit g = 32: 1.125 instead of 1.25 bytes per
+            weight); None = the option ``half_params`` of :mod:`ttq.options`.
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, layout: str | None = None) -> None:
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, layout: str | None = None,
+                 half_params: bool | None = None) -> None:
         super().__init__()
         from ttq.kernels.api import pack_linear
 
@@ -35,7 +38,7 @@ class PackedHeadLinear(nn.Module):
         self.spec = spec
         w = linear.weight.detach()
         self.register_buffer("ones", torch.ones(w.shape[1], dtype=torch.float32, device=w.device), persistent=False)
-        self.linear = pack_linear(w, self.ones, spec, linear.bias, layout=layout)  # ttq.kernels.api.PackedLinear
+        self.linear = pack_linear(w, self.ones, spec, linear.bias, layout=layout, half_params=half_params)  # ttq.kernels.api.PackedLinear
 
     @property
     def packed(self):

@@ -79,6 +79,6 @@ def test_held_out_rows_are_cached_per_process_options(stories_model, stories_tok
         again = run_cells(stories_model, None, "stories-test", cells, windows, cache=tmp_path, progress=False,
                           prompt_tokens=64)
     assert len(list(tmp_path.glob("*.json"))) == 2  # one row per option value
-    assert half[0]["ppl"] != full[0]["ppl"]  # float16 scale / zero moved the 8-bit weights a little
-    assert half[0]["ppl"] == pytest.approx(full[0]["ppl"], rel=1e-3)
+    assert half[0]["ppl"] != full[0]["ppl"]  # float16 scale / zero: another grid
+    assert half[0]["ppl"] == pytest.approx(full[0]["ppl"], rel=1e-2)  # two 8-bit grids 2^-11 apart
     assert again[0]["ppl"] == half[0]["ppl"]

@@ -84,8 +84,8 @@ def test_head_binds_once_and_equals_packed_linear(bits):
 
 
 def test_half_params_head(stories_model):
-    """half_params=True stores the head's scale / zero in float16 (cpu_q* layouts): logits within the float16
-    rounding of the RTN head, fewer bytes; False keeps float32 whatever the process option says."""
+    """half_params=True stores the head's scale / zero in float16 (cpu_q* layouts): fewer bytes, logits as close
+    to the float head's as the float32-parameter head's; False keeps float32 whatever the process option says."""
     from ttq import options
     from ttq.kernels import cpu_build
 
@@ -93,6 +93,7 @@ def test_half_params_head(stories_model):
         pytest.skip("the C++ kernels are not available here")
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), options.using(half_params=True):
+        ref = stories_model(ids).logits
         full = runtime.quantize_lm_head(stories_model, bits=8, group_size=32, half_params=False)
         out_full = stories_model(ids).logits
         ttq.restore_(stories_model)
@@ -100,7 +101,15 @@ def test_half_params_head(stories_model):
         out_half = stories_model(ids).logits
         ttq.restore_(stories_model)
     assert full.packed.scale.dtype == torch.float32 and half.packed.scale.dtype == torch.float16
-    assert half.packed.zero.dtype == torch.float16 and torch.equal(half.packed.qweight, full.packed.qweight)
+    assert half.packed.zero.dtype == torch.float16
+    from ttq.kernels.api import unpack
+
+    moved = (unpack(half.packed)[0].int() - unpack(full.packed)[0].int()).abs()
+    assert moved.max() <= 1 and moved.float().mean() < 0.1  # codes of the rounded grid: a few move by one step
     assert full.linear.nbytes() - half.linear.nbytes() == 4 * full.packed.scale.numel()  # 2 bytes less per scale, zero
-    rel = ((out_half - out_full).norm() / out_full.norm()).item()
-    assert 0 < rel < 1e-3
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    # two 8-bit grids a 2^-11 rounding apart: each as close to the float head as the other
+    assert 0 < rel(out_half, out_full) < 5e-3
+    assert rel(out_half, ref) < 1.1 * rel(out_full, ref) < 0.01

@@ -144,17 +144,23 @@ void quant_rows_scalar(const T* w, const float* s, int64_t r0, int64_t r1, int64
       }
       if (!finite) *status |= 1;
       GroupParams p = params_from_range(mn, mx, qmax, symmetric, nu);
-      const float safe = p.scale > 0 ? p.scale : 1.0f;
-      for (int64_t i = c0; i < c1; ++i) {
-        codes[i] = (uint8_t)code_of(buf[i], p.zero, safe, qmax);
-      }
       if constexpr (sizeof(ST) == 2) {
+        // float16 storage: the codes are chosen against the stored (rounded) scale / zero, so every weight stays
+        // within half a step of the grid it is read with (rounding only the stored values would move a group far
+        // from 0 by up to 2^-11 |zero|, which can be most of a step)
         if (!half_ok(p.scale) || !half_ok(p.zero)) *status |= 2;
-        sc[r * n_groups + gi] = f_to_half(p.scale);
-        zr[r * n_groups + gi] = f_to_half(p.zero);
+        const uint16_t hs = f_to_half(p.scale), hz = f_to_half(p.zero);
+        sc[r * n_groups + gi] = hs;
+        zr[r * n_groups + gi] = hz;
+        p.scale = half_to_f(hs);
+        p.zero = half_to_f(hz);
       } else {
         sc[r * n_groups + gi] = p.scale;
         zr[r * n_groups + gi] = p.zero;
+      }
+      const float safe = p.scale > 0 ? p.scale : 1.0f;
+      for (int64_t i = c0; i < c1; ++i) {
+        codes[i] = (uint8_t)code_of(buf[i], p.zero, safe, qmax);
       }
     }
     for (int64_t k = 0; k < n_blocks; ++k) pack_block(codes.data() + k * bcols, cb, qrow + k * bb);

@@ -113,7 +113,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gen-layouts", type=str_list, default="",
                    help="part c: extra rows for the widest TTQ config decoding through these layouts (e.g. cpu_q4_i8)")
     p.add_argument("--half-params", action="store_true",
-                   help="part c: float16 scale/zero in prompt mode (default: TTQ_HALF_PARAMS, off)")
+                   help="part c: float16 scale/zero in prompt mode and in the packed head (default: TTQ_HALF_PARAMS, off)")
     p.add_argument("--gguf", default=None, metavar="PATH",
                    help="part c: also time this GGUF file through llama.cpp (llama-cpp-python) on the same prompt ids, "
                         "token count and threads (default: --model's own GGUF file, e.g. SmolLM2's Q4_1)")

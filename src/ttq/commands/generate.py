@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
                    help="also pack the LM head with RTN at this many bits (faster decode, changes logits; 0 = keep it)")
     p.add_argument("--layout", default=None, help="packed layout of prompt-mode TTQ layers (default: best for the device)")
     p.add_argument("--half-params", action="store_true",
-                   help="prompt mode: float16 scale/zero (CPU layouts; fewer bytes per decode step)")
+                   help="prompt mode and the packed head: float16 scale/zero (CPU layouts; fewer bytes per decode step)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one compiled graph (torch.compile, static KV cache); the first "

@@ -10,7 +10,7 @@ import ttq
 from ttq import options, runtime
 from ttq.config import config_from_dict, config_to_dict
 from ttq.errors import ConfigError
-from ttq.formats.affine import QuantSpec
+from ttq.formats.affine import QuantSpec, dequantize
 from ttq.kernels.api import pack_codes, pack_codes_linear, pack_ttq, select_layout, unpack
 from ttq.kernels.reference import reference_linear
 from ttq.methods.lowrank import svd_factors
@@ -283,6 +283,30 @@ def test_pack_codes_is_the_kernels_packing(bits, group_size, d_in):
     lin = pack_codes_linear(ref.qweight, ref.scale, ref.zero, s, spec)
     xx = x[:3]
     assert torch.allclose(lin(xx), reference_linear(xx, ref, s), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset,half", [(0.0, True), (30.0, False)])
+def test_pack_codes_keeps_float32_where_float16_would_move_the_grid(offset, half):
+    """Precomputed codes are packed as given, so float16 scale / zero are used only while the rounding moves no
+    group's grid by more than an eighth of a step; groups far from 0 (offset 30, ranges of ~0.03 at 4 bits:
+    2^-11 * 30 is several steps) keep float32."""
+    from ttq import options
+    from ttq.kernels import cpu_build
+
+    if not cpu_build.load():
+        pytest.skip("the C++ kernels are not available here")
+    w, x = _case(d_in=96)
+    spec = QuantSpec(bits=4, group_size=32)
+    s = torch.ones(96)
+    ref = pack_ttq(w * 0.1 + offset, s, spec, layout="u8")
+    with options.using(half_params=True):
+        packed = pack_codes(ref.qweight, ref.scale, ref.zero, spec)
+    assert packed.scale.dtype == (torch.float16 if half else torch.float32)
+    c, sc, z = unpack(packed)
+    assert torch.equal(c, ref.qweight)
+    step = ref.scale.repeat_interleave(32, dim=1)
+    moved = (dequantize(c, sc, z, 32) - dequantize(ref.qweight, ref.scale, ref.zero, 32)).abs()
+    assert (moved <= step / 8 + 2 ** -11 * 15 * step).all()
 
 
 def test_pack_codes_bad_input():

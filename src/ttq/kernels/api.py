@@ -49,7 +49,8 @@ they are stored in float16 when every value fits (fewer bytes per decode step: 4
 0.625 instead of 0.75 bytes each, 8-bit ones 1.125 instead of 1.25; the codes are chosen against the stored,
 rounded scale / zero, so every weight stays within half a step of the grid it is read with, but at the two ends of
 a group's range, which the rounding may shorten by 2^-10 (|zero| + qmax scale); precomputed codes
-(:func:`pack_codes`) keep theirs and move by up to 2^-11 (|zero| + code scale); the oracle dequantizes
+(:func:`pack_codes`) keep theirs, so float16 is used there only while the rounding moves no grid by more than an
+eighth of a step; the oracle dequantizes
 the stored values, so kernel and oracle still see the same weights).  Padded columns carry code 0 and never reach the output.
 
 Other modules add layouts of their own (the CUDA/Triton ones document theirs in
@@ -586,6 +587,17 @@ def _fits_half(t: torch.Tensor) -> bool:
     return bool(((a == 0) | ((a >= 6.103515625e-05) & (a <= 65504.0))).all())
 
 
+HALF_ZERO_SHIFT = 1 / 8  # the most of a step float16 rounding may move a precomputed code's weight (pack_codes)
+
+
+def _half_keeps_grid(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether rounding ``zero`` to float16 (at most 2^-11 |zero|) moves every group's grid by at most
+    :data:`HALF_ZERO_SHIFT` of its step: precomputed codes are not re-chosen against the rounded values, so a
+    group far from 0 (|zero| >> its range) would otherwise move by most of a step.  A constant group (scale 0)
+    moves by 2^-11 of its value, as in :func:`pack_ttq`."""
+    return bool(((scale == 0) | (zero.abs() * 2.0 ** -11 <= HALF_ZERO_SHIFT * scale.abs())).all())
+
+
 def pack_codes(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -605,7 +617,8 @@ def pack_codes(
             with no code packer (its kernel's ``pack_codes`` or :data:`CODE_PACKERS`) falls back to ``u8``
             with one logged line (``ValueError`` with ``strict`` or an explicit layout).
         half_params: float16 scale / zero in the ``cpu_q*`` layouts when every value fits
-            float16's normal range (as :func:`pack_ttq`); None = the option ``half_params``.
+            float16's normal range (as :func:`pack_ttq`) and the rounding moves no group's grid by more than
+            :data:`HALF_ZERO_SHIFT` of a step (these codes are kept as given); None = the option ``half_params``.
     Returns:
         a :class:`PackedWeight` whose unpacked codes, scale and zero are the given ones.
     """
@@ -629,7 +642,7 @@ def pack_codes(
         name, packer = REFERENCE_LAYOUT, CODE_PACKERS[REFERENCE_LAYOUT]
     sc, zr = scale.float().contiguous(), zero.float().contiguous()
     if name in HALF_LAYOUTS:
-        if wants_half(half_params) and _fits_half(sc) and _fits_half(zr):
+        if wants_half(half_params) and _fits_half(sc) and _fits_half(zr) and _half_keeps_grid(sc, zr):
             sc, zr = sc.half(), zr.half()
     elif half_params:
         raise ValueError(f"layout {name!r} keeps float32 scale / zero; half_params=True needs a cpu_q* layout")

@@ -309,8 +309,8 @@ def test_synthetic_gguf_restores_the_model_and_matches_rtn(stories_dir, tmp_path
     gguf = pytest.importorskip("gguf")
     from ttq.eval.llamacpp import synthetic_gguf
     from ttq.formats.affine import QuantSpec
-    from ttq.models import load_model, synthetic_llama
     from ttq.methods.rtn import rtn
+    from ttq.models import load_model, synthetic_llama
 
     _, tok = load_model(str(stories_dir))
     model = synthetic_llama(tok, 64, 128, 2, head_dim=16)
@@ -465,12 +465,12 @@ def test_bench_generation_refuses_a_cache_dtype_it_cannot_use():
 def test_half_params_reach_the_packed_head(stories_model, stories_tokenizer):
     """half_params=True: every packed product of the row, the 8-bit head included, stores float16 scale / zero,
     so a decode step reads exactly 4 bytes less per group than with float32 ones."""
-    from ttq.kernels import cpu_build
     from ttq.formats.spec import num_groups
+    from ttq.kernels import cpu_build
 
     if not cpu_build.load():
         pytest.skip("the C++ kernels are not available here")
-    kw = dict(prompt_tokens=8, new_tokens=2, bits=(4,), ranks=(0,), repeats=1, head_bits=8)
+    kw = {"prompt_tokens": 8, "new_tokens": 2, "bits": (4,), "ranks": (0,), "repeats": 1, "head_bits": 8}
     rows = {h: {r["config"]: r for r in bench.bench_generation(stories_model, stories_tokenizer, half_params=h, **kw)}
             for h in (False, True)}
     groups = sum(num_groups(m.in_features, 32) * m.out_features for m in stories_model.modules()

@@ -59,9 +59,8 @@ def test_forward_overhead_restores_the_model(stories_model):
 def test_held_out_rows_are_cached_per_process_options(stories_model, stories_tokenizer, tmp_path):
     """Prompt mode packs the weights (float16 scale / zero with the option half_params): a held-out row computed
     under one option value is never served under another."""
-    from ttq import options
-
     from tests.conftest import shared_dir
+    from ttq import options
     from ttq.data import eval_windows, load_text, tokenize
 
     data = shared_dir() / "data"

@@ -295,7 +295,7 @@ def test_pack_codes_keeps_float32_where_float16_would_move_the_grid(offset, half
 
     if not cpu_build.load():
         pytest.skip("the C++ kernels are not available here")
-    w, x = _case(d_in=96)
+    w, _ = _case(d_in=96)
     spec = QuantSpec(bits=4, group_size=32)
     s = torch.ones(96)
     ref = pack_ttq(w * 0.1 + offset, s, spec, layout="u8")

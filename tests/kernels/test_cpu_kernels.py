@@ -261,7 +261,6 @@ from ttq.kernels import cpu, cpu_build
 from ttq.kernels.api import pack_ttq, packed_linear, unpack
 from ttq.kernels.reference import reference_linear, dequantize_packed
 from ttq.formats.affine import QuantSpec, quantize
-from ttq.methods.scaling import scaled_quantize
 from ttq import options
 import sys
 if sys.argv[1] == "0":  # the plain build also stands in for a Python without its headers: ops only, no binding
@@ -277,8 +276,8 @@ for half in ("0", "1"):  # float32 and float16 scale / zero
             w = torch.randn(37, 200, generator=g) * 0.05; s = torch.rand(200, generator=g) + 0.1
             spec = QuantSpec(bits=bits, group_size=gs); p = pack_ttq(w, s, spec)
             assert p.scale.dtype == (torch.float16 if half == "1" else torch.float32)
-            _, sc, zr = unpack(p)  # codes against the stored (float16-rounded with half) scale / zero
-            assert torch.equal(unpack(p)[0], quantize(w * s, spec, sc.float(), zr.float())[0])
+            c, sc, zr = unpack(p)  # codes against the stored (float16-rounded with half) scale / zero
+            assert torch.equal(c, quantize(w * s, spec, sc.float(), zr.float())[0])
             assert torch.equal(cpu.dequantize(p), dequantize_packed(p))
             for n in (1, 5, 12):
                 x = torch.randn(n, 200, generator=g)

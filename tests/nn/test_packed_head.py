@@ -58,6 +58,11 @@ def test_head_bad_input(stories_model):
         runtime.quantize_lm_head(stories_model, bits=1)
     with pytest.raises(ValueError, match="integer format"):
         PackedHeadLinear(nn.Linear(32, 8), QuantSpec(bits=4, group_size=32, fmt="nf4"))
+    with pytest.raises(ValueError, match=r"half_params must be True, False or None, got 'yes'"):
+        runtime.quantize_lm_head(stories_model, half_params="yes")
+    with pytest.raises(ValueError, match="half_params=True needs a cpu_q\\* layout"):
+        runtime.quantize_lm_head(stories_model, layout="u8", half_params=True)
+    assert type(stories_model.get_output_embeddings()) is nn.Linear  # a refused head leaves the model as it was
 
 
 def test_restore_blocks_only_keeps_the_head(stories_model):
@@ -88,6 +93,7 @@ def test_half_params_head(stories_model):
     to the float head's as the float32-parameter head's; False keeps float32 whatever the process option says."""
     from ttq import options
     from ttq.kernels import cpu_build
+    from ttq.kernels.api import unpack
 
     if not cpu_build.load():
         pytest.skip("the C++ kernels are not available here")
@@ -102,11 +108,10 @@ def test_half_params_head(stories_model):
         ttq.restore_(stories_model)
     assert full.packed.scale.dtype == torch.float32 and half.packed.scale.dtype == torch.float16
     assert half.packed.zero.dtype == torch.float16
-    from ttq.kernels.api import unpack
-
     moved = (unpack(half.packed)[0].int() - unpack(full.packed)[0].int()).abs()
     assert moved.max() <= 1 and moved.float().mean() < 0.1  # codes of the rounded grid: a few move by one step
     assert full.linear.nbytes() - half.linear.nbytes() == 4 * full.packed.scale.numel()  # 2 bytes less per scale, zero
+
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 

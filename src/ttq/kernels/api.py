@@ -45,13 +45,13 @@ packed weights are exactly :func:`ttq.formats.affine.quantize` of ``(W - B A) * 
 computed in float32 (the per-sequence mode's weights); with ``half_params=True``
 (:func:`pack_ttq`, ``PromptOptions``, ``--half-params``; :mod:`ttq.options` ``half_params``, from
 ``TTQ_HALF_PARAMS=1``, sets the default)
-they are stored in float16 when every value fits (fewer bytes per decode step: 4-bit g=32 weights read
-0.625 instead of 0.75 bytes each, 8-bit ones 1.125 instead of 1.25; the codes are chosen against the stored,
-rounded scale / zero, so every weight stays within half a step of the grid it is read with, but at the two ends of
-a group's range, which the rounding may shorten by 2^-10 (|zero| + qmax scale); precomputed codes
+they are stored in float16 when every value fits: fewer bytes per decode step (4-bit g=32 weights read 0.625
+instead of 0.75 bytes each, 8-bit ones 1.125 instead of 1.25).  The codes are chosen against the stored, rounded
+scale / zero, so every weight stays within half a step of the grid it is read with, but at the two ends of a
+group's range, which the rounding may shorten by 2^-10 (|zero| + qmax scale); precomputed codes
 (:func:`pack_codes`) keep theirs, so float16 is used there only while the rounding moves no grid by more than an
-eighth of a step; the oracle dequantizes
-the stored values, so kernel and oracle still see the same weights).  Padded columns carry code 0 and never reach the output.
+eighth of a step.  The oracle dequantizes the stored values, so kernel and oracle see the same weights.  Padded
+columns carry code 0 and never reach the output.
 
 Other modules add layouts of their own (the CUDA/Triton ones document theirs in
 :mod:`ttq.kernels.cuda_register`).  PyTorch's CPU int4 kernel

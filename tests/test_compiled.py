@@ -417,3 +417,29 @@ def test_compiled_code_is_kept_in_ttqs_cache_unless_the_user_chose_a_folder(monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     compiled._cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+
+
+def test_fused_products_run_once_per_group_in_the_compiled_step(stories_model, prompts):
+    """q/k/v and gate/up fused (ttq.nn.fused): the compiled step calls one packed product per group
+    (merge_same_products keeps one of the members' identical calls): 4 instead of 7 per block and step, with
+    the unfused compiled step's tokens and logits bit for bit."""
+    import copy
+
+    from torch.profiler import profile
+
+    from ttq.nn.fused import fuse_shared_inputs
+
+    plain = _ttq(stories_model)
+    fused = copy.deepcopy(plain)
+    assert fuse_shared_inputs(fused) == 2 * len(fused.model.layers)
+    counts, outs = [], []
+    for m in (plain, fused):
+        assert compiled.prepare(m, prompts[1], NEW).compiled
+        kw = compiled.generate_kwargs(m, prompts[1].shape[-1] + NEW)
+        with profile() as prof:
+            outs.append(_with_logits(m, prompts[1], **kw))
+        counts.append(sum(e.count for e in prof.key_averages() if e.key.startswith("ttq_cpu::packed_mm")))
+    steps, blocks = NEW - 1, len(plain.model.layers)
+    assert counts == [7 * blocks * steps, 4 * blocks * steps]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert fused.model.layers[0].mlp.gate_proj.group.current()

@@ -36,6 +36,8 @@ graph as the registered ``torch.ops.ttq_cpu`` ops (their shapes come from
   step).  A full-length layer writes one position and the attention mask applies the window, so the same
   positions are attended; the cost is memory: those layers hold the whole context, as the global layers do,
   so only up to :data:`FULL_WINDOW_MAX` windows of context (longer ones keep transformers' rolling layers).
+* **Fused groups** (:mod:`ttq.nn.fused`: q/k/v, gate/up): each member calls the group's stacked product on the
+  same inputs and takes its slice; Inductor's post-grad pass :func:`merge_same_products` keeps one of those calls.
 * :func:`prepare` compiles with a short warm-up (two decode steps) and falls back to eager decoding with one
   logged line when compilation is unavailable (no C++ compiler, an architecture transformers
   does not compile, prompt mode with ``refresh_every``, a model offloaded by accelerate) or fails.
@@ -259,11 +261,68 @@ def _uninstall(model: nn.Module) -> None:
         model.__dict__.pop(attr, None)
 
 
+PRODUCTS = ("packed_mm", "packed_mm_q4i8", "packed_mm_q8i8")  # the functional packed products of ttq_cpu
+VIEWS = ("view", "reshape", "_unsafe_view")
+
+
+def _view_key(node):
+    """``node`` as an argument key: a view of a node by (op, its input, its shape), anything else as is."""
+    import torch.fx
+
+    if isinstance(node, torch.fx.Node) and node.op == "call_function" and \
+            getattr(node.target, "namespace", None) == "aten" and node.target._opname in VIEWS:
+        return ("view", node.args[0], tuple(node.args[1]))
+    return node
+
+
+def merge_same_products(graph) -> int:
+    """Keep one call of each packed product called more than once on the same inputs (the members of a fused
+    group, :mod:`ttq.nn.fused`, each call the group's stacked product and take their slice): later calls are
+    replaced by the first.  The products are functional (no mutation), and inputs count as the same when they
+    are one node or the same view (op and shape) of one node.  Returns how many calls were removed."""
+    seen, n = {}, 0
+    for node in list(graph.nodes):
+        t = node.target
+        if node.op != "call_function" or getattr(t, "namespace", None) != "ttq_cpu" or t._opname not in PRODUCTS:
+            continue
+        key = (t, *(_view_key(a) for a in node.args), tuple(sorted(node.kwargs.items())))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            n += 1
+    if n:
+        graph.eliminate_dead_code()
+    return n
+
+
+def _merge_pass():
+    """:func:`merge_same_products` as Inductor's post-grad pass (one object: transformers compares compile
+    configs, and Inductor's cache keys on its ``uuid``, the hash of this file)."""
+    global _MERGE
+    if _MERGE is None:
+        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+        class MergeSameProducts(CustomGraphPass):
+            def __call__(self, graph) -> None:
+                merge_same_products(graph)
+
+            def uuid(self):
+                return get_hash_for_files((__file__,))
+
+        _MERGE = MergeSameProducts()
+    return _MERGE
+
+
+_MERGE = None
+
+
 def _compile_config():
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=True, dynamic=None, backend="inductor", mode=None,
-                           options={"guard_filter_fn": skip_module_guards})
+                           options={"guard_filter_fn": skip_module_guards,
+                                    "post_grad_custom_pre_pass": _merge_pass()})
     config._compile_all_devices = True  # transformers compiles on CUDA-like devices only unless told
     return config
 

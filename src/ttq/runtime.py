@@ -80,6 +80,7 @@ def set_mode(
         raise ValueError("the model has no TTQLinear layers; quantize it first with ttq.quantize_(model, TTQConfig(...))")
     for m in layers:
         m.set_mode(mode, options)
+    _drop_stacks(model)
     return len(layers)
 
 
@@ -87,6 +88,14 @@ def reset(model: nn.Module) -> None:
     """Drop every layer's packed weights (the next forward quantizes again)."""
     for m in ttq_layers(model):
         m.reset()
+    _drop_stacks(model)
+
+
+def _drop_stacks(model: nn.Module) -> None:
+    """Fused groups (:mod:`ttq.nn.fused`) drop their stacked products with their members' packed weights."""
+    from ttq.nn.fused import drop_stacks
+
+    drop_stacks(model)
 
 
 @contextlib.contextmanager

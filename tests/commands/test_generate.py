@@ -181,3 +181,29 @@ def test_an_int8_activation_layout_gives_the_packed_head_its_int8_layout(stories
     restore_(stories_model)
     quantize_for_generation(stories_model, "ttq", 4, 32, 0, ScaleSpec(), "prompt", 0, head_bits=8, layout="cpu_q4")
     assert stories_model.get_output_embeddings().packed.layout != "cpu_q8_i8"
+
+
+def test_fused_decoding_is_the_default_and_gives_the_unfused_text(stories_dir, capsys):
+    """Prompt mode fuses q/k/v and gate/up (ttq.nn.fused) unless --no-fuse: the same greedy text either way."""
+    args = ["generate", "--model", str(stories_dir), "--prompt", "The little dog", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    fused = capsys.readouterr().out.split("\n[")[0]
+    assert main(args + ["--no-fuse"]) == 0
+    assert capsys.readouterr().out.split("\n[")[0] == fused
+
+
+def test_quantize_for_generation_fuses_shared_inputs_in_prompt_mode_only(stories_model):
+    import copy
+
+    from ttq.commands.generate import quantize_for_generation
+    from ttq.methods.scaling import ScaleSpec
+    from ttq.nn.fused import SharedInputLinear
+
+    def wrapped(m):
+        return sum(isinstance(x, SharedInputLinear) for x in m.modules())
+
+    per_seq = copy.deepcopy(stories_model)
+    quantize_for_generation(stories_model, "ttq", 4, 32, 0, ScaleSpec(), "prompt", 0)
+    assert wrapped(stories_model) == 5 * 5  # q/k/v and gate/up of the 5 blocks
+    quantize_for_generation(per_seq, "ttq", 4, 32, 0, ScaleSpec(), "per_sequence", 0)
+    assert wrapped(per_seq) == 0

@@ -196,3 +196,33 @@ def test_kernel_softmax_matches_float64_over_wide_scores(length):
     # scores of magnitude ~100 carry float32 rounding of ~1e-5 into the weights, for SDPA as for the kernel
     err, sdpa_err = (out.double() - ref).abs().max(), (sdpa.double() - ref).abs().max()
     assert err <= 2 * sdpa_err + 1e-6, (err, sdpa_err)
+
+
+def test_a_fresh_static_cache_prefill_attends_causally_to_the_prompt_only(monkeypatch):
+    """A prompt at the start of a longer (static) cache: its mask is recognised as plain causal attention (SDPA
+    gets no mask and slices the cache itself), and the output equals masked SDPA over the whole cache; padding,
+    an offset or a short window keep the mask."""
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    masks = []
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward",
+                        lambda *a, **kw: (masks.append(a[4]), sdpa_attention_forward(*a, **kw))[1])
+    q_len, kv_len = 6, 16
+    query, key, value, _ = _inputs(q_len, 3, kv_len=kv_len)
+    mask = torch.zeros(2, 1, q_len, kv_len, dtype=torch.bool)
+    mask[..., :q_len] = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+    assert attention.causal_from_start(mask, q_len)
+    want, _ = sdpa_attention_forward(_module(3), query, key, value, mask)
+    got, _ = attention.decode_attention(_module(3), query, key, value, mask)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5) and masks == [None]
+    padded = mask.clone()
+    padded[0, ..., 0] = False  # a left-padded first sequence
+    offset = torch.zeros_like(mask)
+    offset[..., : q_len + 2] = torch.ones(q_len, q_len + 2, dtype=torch.bool).tril(2)  # after 2 cached positions
+    window = mask.clone()
+    window[..., 5, 0] = False  # a sliding window of 5 positions
+    for m in (padded, offset, window, mask.float()):
+        assert not attention.causal_from_start(m, q_len)
+    got, _ = attention.decode_attention(_module(3), query, key, value, window)
+    want, _ = sdpa_attention_forward(_module(3), query, key, value, window)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5) and masks[-1] is window

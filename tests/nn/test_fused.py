@@ -53,7 +53,7 @@ def test_fused_decode_gives_the_unfused_tokens_and_logits(stories_model, layout,
     for a, b in zip(want.scores, got.scores):
         assert torch.equal(a, b)  # bit-identical logits at every step
     group = fused.model.layers[0].self_attn.q_proj.group
-    assert group._bound is not None and group._sizes == [64, 32, 32]  # the fused product ran
+    assert group.current() and group.sizes == [64, 32, 32]  # the fused product ran
     assert unfuse(fused) == 5 * len(fused.model.layers)
     assert not any(isinstance(m, SharedInputLinear) for m in fused.modules())
     assert torch.equal(_generate(fused, ids).sequences, want.sequences)
@@ -67,7 +67,7 @@ def test_groups_that_cannot_fuse_fall_back_to_their_layers(stories_model, kw):
     fused = copy.deepcopy(plain)
     fuse_shared_inputs(fused)
     assert torch.equal(_generate(plain, ids).sequences, _generate(fused, ids).sequences)
-    assert fused.model.layers[0].self_attn.q_proj.group._bound is None  # nothing stacked: per-layer products
+    assert fused.model.layers[0].self_attn.q_proj.group.linear is None  # nothing stacked: per-layer products
 
 
 @needs_kernels
@@ -84,5 +84,60 @@ def test_stacked_product_rows_are_the_members_products():
 
 
 def test_group_of_unquantized_layers_does_nothing():
-    assert FusedGroup([])._tried == ()
+    assert FusedGroup([]).linear is None
     assert fuse_shared_inputs(torch.nn.Sequential(torch.nn.Linear(4, 4))) == 0
+
+
+@needs_kernels
+def test_members_become_row_views_of_one_stack_and_repack_into_it(stories_model):
+    """After a prefill the members' packed rows live in the group's stack (no second copy); a prompt packed
+    without a reset writes into the same memory, and a reset drops the stack until the next prefill."""
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(2))
+    model = _quantized(stories_model)
+    fuse_shared_inputs(model)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.group
+    _generate(model, ids, n=2)
+    assert group.current()
+    stack = group.linear.packed
+    assert stack.shape == (128, 64)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        p = getattr(attn, name).inner.prompt.packed
+        assert p.qweight._base is stack.qweight and p.scale._base is stack.scale and p.zero._base is stack.zero
+    ptr = stack.qweight.data_ptr()
+    with torch.no_grad():  # a new prompt, no reset: the members re-pack in place, the stack follows
+        model(torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(3)))
+    assert group.current() and group.linear.packed.qweight.data_ptr() == ptr
+    want = torch.cat([getattr(attn, n).inner.prompt.linear(torch.ones(1, 1, 64)) for n in ("q_proj", "k_proj", "v_proj")], -1)
+    assert torch.equal(group.linear(torch.ones(1, 1, 64)), want)  # the stack holds the new prompt's rows
+    runtime.reset(model)
+    assert group.linear is None and not group.current()
+
+
+@needs_kernels
+def test_scale_dtypes_that_differ_stack_in_float32():
+    g = torch.Generator().manual_seed(4)
+    s = torch.rand(64, generator=g) + 0.5
+    lins = [pack_linear(torch.randn(d, 64, generator=g), s, QuantSpec(bits=4, group_size=32), half_params=h)
+            for d, h in ((32, True), (16, False))]
+    assert lins[0].packed.scale.dtype == torch.float16 and lins[1].packed.scale.dtype == torch.float32
+    packed = stack_packed([lin.packed for lin in lins])
+    assert packed.scale.dtype == torch.float32 and packed.zero.dtype == torch.float32
+    stacked = lins[0].kernel.decoder(packed, s, None, None, None)
+    x = torch.randn(1, 1, 64, generator=g)
+    assert torch.equal(stacked(x), torch.cat([lin.decoder(x) for lin in lins], dim=-1))
+
+
+@needs_kernels
+def test_members_packed_with_different_scales_are_refused(stories_model):
+    model = _quantized(stories_model)
+    fuse_shared_inputs(model)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model(torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(5)))
+    k = attn.k_proj.inner.prompt
+    lin = k.linear
+    k.linear = pack_linear(attn.k_proj.inner.weight.detach(), lin.s * 2, attn.k_proj.inner.spec)
+    attn.q_proj.group.drop()
+    with pytest.raises(RuntimeError, match="different TTQ scales s; call ttq.nn.fused.unfuse"):
+        attn.q_proj.group.sync()

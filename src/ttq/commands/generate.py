@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
     p.add_argument("--layout", default=None, help="packed layout of prompt-mode TTQ layers (default: best for the device)")
     p.add_argument("--half-params", action="store_true",
                    help="prompt mode and the packed head: float16 scale/zero (CPU layouts; fewer bytes per decode step)")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="prompt mode: decode q/k/v and gate/up as separate products (by default each group runs as "
+                        "one stacked product: the same tokens, fewer kernel calls per token)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one compiled graph (torch.compile, static KV cache); the first "
@@ -81,8 +84,9 @@ def add_parser(sub) -> None:
 
 def quantize_for_generation(model, method: str, bits: int, group_size: int, rank: int, scale, mode: str,
                             refresh_every: int, head_bits: int = 0, layout: str | None = None,
-                            half_params: bool | None = None) -> None:
-    """Apply ``method`` to ``model`` in place (``fp`` leaves the blocks as is); ``head_bits`` packs the LM head."""
+                            half_params: bool | None = None, fuse: bool = True) -> None:
+    """Apply ``method`` to ``model`` in place (``fp`` leaves the blocks as is); ``head_bits`` packs the LM head;
+    ``fuse``: in prompt mode, q/k/v and gate/up decode as one product each (:mod:`ttq.nn.fused`)."""
     import ttq
     from ttq import runtime
 
@@ -99,6 +103,10 @@ def quantize_for_generation(model, method: str, bits: int, group_size: int, rank
     ttq.quantize_(model, rows[0][1])
     if runtime.ttq_layers(model):  # TTQ layers: quantize once per prompt, decode on packed weights
         runtime.set_mode(model, mode, refresh_every=refresh_every, layout=layout, half_params=half_params)
+        if fuse and mode == "prompt":
+            from ttq.nn.fused import fuse_shared_inputs
+
+            fuse_shared_inputs(model)
 
 
 def run(args) -> int:
@@ -117,7 +125,7 @@ def run(args) -> int:
     model, tok = load_model(args.model, args.gguf_file, DTYPES[args.dtype], args.device)
     quantize_for_generation(model, args.method, args.bits, args.group_size, args.rank, scale_from_args(args),
                             args.mode, args.refresh_every, args.lm_head_bits, args.layout,
-                            half_params=True if args.half_params else None)
+                            half_params=True if args.half_params else None, fuse=not args.no_fuse)
     if args.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]

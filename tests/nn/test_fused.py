@@ -141,3 +141,29 @@ def test_members_packed_with_different_scales_are_refused(stories_model):
     attn.q_proj.group.drop()
     with pytest.raises(RuntimeError, match="different TTQ scales s; call ttq.nn.fused.unfuse"):
         attn.q_proj.group.sync()
+
+
+@needs_kernels
+def test_after_a_reset_members_pack_straight_into_the_stack(stories_model, monkeypatch):
+    """Only a group's first prompt copies: after a reset the members pack the next prompt into their row views
+    of the stack (same memory, no stacking copy), and the stacked product gives that prompt's outputs."""
+    from ttq.nn import fused
+
+    copies = []
+    monkeypatch.setattr(fused, "stack_packed", lambda parts: (copies.append(len(parts)), stack_packed(parts))[1])
+    model = _quantized(stories_model)
+    fuse_shared_inputs(model)
+    mlp = model.model.layers[1].mlp
+    group = mlp.gate_proj.group
+    _generate(model, torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(6)), n=2)
+    ptrs = (group.linear.packed.qweight.data_ptr(), group.linear.packed.scale.data_ptr())
+    assert copies == [3, 2] * 5  # the first prompt: q/k/v and gate/up of each of the 5 blocks
+    runtime.reset(model)
+    _generate(model, torch.randint(3, 500, (1, 11), generator=torch.Generator().manual_seed(7)), n=2)
+    assert group.current() and (group.linear.packed.qweight.data_ptr(), group.linear.packed.scale.data_ptr()) == ptrs
+    assert len(copies) == 10  # none for the second prompt
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(8))
+    want = torch.cat([mlp.gate_proj.inner.prompt.linear(x), mlp.up_proj.inner.prompt.linear(x)], -1)
+    assert torch.equal(group.linear(x), want)
+    unpacked = [mlp.gate_proj.inner.prompt.linear.packed, mlp.up_proj.inner.prompt.linear.packed]
+    assert all(p.qweight._base is group.linear.packed.qweight for p in unpacked)

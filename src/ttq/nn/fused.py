@@ -16,13 +16,15 @@ allocations and bindings crossed, and products large enough to split across thre
 read one input, architecture knowledge as data) in a :class:`SharedInputLinear`.  The model's own
 forward is unchanged.  Once every member has packed the current prompt (at the end of the eager
 prefill), the group copies their packed rows into one stacked weight and gives the members row views of
-it back (no second copy of the weights; a member re-packed in place keeps writing into the stack).  A
-decode step then runs the stacked product:
+it back (no second copy of the weights); later prompts, after a reset too, are packed straight into those
+views (``PromptState.reuse``), so only a group's first prompt pays the copy.  A decode step then runs the
+stacked product:
 
 * eagerly, the first member called with a one-token ``x`` runs it and keeps the outputs; its siblings
   called with the same tensor (same object, same version) return their slice;
 * in a compiled decode step (:mod:`ttq.compiled`) every member calls the same registered op on the same
-  graph inputs and takes its slice: the graph's common-subexpression pass keeps one call.
+  graph inputs and takes its slice: :func:`ttq.compiled.merge_same_products`, a post-grad pass of the compiled
+  step, keeps one of those calls.
 
 Members that cannot share one product keep their own: different layouts or formats, a rank-r term,
 ``refresh_every``, the reference path, on-the-fly refinements (their ``s`` is chosen per layer).
@@ -102,6 +104,7 @@ class FusedGroup:
             for m, lin, view in zip(self.members, lins, views):
                 m.prompt.linear = _bind(view, lin.s, lin.bias, lin.b, lin.a, lin.decoder is not None, False,
                                         lin.kernel)
+                m.prompt.reuse = view  # the next prompt, after a reset too, is packed into the stack in place
             lins = self._linears()
         bias = None
         if any(lin.bias is not None for lin in lins):
@@ -130,7 +133,7 @@ class FusedGroup:
 
     def traced(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Member ``index``'s output in a compiled step: its slice of the stacked product (every member
-        traces the same op on the same inputs; the graph keeps one call)."""
+        traces the same op on the same inputs; :func:`ttq.compiled.merge_same_products` keeps one call)."""
         start = sum(self.sizes[:index])
         return self.linear(x)[..., start:start + self.sizes[index]]
 

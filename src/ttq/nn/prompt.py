@@ -94,8 +94,8 @@ class PromptState:
         n_quantizations, seconds: quantizations and their wall time since the last reset.
     """
 
-    # the attributes :meth:`reset` sets: per-prompt state (ttq.compiled.state_key leaves them out)
-    PER_PROMPT = ("linear", "stats", "tokens", "alpha", "steps", "n_quantizations", "seconds")
+    # per-prompt state, which ttq.compiled.state_key leaves out: the attributes :meth:`reset` sets, and ``reuse``
+    PER_PROMPT = ("linear", "stats", "tokens", "alpha", "steps", "n_quantizations", "seconds", "reuse")
 
     def __init__(self, weights: Callable[[], Weights], spec: QuantSpec, scale: ScaleSpec,
                  options: PromptOptions | None = None, refine: RefineSpec | None = None,
@@ -105,6 +105,9 @@ class PromptState:
         self.weights, self.spec, self.scale = weights, spec, scale
         self.refine, self.refiner = refine, refiner
         self.options = options or PromptOptions()
+        # a packed weight of this layer's shape and format that a new prompt may be packed into when none is held
+        # (a fused group's row view of its stack, ttq.nn.fused: its members then pack into the stack in place)
+        self.reuse: PackedWeight | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -188,7 +191,8 @@ class PromptState:
         else:
             s = ttq_scale(stats, self.scale)  # (d_in,)
             self.linear = pack_linear(w_res, s, self.spec, bias, b, a, layout=o.layout, strict=o.strict,
-                                      out=self.packed, half_params=o.half_params, decoder=not o.refresh_every,
+                                      out=self.packed if self.linear is not None else self.reuse,
+                                      half_params=o.half_params, decoder=not o.refresh_every,
                                       reference=o.reference)
         self.steps = 0
         self.n_quantizations += 1

@@ -36,18 +36,22 @@ import os as _os
 import sys as _sys
 
 
-def _command_line_defaults() -> None:
+def _command_line_defaults() -> bool:
     """The ``ttq`` command (and ``python -m ttq.cli``) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it,
     before PyTorch starts OpenMP: a TTQ forward runs thousands of short parallel regions, and spinning threads
     turn each into a scheduler time slice when another process holds a core (README, "Threads").  A library
-    import changes nothing."""
+    import changes nothing.  Returns whether it set the policy."""
     argv = getattr(_sys, "orig_argv", _sys.argv)
     ours = _os.path.basename(_sys.argv[0] if _sys.argv else "") == "ttq" or "ttq.cli" in argv
-    if ours and "torch" not in _sys.modules:
-        _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if ours and "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
+        _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return True
+    return False
 
 
-_command_line_defaults()
+# True when ttq chose OMP_WAIT_POLICY for this process: a baseline with OpenMP threads of its own (llama.cpp in
+# ttq bench) then runs in a child process under OpenMP's default, as it would outside ttq
+OMP_WAIT_DEFAULTED = _command_line_defaults()
 
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
 from ttq.quantizers.awp import AWPConfig

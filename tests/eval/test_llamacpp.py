@@ -37,6 +37,32 @@ def test_greedy_generation_is_llama_cpp_own_greedy(stories_dir, tmp_path):
     assert row["output_ids"][0, 12:].tolist() == want
 
 
+def test_under_ttqs_wait_policy_llama_cpp_runs_in_a_child_with_openmps_default(stories_dir, tmp_path, monkeypatch):
+    """When the ttq command chose OMP_WAIT_POLICY=PASSIVE, the llama.cpp row runs in a child process without it
+    (llama.cpp's threads are OpenMP's): the child's environment lacks the variable, and its tokens are the
+    in-process ones."""
+    import subprocess
+
+    import ttq
+
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "s.gguf"
+    assert main(["export", "--model", str(stories_dir), "--bits", "8", "--format", "gguf", "--out", str(out)]) == 0
+    ids = torch.randint(3, 500, (1, 10), generator=torch.Generator().manual_seed(1))
+    here = llamacpp.bench_llamacpp(out, ids, 5, threads=1, repeats=1)
+    envs = []
+    real = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: (envs.append(kw["env"]), real(*a, **kw))[1])
+    monkeypatch.setattr(ttq, "OMP_WAIT_DEFAULTED", True)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    child = llamacpp.bench_llamacpp(out, ids, 5, threads=1, repeats=1)
+    assert len(envs) == 1 and "OMP_WAIT_POLICY" not in envs[0] and envs[0].get("PATH") == __import__("os").environ["PATH"]
+    assert torch.equal(child["output_ids"], here["output_ids"]) and child["decode_s"] > 0
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 1, "", "boom"))
+    with pytest.raises(RuntimeError, match="llama.cpp baseline failed in its child process: boom"):
+        llamacpp.bench_llamacpp(out, ids, 5, threads=1, repeats=1)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_decode_bytes_reads_one_embedding_row_unless_the_head_is_tied(tmp_path, tied):
     import numpy as np

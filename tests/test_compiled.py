@@ -443,3 +443,27 @@ def test_fused_products_run_once_per_group_in_the_compiled_step(stories_model, p
     assert counts == [7 * blocks * steps, 4 * blocks * steps]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert fused.model.layers[0].mlp.gate_proj.group.current()
+
+
+def test_merge_same_products_keeps_one_call_per_distinct_inputs():
+    """The post-grad pass on a hand-built graph: two calls on the same view of one input become one; a call with
+    another argument, and an unhashable argument, are left alone."""
+    import torch.fx
+
+    from ttq.kernels import cpu_build
+
+    if not cpu_build.load():
+        pytest.skip("ttq C++ kernels unavailable")
+    op, view = torch.ops.ttq_cpu.packed_mm_q4i8.default, torch.ops.aten.view.default
+    g = torch.fx.Graph()
+    x, s, s2, q, sc, zr = (g.placeholder(n) for n in ("x", "s", "s2", "q", "sc", "zr"))
+    v1, v2 = g.call_function(view, (x, [1, 64])), g.call_function(view, (x, [1, 64]))
+    tail = (32, 128, 64, None, None, None)
+    p1, p2 = g.call_function(op, (v1, s, q, sc, zr, *tail)), g.call_function(op, (v2, s, q, sc, zr, *tail))
+    p3 = g.call_function(op, (v1, s2, q, sc, zr, *tail))
+    p4 = g.call_function(op, (v1, s, q, sc, zr, [32], *tail[1:]))  # unhashable: skipped, not a crash
+    g.output((p1, p2, p3, p4))
+    assert compiled.merge_same_products(g) == 1
+    calls = [n for n in g.nodes if n.target is op]
+    assert calls == [p1, p3, p4] and list(g.nodes)[-1].args[0] == (p1, p1, p3, p4)
+    assert sum(n.target is view for n in g.nodes) == 1  # the second view went with its call

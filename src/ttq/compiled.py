@@ -286,7 +286,10 @@ def merge_same_products(graph) -> int:
         if node.op != "call_function" or getattr(t, "namespace", None) != "ttq_cpu" or t._opname not in PRODUCTS:
             continue
         key = (t, *(_view_key(a) for a in node.args), tuple(sorted(node.kwargs.items())))
-        first = seen.setdefault(key, node)
+        try:
+            first = seen.setdefault(key, node)
+        except TypeError:  # an unhashable argument (a list): left as it is
+            continue
         if first is not node:
             node.replace_all_uses_with(first)
             graph.erase_node(node)

@@ -48,3 +48,11 @@ def test_products_are_bit_identical_for_any_thread_count(threads, layout, bits, 
     ref = (x / s) @ dequantize_packed(lin.packed).T + bias  # the dequantize-then-matmul oracle
     rel = float((outs[0][0] - ref).norm() / ref.norm())
     assert rel < (2e-2 if layout.endswith("_i8") else 1e-5)
+
+
+def test_the_extension_is_built_with_openmp():
+    """at::parallel_for splits work only in code compiled with OpenMP: the built library calls libgomp's
+    GOMP_parallel (before stop 16 it was built without -fopenmp and every product ran on one thread)."""
+    name = cpu_build.build_name()
+    so = cpu_build.cache_dir() / name / f"{name}.so"
+    assert "-fopenmp" in cpu_build.CFLAGS and b"GOMP_parallel" in so.read_bytes()

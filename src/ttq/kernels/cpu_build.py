@@ -42,7 +42,11 @@ OPS_SOURCE = CSRC / "ttq_cpu.cpp"
 BIND_SOURCE = CSRC / "ttq_bind.cpp"  # needs Python.h
 HEADERS = tuple(sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.inc")))  # included sources: part of the build name
 MARCH_ENV = "TTQ_KERNEL_MARCH"  # -march target (default native); e.g. x86-64-v3 builds the AVX2 path, x86-64 the plain C++ one
-CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off")
+# -fopenmp: ATen's at::parallel_for is a header template that splits work across threads only when the code that
+# includes it is compiled with OpenMP; without the flag every product ran on one thread whatever the thread count
+# (torch's own libgomp.so.1, already loaded, serves the extension's OpenMP calls)
+CFLAGS = ("-O3", f"-march={os.environ.get(MARCH_ENV, 'native')}", "-ffp-contract=off", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "module": None}
@@ -180,6 +184,7 @@ def _build(verbose: bool) -> None:
             name=name,
             sources=[str(p) for p in sources()],
             extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
             build_directory=str(build_dir),
             is_python_module=bind,
             verbose=verbose,

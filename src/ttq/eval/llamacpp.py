@@ -146,7 +146,7 @@ def _in_child(gguf: str, prompt: list[int], new_tokens: int, threads: int, repea
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    job = json.dumps(dict(gguf=gguf, prompt=prompt, new_tokens=new_tokens, threads=threads, repeats=repeats))
+    job = json.dumps({"gguf": gguf, "prompt": prompt, "new_tokens": new_tokens, "threads": threads, "repeats": repeats})
     done = subprocess.run([sys.executable, "-m", "ttq.eval.llamacpp"], input=job, capture_output=True, text=True,
                           env=env, check=False)
     if done.returncode != 0:

@@ -51,6 +51,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -299,25 +300,20 @@ def merge_same_products(graph) -> int:
     return n
 
 
+@functools.cache
 def _merge_pass():
     """:func:`merge_same_products` as Inductor's post-grad pass (one object: transformers compares compile
     configs, and Inductor's cache keys on its ``uuid``, the hash of this file)."""
-    global _MERGE
-    if _MERGE is None:
-        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-        class MergeSameProducts(CustomGraphPass):
-            def __call__(self, graph) -> None:
-                merge_same_products(graph)
+    class MergeSameProducts(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            merge_same_products(graph)
 
-            def uuid(self):
-                return get_hash_for_files((__file__,))
+        def uuid(self):
+            return get_hash_for_files((__file__,))
 
-        _MERGE = MergeSameProducts()
-    return _MERGE
-
-
-_MERGE = None
+    return MergeSameProducts()
 
 
 def _compile_config():

@@ -91,7 +91,7 @@ def build_name() -> str:
     for path in sources() + HEADERS:
         h.update(path.read_bytes())
     # the binding links against this Python's ABI: a cache shared by two Python versions keeps two builds
-    h.update(repr((CFLAGS, torch.__version__, _cpu_fingerprint(), sys.implementation.cache_tag)).encode())
+    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, _cpu_fingerprint(), sys.implementation.cache_tag)).encode())
     return f"ttq_cpu_{h.hexdigest()[:12]}"
 
 

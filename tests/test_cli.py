@@ -66,18 +66,33 @@ def test_c4_row_without_text_is_a_clear_error(tmp_path, capsys, stories_dir):
     assert rc == 2 and "line 4" in err and '"text"' in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv0,preset,want", [("ttq", None, "PASSIVE"), ("ttq", "ACTIVE", "ACTIVE"),
-                                               ("python", None, None)])
-def test_command_line_sets_a_passive_openmp_wait_policy(argv0, preset, want):
-    """The ttq command (not a library import) asks OpenMP's idle threads to sleep, unless the user chose."""
+@pytest.mark.parametrize("argv0,argv,platform,preset,want", [
+    ("ttq", [], "linux", {}, {"GOMP_SPINCOUNT": "3000"}),  # a short spin before idle threads sleep
+    ("python", ["-m", "ttq.cli"], "linux", {}, {"GOMP_SPINCOUNT": "3000"}),
+    ("ttq", [], "darwin", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),  # a runtime that reads no GOMP_ variable
+    ("ttq", [], "linux", {"OMP_WAIT_POLICY": "ACTIVE"}, {}),  # the user chose: nothing added
+    ("ttq", [], "linux", {"GOMP_SPINCOUNT": "0"}, {}),
+    ("python", ["x.py"], "linux", {}, {}),  # a library import changes nothing
+])
+def test_the_command_line_chooses_a_short_openmp_spin_unless_the_user_did(argv0, argv, platform, preset, want):
+    import ttq
+
+    assert ttq.openmp_choice(argv0, argv, preset, platform) == want
+
+
+@pytest.mark.parametrize("argv0,preset,want", [("ttq", {}, {"GOMP_SPINCOUNT": "3000"}),
+                                               ("ttq", {"OMP_WAIT_POLICY": "ACTIVE"}, {}), ("python", {}, {})])
+def test_the_command_line_sets_its_openmp_choice_before_torch_starts(argv0, preset, want):
+    """In a fresh process on Linux: the ttq command's choice is in the environment and in ttq.OMP_DEFAULTED."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the GOMP_ variable is ttq's choice on Linux only")
+    names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in names} | preset
     code = (f"import sys; sys.argv = [{argv0!r}]; import os, ttq; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), ttq.OMP_WAIT_DEFAULTED)")
+            f"print({{k: os.environ[k] for k in {names!r} if k in os.environ}}, ttq.OMP_DEFAULTED)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == [str(want), str(argv0 == "ttq" and preset is None)]  # whether ttq chose it
+    assert out.strip() == f"{preset | want} {tuple(want)}"  # the environment, and what ttq chose

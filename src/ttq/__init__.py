@@ -36,22 +36,38 @@ import os as _os
 import sys as _sys
 
 
-def _command_line_defaults() -> bool:
-    """The ``ttq`` command (and ``python -m ttq.cli``) sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it,
-    before PyTorch starts OpenMP: a TTQ forward runs thousands of short parallel regions, and spinning threads
-    turn each into a scheduler time slice when another process holds a core (README, "Threads").  A library
-    import changes nothing.  Returns whether it set the policy."""
-    argv = getattr(_sys, "orig_argv", _sys.argv)
-    ours = _os.path.basename(_sys.argv[0] if _sys.argv else "") == "ttq" or "ttq.cli" in argv
-    if ours and "torch" not in _sys.modules and "OMP_WAIT_POLICY" not in _os.environ:
-        _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return True
-    return False
+# the ttq command's OpenMP wait: libgomp (PyTorch's OpenMP on Linux) spins this many times, ~30 µs, before a thread
+# sleeps.  Long enough for the back-to-back regions of a decode step (SmolLM2, 2 threads: 96 tok/s against 51 with
+# OMP_WAIT_POLICY=PASSIVE and 98 with ACTIVE), short enough that a thread whose core another process needs yields it
+# (a TTQ forward beside a busy process: 5.18 s against 5.04 passive and 9.35 under libgomp's default 300000 spins);
+# RESULTS "Stop 17".  Other OpenMP runtimes (macOS) read no GOMP_ variable: they get OMP_WAIT_POLICY=PASSIVE.
+SPIN_COUNT = 3000
 
 
-# True when ttq chose OMP_WAIT_POLICY for this process: a baseline with OpenMP threads of its own (llama.cpp in
-# ttq bench) then runs in a child process under OpenMP's default, as it would outside ttq
-OMP_WAIT_DEFAULTED = _command_line_defaults()
+def openmp_choice(argv0: str, argv: list[str], environ, platform: str) -> dict[str, str]:
+    """The OpenMP variables the ``ttq`` command (``argv0`` ``ttq``, or ``python -m ttq.cli``) sets: a short spin
+    before idle threads sleep (``GOMP_SPINCOUNT``, :data:`SPIN_COUNT`; ``OMP_WAIT_POLICY=PASSIVE`` off Linux), none
+    when the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` or for a library import.  A TTQ forward runs thousands
+    of short parallel regions: threads that spin long turn each into a scheduler time slice when another process
+    holds a core, threads that sleep at once make each region of a decode step pay a wake-up (README, "Threads")."""
+    if (_os.path.basename(argv0) != "ttq" and "ttq.cli" not in argv) or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ):
+        return {}
+    return {"GOMP_SPINCOUNT": str(SPIN_COUNT)} if platform.startswith("linux") else {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _command_line_defaults() -> tuple[str, ...]:
+    """Sets :func:`openmp_choice`'s variables before PyTorch starts OpenMP; returns their names."""
+    if "torch" in _sys.modules:
+        return ()
+    chosen = openmp_choice(_sys.argv[0] if _sys.argv else "", getattr(_sys, "orig_argv", _sys.argv), _os.environ,
+                           _sys.platform)
+    _os.environ.update(chosen)
+    return tuple(chosen)
+
+
+# the OpenMP variables ttq chose for this process: a baseline with OpenMP threads of its own (llama.cpp in ttq bench)
+# then runs in a child process without them, under OpenMP's default as it would outside ttq
+OMP_DEFAULTED = _command_line_defaults()
 
 from ttq.config import METHODS, AWQConfig, CalibSpec, RTNConfig, TTQConfig, config_from_dict, config_to_dict
 from ttq.quantizers.awp import AWPConfig

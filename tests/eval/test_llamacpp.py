@@ -37,10 +37,10 @@ def test_greedy_generation_is_llama_cpp_own_greedy(stories_dir, tmp_path):
     assert row["output_ids"][0, 12:].tolist() == want
 
 
-def test_under_ttqs_wait_policy_llama_cpp_runs_in_a_child_with_openmps_default(stories_dir, tmp_path, monkeypatch):
-    """When the ttq command chose OMP_WAIT_POLICY=PASSIVE, the llama.cpp row runs in a child process without it
-    (llama.cpp's threads are OpenMP's): the child's environment lacks the variable, and its tokens are the
-    in-process ones."""
+def test_under_ttqs_openmp_wait_llama_cpp_runs_in_a_child_with_openmps_default(stories_dir, tmp_path, monkeypatch):
+    """When the ttq command chose how OpenMP threads wait, the llama.cpp row runs in a child process without that
+    choice (llama.cpp's threads are OpenMP's): the child's environment lacks the variable ttq set and keeps the
+    user's, and its tokens are the in-process ones."""
     import subprocess
 
     import ttq
@@ -53,10 +53,12 @@ def test_under_ttqs_wait_policy_llama_cpp_runs_in_a_child_with_openmps_default(s
     envs = []
     real = subprocess.run
     monkeypatch.setattr(subprocess, "run", lambda *a, **kw: (envs.append(kw["env"]), real(*a, **kw))[1])
-    monkeypatch.setattr(ttq, "OMP_WAIT_DEFAULTED", True)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setattr(ttq, "OMP_DEFAULTED", ("GOMP_SPINCOUNT",))
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the user's: kept
     child = llamacpp.bench_llamacpp(out, ids, 5, threads=1, repeats=1)
-    assert len(envs) == 1 and "OMP_WAIT_POLICY" not in envs[0] and envs[0].get("PATH") == __import__("os").environ["PATH"]
+    assert len(envs) == 1 and "GOMP_SPINCOUNT" not in envs[0] and envs[0]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert envs[0].get("PATH") == __import__("os").environ["PATH"]
     assert torch.equal(child["output_ids"], here["output_ids"]) and child["decode_s"] > 0
     monkeypatch.setattr(subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 1, "", "boom"))
     with pytest.raises(RuntimeError, match="llama.cpp baseline failed in its child process: boom"):

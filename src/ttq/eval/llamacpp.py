@@ -113,7 +113,7 @@ def bench_llamacpp(gguf: str | Path, input_ids: torch.Tensor, new_tokens: int, t
     from ttq.eval.bench import STATS
 
     prompt = [int(t) for t in input_ids[0]]
-    if ttq.OMP_WAIT_DEFAULTED:  # ttq made OpenMP threads wait passively here; llama.cpp's would lose at > 1 thread
+    if ttq.OMP_DEFAULTED:  # ttq chose how OpenMP threads wait here; llama.cpp's run as they would outside ttq
         runs = _in_child(str(gguf), prompt, new_tokens, threads, repeats)
     else:
         runs = _timed_runs(str(gguf), prompt, new_tokens, threads, repeats)
@@ -137,16 +137,18 @@ def _timed_runs(gguf: str, prompt: list[int], new_tokens: int, threads: int, rep
 
 
 def _in_child(gguf: str, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> list:
-    """:func:`_timed_runs` in a child process whose environment lacks the ``OMP_WAIT_POLICY`` ttq chose (llama.cpp's
-    CPU backend runs on OpenMP: with passive waiting its threads sleep between the many short regions of a decode
-    step: SmolLM2-135M at 2 threads decoded at 39.85 tok/s in ttq's process against 108.08 in its own, RESULTS
-"Stop 16")."""
+    """:func:`_timed_runs` in a child process whose environment lacks the OpenMP variables ttq chose (llama.cpp's
+    CPU backend runs on OpenMP, and how its threads wait decides its speed at > 1 thread: under the passive wait ttq
+    used to choose, SmolLM2-135M at 2 threads decoded at 39.85 tok/s in ttq's process against 108.08 in its own,
+    RESULTS "Stop 16")."""
     import json
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    import ttq
+
+    env = {k: v for k, v in os.environ.items() if k not in ttq.OMP_DEFAULTED}
     job = json.dumps({"gguf": gguf, "prompt": prompt, "new_tokens": new_tokens, "threads": threads, "repeats": repeats})
     done = subprocess.run([sys.executable, "-m", "ttq.eval.llamacpp"], input=job, capture_output=True, text=True,
                           env=env, check=False)

@@ -35,7 +35,6 @@ real tokens          the tokens the attention mask marks as text (pads never ent
 import os as _os
 import sys as _sys
 
-
 # the ttq command's OpenMP wait: libgomp (PyTorch's OpenMP on Linux) spins this many times, ~30 µs, before a thread
 # sleeps.  Long enough for the back-to-back regions of a decode step (SmolLM2, 2 threads: 96 tok/s against 51 with
 # OMP_WAIT_POLICY=PASSIVE and 98 with ACTIVE), short enough that a thread whose core another process needs yields it

@@ -305,6 +305,28 @@ def test_the_step_skips_module_guards_only():
     assert compiled.skip_module_guards([entry(True), entry(False)]) == [False, True]
 
 
+def test_generate_runs_the_installed_step_with_the_hooks_outside_the_graph(compiled_model, prompts):
+    """transformers keeps the step ttq installed (it compares compile configs, and torch.compile used to take
+    guard_filter_fn out of ours, so generate compiled a ``Module.__call__`` of its own); the step compiles the
+    forward only, so the model's token-mask hook runs eagerly at every call (not traced into a compiled frame)."""
+    ids = prompts[1]
+    runtime.reset(compiled_model)
+    _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, ids.shape[-1] + NEW))
+    assert compiled_model._compiled_call.__qualname__ == "_install.<locals>.step"
+    assert "guard_filter_fn" in compiled_model._last_compile_config.options
+    hooks = compiled_model._forward_pre_hooks
+    key = next(iter(hooks))
+    hook, calls = hooks[key], []
+    hooks[key] = lambda *a: (calls.append(torch.compiler.is_compiling()), hook(*a))[1]
+    try:
+        runtime.reset(compiled_model)
+        out = _generate(compiled_model, ids, **compiled.generate_kwargs(compiled_model, ids.shape[-1] + NEW))
+    finally:
+        hooks[key] = hook
+    assert out.shape[-1] == ids.shape[-1] + NEW
+    assert calls == [False] * NEW  # the prefill and every decode step, none of them traced
+
+
 def test_a_deep_copy_and_an_unprepared_model_get_steps_of_their_own(compiled_model, stories_dir, prompts):
     """A deep copy carries its source's compiled call (bound to the source); generate_kwargs sees the record
     points at another model and installs the copy's own step, so the copy decodes its own weights. A model

@@ -235,7 +235,9 @@ def _install(model: nn.Module, config, key: tuple | None = None) -> None:
     dynamo compiles the model's ``forward`` frame and keeps its graphs on that function's code object, which
     every instance of the class shares; without module guards, one model's graph would run on another's
     modules.  So the instance gets its own ``forward``: the class's function with a code object of its own
-    (same bytecode, closure and signature), and its own graphs with it."""
+    (same bytecode, closure and signature), and its own graphs with it.  The step transformers calls is the
+    module's call with only that ``forward`` compiled: hooks on the model (ttq's token mask) run eagerly, where
+    compiling ``__call__`` made each hook a compiled frame of its own with guards checked at every token."""
     import types
 
     base = type(model).forward
@@ -243,9 +245,19 @@ def _install(model: nn.Module, config, key: tuple | None = None) -> None:
     clone = types.FunctionType(code, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
     clone.__kwdefaults__, clone.__dict__, clone.__doc__ = base.__kwdefaults__, dict(base.__dict__), base.__doc__
     clone.__qualname__, clone.__module__ = base.__qualname__, base.__module__
-    model.forward = types.MethodType(clone, model)
-    model._compiled_call = torch.compile(model.__call__, fullgraph=config.fullgraph, dynamic=config.dynamic,
-                                         backend=config.backend, options=config.options)
+    eager = types.MethodType(clone, model)
+    model.forward = eager
+    compiled = torch.compile(eager, fullgraph=config.fullgraph, dynamic=config.dynamic, backend=config.backend,
+                             options=dict(config.options))  # a copy: torch.compile takes guard_filter_fn out of it
+
+    def step(*args, **kwargs):  # the module's call with its hooks run eagerly, only the forward compiled
+        model.forward = compiled
+        try:
+            return model(*args, **kwargs)
+        finally:
+            model.forward = eager
+
+    model._compiled_call = step
     model._last_compile_config = config
     _record(model, key)
 
@@ -409,8 +421,8 @@ def prepare(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
         log.warning("compiled decode unavailable: %s; decoding eagerly", reason)
         return Prepared(reason=reason)
     _cache_dir()
-    # dynamo keeps one graph per (model, shapes) under the code object of ``Module.__call__``, 8 by default: a
-    # process that compiles several models (ttq bench --compile, a test session) would hit that limit
+    # dynamo's limit on graphs per code object (8 by default) counts every recompilation of a model's step
+    # (shapes, batch sizes); a process that compiles several models (ttq bench --compile, a test session) adds more
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     from ttq.nn import attention
 

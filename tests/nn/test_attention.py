@@ -226,3 +226,32 @@ def test_a_fresh_static_cache_prefill_attends_causally_to_the_prompt_only(monkey
     got, _ = attention.decode_attention(_module(3), query, key, value, window)
     want, _ = sdpa_attention_forward(_module(3), query, key, value, window)
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-5) and masks[-1] is window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_splits_long_ranges_into_chunks_whatever_the_thread_count(dtype):
+    """Open ranges longer than a chunk (128 positions) are cut into chunks with softmaxes of their own and merged:
+    the output matches SDPA, a chunk the mask closes completely (a 260-position hole) adds nothing, and the
+    output is bit for bit the same at 1 and 2 threads (the chunks do not depend on the thread count)."""
+    if not attention.kernel_available():
+        pytest.skip("ttq's C++ extension is not available")
+    g = torch.Generator().manual_seed(3)
+    b, kv, groups, dim, length = 2, 3, 3, 64, 700
+    q = torch.randn(b, kv, groups, dim, generator=g) * 3
+    k = torch.randn(b, kv, length, dim, generator=g).to(dtype)
+    v = torch.randn(b, kv, length, dim, generator=g).to(dtype)
+    mask = torch.zeros(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :577] = True
+    mask[1, ..., 5:650] = True
+    mask[1, ..., 140:400] = False  # closes the chunk of positions 261..388 entirely
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.ttq_cpu.decode_attention(q, k, v, mask, 0.125)
+        torch.set_num_threads(2)
+        two = torch.ops.ttq_cpu.decode_attention(q, k, v, mask, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(one, ref, rtol=1e-5, atol=2e-6)

@@ -38,7 +38,7 @@ import sys as _sys
 # the ttq command's OpenMP wait: libgomp (PyTorch's OpenMP on Linux) spins this many times, ~30 µs, before a thread
 # sleeps.  Long enough for the back-to-back regions of a decode step (SmolLM2, 2 threads: 96 tok/s against 51 with
 # OMP_WAIT_POLICY=PASSIVE and 98 with ACTIVE), short enough that a thread whose core another process needs yields it
-# (a TTQ forward beside a busy process: 5.18 s against 5.04 passive and 9.35 under libgomp's default 300000 spins);
+# (a TTQ forward beside a busy process: 5.59 s against 4.93 passive and 8.85 under libgomp's default 300000 spins);
 # RESULTS "Stop 17".  Other OpenMP runtimes (macOS) read no GOMP_ variable: they get OMP_WAIT_POLICY=PASSIVE.
 SPIN_COUNT = 3000
 

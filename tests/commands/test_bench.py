@@ -480,3 +480,29 @@ def test_half_params_reach_the_packed_head(stories_model, stories_tokenizer):
     head_groups = num_groups(stories_model.config.hidden_size, 32) * stories_model.config.vocab_size
     body = rows[False]["ttq 4-bit r=0"]["decode_mb"] - rows[True]["ttq 4-bit r=0"]["decode_mb"]
     assert body * 1e6 == pytest.approx(4 * (groups - head_groups), abs=1)
+
+
+def test_part_c_rows_keeps_the_named_rows_and_the_baselines():
+    """--row picks part (c) rows by their printed label (fp32 and bf16 stay: every ratio needs them); a label that
+    names no row is refused with the labels there are, before any row runs."""
+    from ttq.errors import ConfigError
+
+    label = "ttq 4-bit r=0 + head 8-bit [cpu_q4_i8] fused compiled"
+    every = bench.part_c_rows((4,), (0,), 8, ("cpu_q4_i8",), fused=True, compiled=True)
+    assert len(every) == 15 and label in [c.label for c in every]
+    rows = bench.part_c_rows((4,), (0,), 8, ("cpu_q4_i8",), fused=True, compiled=True, only=(label,))
+    assert [c.label for c in rows] == ["fp32", "bf16", label]
+    assert rows[2].fused and rows[2].compiled and rows[2].layout == "cpu_q4_i8" and rows[2].kind == "ttq+head"
+    with pytest.raises(ConfigError, match=r"no part \(c\) row is named 'ttq 4-bit r=0 fused'; with these options the "
+                                          r"rows are: 'fp32', 'bf16', 'ttq 4-bit r=0'"):
+        bench.part_c_rows((4,), (0,), only=("ttq 4-bit r=0 fused",))
+    with pytest.raises(ConfigError, match="no part"):  # the library entry point checks before it needs a model
+        bench.bench_generation(None, None, bits=(4,), ranks=(0,), only=("nope",))
+
+
+def test_the_row_option_is_checked_before_the_model_loads(monkeypatch):
+    from ttq.commands import bench as command
+
+    monkeypatch.setattr(command, "_load_model", lambda args: pytest.fail("the model should not load"))
+    assert main(["bench", "--parts", "c", "--bits", "4", "--ranks", "0", "--row", "ttq 3-bit r=0"]) == 2
+    assert main(["bench", "--parts", "a", "--row", "ttq 4-bit r=0"]) == 2

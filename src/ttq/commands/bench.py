@@ -129,6 +129,9 @@ def add_parser(sub) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=["float16", "bfloat16"],
                    help="part c, with --compile: also time each compiled row with its static KV cache in this dtype "
                         "(half the cache bytes per decode step; llama.cpp's default cache is float16)")
+    p.add_argument("--row", action="append", default=[], metavar="LABEL", dest="rows",
+                   help="part c: time only the row with this label (as the table prints it, e.g. 'ttq 4-bit r=0 "
+                        "+ head 8-bit [cpu_q4_i8] fused compiled'), with fp32 and bf16 for the ratios; repeatable")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0 = torch's default)")
     add_out_args(p, None, ".md and .json")
     p.set_defaults(func=run)
@@ -238,6 +241,11 @@ def run(args) -> int:
     shapes = _shapes(args.shapes or ("quick" if quick else "all"))
     bits = args.bits if not quick or args.bits != [4, 3, 2] else [4, 2]
     ranks = args.ranks if not quick or args.ranks != [0, 16] else [0]
+    if args.rows:  # a label that names no row fails now, not after the model and parts a / b
+        if "c" not in args.parts:
+            raise ConfigError("--row picks rows of part c; add c to --parts")
+        bench.part_c_rows(bits, ranks, args.lm_head_bits, tuple(args.gen_layouts), tuple(args.refines), args.fused,
+                          args.compile, args.kv_cache_dtype, tuple(args.rows))
     rep = args.repeats
     out: list[str] = []
     data: dict = {"environment": _environment(args.threads)}
@@ -279,7 +287,7 @@ def run(args) -> int:
             group_size=args.group_size[0], repeats=_default(rep, quick, 3, 1), stat=args.stat,
             head_bits=args.lm_head_bits, layouts=tuple(args.gen_layouts),
             half_params=True if args.half_params else None, gguf=gguf, fused=args.fused,
-            compiled=args.compile, refines=tuple(args.refines), kv_dtype=args.kv_cache_dtype)
+            compiled=args.compile, refines=tuple(args.refines), kv_dtype=args.kv_cache_dtype, only=tuple(args.rows))
         roof = bench.read_bandwidth_gbps()  # after the rows: their timings ran without this 512 MB tensor
         same = {r["config"]: bool(torch.equal(r["output_ids"], rows[0]["output_ids"])) for r in rows}
         for r in rows:

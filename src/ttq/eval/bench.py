@@ -378,6 +378,33 @@ def generation_configs(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layout
     return rows
 
 
+def part_c_rows(bits=(4, 3, 2), ranks=(0, 16), head_bits: int = 0, layouts: tuple[str, ...] = (),
+                refines: tuple[str, ...] = (), fused: bool = False, compiled: bool = False, kv_dtype: str | None = None,
+                only: tuple[str, ...] = ()) -> list[GenRow]:
+    """The rows :func:`bench_generation` times, in order: :func:`generation_configs`, each quantized row followed by
+    its fused twin (``fused``), each row but bf16 by its compiled twin (``compiled``) and each compiled row by its
+    ``kv_dtype`` twin.  ``only``: keep the rows with these labels, and fp32 and bf16 (every ratio's baselines); a
+    label that names no row is refused with the labels there are."""
+    configs = generation_configs(bits, ranks, head_bits, layouts, refines)
+    if fused:  # each quantized row, then the same with shared-input products fused
+        configs = [x for c in configs for x in ([c] if c.kind in ("fp32", "bf16") else
+                                                [c, dataclasses.replace(c, label=f"{c.label} fused", fused=True)])]
+    if compiled:  # each row but bf16, then the same with a compiled decode step
+        configs = [x for c in configs for x in ([c] if c.kind == "bf16" else
+                                                [c, dataclasses.replace(c, label=f"{c.label} compiled", compiled=True)])]
+        if kv_dtype is not None:
+            configs = [x for c in configs for x in ([c] if not c.compiled else [
+                c, dataclasses.replace(c, label=f"{c.label} kv {kv_dtype}", kv_dtype=kv_dtype)])]
+    if only:
+        labels = [c.label for c in configs]
+        unknown = [x for x in only if x not in labels]
+        if unknown:
+            raise ConfigError(f"no part (c) row is named {', '.join(map(repr, unknown))}; with these options the rows "
+                              f"are: {', '.join(map(repr, labels))}")
+        configs = [c for c in configs if c.label in only or c.label in ("fp32", "bf16")]
+    return configs
+
+
 def bench_generation(
     model,
     tokenizer,
@@ -397,6 +424,7 @@ def bench_generation(
     compiled: bool = False,
     refines: tuple[str, ...] = (),
     kv_dtype: str | None = None,
+    only: tuple[str, ...] = (),
 ) -> list[dict]:
     """Part (c): end-to-end greedy generation per configuration (the model is copied, never modified).
 
@@ -412,7 +440,8 @@ def bench_generation(
     included; a row that fell back to eager decoding says why in ``compile_note``).
     ``kv_dtype`` (with ``compiled``; e.g. ``float16``) adds, per compiled row, one whose static cache stores
     keys and values in that dtype (:func:`ttq.compiled.narrow_cache`, label suffix `` kv float16``).
-    ``refines`` adds the widest TTQ rows with these refinements (:func:`generation_configs`).
+    ``refines`` adds the widest TTQ rows with these refinements (:func:`generation_configs`).  ``only`` keeps the rows
+    with these labels and the fp32 / bf16 baselines (:func:`part_c_rows`).
     ``gguf``: a GGUF file timed through llama.cpp on the same prompt ids, token count and threads
     (:mod:`ttq.eval.llamacpp`; a row ``llama.cpp <file>``); every row then also gets ``decode_vs_llamacpp``
     and ``prefill_vs_llamacpp`` (None without it).  Every row holds ``decode_mb``, the weight bytes one decode step
@@ -431,18 +460,9 @@ def bench_generation(
     if new_tokens < 2:
         raise ConfigError(f"new_tokens must be at least 2 to time decode (the first new token ends the prefill), "
                           f"got {new_tokens}")
+    configs = part_c_rows(bits, ranks, head_bits, layouts, refines, fused, compiled, kv_dtype, only)
     ids = prompt_ids(tokenizer, prompt_tokens, data_dir)
     rows = []
-    configs = generation_configs(bits, ranks, head_bits, layouts, refines)
-    if fused:  # each quantized row, then the same with shared-input products fused
-        configs = [x for c in configs for x in ([c] if c.kind in ("fp32", "bf16") else
-                                                [c, dataclasses.replace(c, label=f"{c.label} fused", fused=True)])]
-    if compiled:  # each row but bf16, then the same with a compiled decode step
-        configs = [x for c in configs for x in ([c] if c.kind == "bf16" else
-                                                [c, dataclasses.replace(c, label=f"{c.label} compiled", compiled=True)])]
-        if kv_dtype is not None:
-            configs = [x for c in configs for x in ([c] if not c.compiled else [
-                c, dataclasses.replace(c, label=f"{c.label} kv {kv_dtype}", kv_dtype=kv_dtype)])]
     bar = tqdm(configs, desc="part c", unit="row", leave=False)
     for c in bar:
         label, kind, b, r, lay, comp = c.label, c.kind, c.bits, c.rank, c.layout, c.compiled

@@ -36,8 +36,8 @@ import os as _os
 import sys as _sys
 
 # the ttq command's OpenMP wait: libgomp (PyTorch's OpenMP on Linux) spins this many times, ~30 µs, before a thread
-# sleeps.  Long enough for the back-to-back regions of a decode step (SmolLM2, 2 threads: 96 tok/s against 51 with
-# OMP_WAIT_POLICY=PASSIVE and 98 with ACTIVE), short enough that a thread whose core another process needs yields it
+# sleeps.  Long enough for the back-to-back regions of a decode step (SmolLM2, 2 threads: 109.98 tok/s against 61.40
+# with OMP_WAIT_POLICY=PASSIVE, ttq bench --row), short enough that a thread whose core another process needs yields it
 # (a TTQ forward beside a busy process: 5.59 s against 4.93 passive and 8.85 under libgomp's default 300000 spins);
 # RESULTS "Stop 17".  Other OpenMP runtimes (macOS) read no GOMP_ variable: they get OMP_WAIT_POLICY=PASSIVE.
 SPIN_COUNT = 3000
@@ -49,7 +49,8 @@ def openmp_choice(argv0: str, argv: list[str], environ, platform: str) -> dict[s
     when the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` or for a library import.  A TTQ forward runs thousands
     of short parallel regions: threads that spin long turn each into a scheduler time slice when another process
     holds a core, threads that sleep at once make each region of a decode step pay a wake-up (README, "Threads")."""
-    if (_os.path.basename(argv0) != "ttq" and "ttq.cli" not in argv) or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ):
+    ours = _os.path.basename(argv0) == "ttq" or "ttq.cli" in argv
+    if not ours or {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(environ):
         return {}
     return {"GOMP_SPINCOUNT": str(SPIN_COUNT)} if platform.startswith("linux") else {"OMP_WAIT_POLICY": "PASSIVE"}
 

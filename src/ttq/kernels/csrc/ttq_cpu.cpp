@@ -404,6 +404,16 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
     }
     for (int64_t k = 0; k < rank; ++k) tv[b * rank + k] = dot_f32(amat.data_ptr<float>() + k * d_in, xf.data() + b * d_in, d_in);
   }
+#if TTQ_AVX512
+  // 4- and 8-bit codes: the inputs also in span order (avx512.inc, span_tile) where the group size allows
+  const int cbits = code_bits((int)bits);
+  const bool spans = (cbits == 4 && span_serves<4>(g, n_groups)) || (cbits == 8 && span_serves<8>(g, n_groups));
+  const int64_t span_w = cbits == 4 ? span_cols<4>() : span_cols<8>();
+  const int64_t dspan = spans ? (d_in + span_w - 1) / span_w * span_w : 0;
+  std::vector<float> xspan(n * dspan);
+  if (spans && cbits == 4) span_order<4>(xs.data(), n, dpad, d_in, xspan.data(), dspan);
+  if (spans && cbits == 8) span_order<8>(xs.data(), n, dpad, d_in, xspan.data(), dspan);
+#endif
   at::Tensor y = at::empty({n, d_out}, x.options().dtype(at::kFloat));
   const bool half_params = sc.scalar_type() == at::kHalf;
   const float* xsp = xs.data();
@@ -426,13 +436,14 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
         const float* tb = tv.data() + b0 * std::max<int64_t>(rank, 1);
         float* yb = yp + b0 * d_out;
 #if TTQ_AVX512
+        const float* xspb = spans ? xspan.data() + b0 * dspan : nullptr;
         dispatch_cb((int)bits, [&](auto cb) {
           constexpr int CB = decltype(cb)::value;
           switch (nb) {
-            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
-            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
-            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
-            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out); break;
+            case 1: gemm_rows_avx512<ST, CB, 1>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out, xspb, dspan); break;
+            case 2: gemm_rows_avx512<ST, CB, 2>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out, xspb, dspan); break;
+            case 3: gemm_rows_avx512<ST, CB, 3>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out, xspb, dspan); break;
+            default: gemm_rows_avx512<ST, CB, 4>(qp, scp, zrp, (int)bits, g, n_groups, d_in, xb, dpad, xsb, bp, tb, rank, r0, r1, yb, d_out, xspb, dspan); break;
           }
         });
 #elif TTQ_AVX2

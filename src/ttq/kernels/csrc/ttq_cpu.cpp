@@ -53,6 +53,14 @@ inline int64_t row_bytes(int bits, int64_t d_in) {
 }
 inline int code_bits(int bits) { return bits > 4 ? 8 : bits; }  // 5..8 share the byte layout
 
+// Rows per thread of a packed product: at least PARALLEL_MIN_WEIGHTS weights each (a multiple of 4 rows).  With
+// threads that spin briefly between regions (the ttq command's GOMP_SPINCOUNT), 64 K beat 512 K / 128 K / 32 K at 2
+// threads on SmolLM2 / Gemma3 shapes (a scratch timing: a SmolLM2 layer's four cpu_q4_i8 products 94 -> 76 us).
+constexpr int64_t PARALLEL_MIN_WEIGHTS = int64_t(1) << 16;
+inline int64_t product_grain(int64_t d_in) {
+  return std::max<int64_t>(16, (PARALLEL_MIN_WEIGHTS / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
+}
+
 // ---------------------------------------------------------------- scalar helpers (all builds)
 template <typename T> inline float to_f(T v) { return static_cast<float>(v); }
 #if defined(__F16C__)
@@ -422,8 +430,8 @@ at::Tensor packed_mm(const at::Tensor& x_, const c10::optional<at::Tensor>& s_, 
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
   const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  // split rows across threads only when each part has >= ~512K weights (thread wake-up costs more below)
-  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
+  // split rows across threads only when each part has >= PARALLEL_MIN_WEIGHTS weights (fork / join costs more below)
+  const int64_t grain = product_grain(d_in);
   auto run = [&](auto st_tag) {
     using ST = decltype(st_tag);
     const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
@@ -576,7 +584,7 @@ at::Tensor i8_packed_mm(const char* op, const at::Tensor& x_, const c10::optiona
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* bp = rank ? bmat.data_ptr<float>() : nullptr;
   const float* biasp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(d_in, 1) + 3) / 4 * 4);
+  const int64_t grain = product_grain(d_in);
   auto run = [&](auto st_tag) {
     using ST = decltype(st_tag);
     const ST* scp = reinterpret_cast<const ST*>(sc.data_ptr());
